@@ -1,1 +1,14 @@
-"""model1-jax: DeepSeek MODEL1 (released as DeepSeek-V4) in JAX and Flax NNX."""
+"""model1-jax: DeepSeek MODEL1 (released as DeepSeek-V4) in JAX and Flax NNX.
+
+    import model1_jax as m1
+    model = m1.Model1(m1.Config.tiny(), rngs=nnx.Rngs(0))
+    logits = model(input_ids)                       # int32 [b, t] -> float32 [b, t, vocab]
+    model = m1.from_pretrained("dir", dtype=jnp.float32)
+"""
+
+from model1_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING, Config, RopeScaling
+from model1_jax.loading import CheckpointError, from_pretrained
+from model1_jax.model import Model1
+
+__all__ = ["CSA", "HASH_MOE", "HCA", "MOE", "SLIDING", "CheckpointError", "Config", "Model1", "RopeScaling",
+           "from_pretrained"]

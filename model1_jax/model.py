@@ -1,0 +1,109 @@
+"""The MODEL1 decoder (spec §2, §4.1–4.2, §4.9) and its MTP head (§4.10).
+
+ids [b, t] → embed → c identical streams X [b, t, c, d]
+each layer:  X = mHC_attn(X, attention(input_layernorm(·)));  X = mHC_ffn(X, moe(post_attention_layernorm(·), ids))
+logits = lm_head(norm(hc_head(X)))   float32 [b, t, v]
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model1_jax.config import Config
+from model1_jax.decoder import DecoderLayer
+from model1_jax.hyper import HyperHead
+from model1_jax.layers import Embed, Linear, RMSNorm
+from model1_jax.mtp import MTPBlock
+
+F32 = jnp.float32
+
+
+def check_token_ids(input_ids, vocab_size: int, name: str = "input_ids") -> None:
+    """Clear errors for token ids before any compute (skipped for traced values, which cannot be read)."""
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"{name}: expected shape [batch, tokens], got {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name}: expected integer token ids, got dtype {ids.dtype}")
+    if ids.shape[1] == 0:
+        raise ValueError(f"{name}: empty sequence (0 tokens)")
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        where = np.argwhere(bad)[:5].tolist()
+        raise ValueError(f"{name}: token ids must be in [0, {vocab_size}); found {ids[bad][:5].tolist()} "
+                         f"at [batch, position] {where}")
+
+
+class Model1(nnx.Module):
+    """DeepSeek MODEL1 / V4 causal LM.
+
+    `dtype` is the compute dtype, `param_dtype` the storage dtype of the large weights; norms, mHC,
+    sinks, position biases and the router bias stay float32 as in the reference.
+    """
+
+    def __init__(self, config: Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.config = config
+        self.dtype = dtype
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        std = config.initializer_range
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, **kw, std=std)
+        self.layers = nnx.List([
+            DecoderLayer(config, lt, mt, **kw) for lt, mt in zip(config.layer_types, config.mlp_layer_types)])
+        self.hc_head = HyperHead(config, rngs=rngs)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "embed")
+        self.lm_head = None if config.tie_word_embeddings else Linear(
+            "btd,dv->btv", (config.hidden_size, config.vocab_size), ("embed", "vocab"), std=std, **kw)
+        self.mtp = MTPBlock(config, **kw) if config.num_nextn_predict_layers else None
+
+    # -- pieces ------------------------------------------------------------------------------------
+
+    def embed(self, ids_bt: jax.Array) -> jax.Array:
+        """Token embeddings copied onto the c residual streams: [b, t, c, d]."""
+        e_btd = self.embed_tokens(ids_bt)
+        return jnp.broadcast_to(e_btd[:, :, None, :], (*e_btd.shape[:2], self.config.hc_mult, e_btd.shape[-1]))
+
+    def logits(self, h_btd: jax.Array) -> jax.Array:
+        """lm_head (or the tied embedding) on final hidden states, float32 [b, t, v]."""
+        out = self.embed_tokens.attend(h_btd) if self.lm_head is None else self.lm_head(h_btd)
+        return out.astype(F32)
+
+    def head(self, streams_btcd: jax.Array) -> jax.Array:
+        return self.logits(self.norm(self.hc_head(streams_btcd)))
+
+    def streams(self, input_ids: jax.Array) -> jax.Array:
+        """Residual streams after the last layer, before the head: [b, t, c, d]."""
+        check_token_ids(input_ids, self.config.vocab_size)
+        ids_bt = jnp.asarray(input_ids, jnp.int32)
+        positions_bt = jnp.broadcast_to(jnp.arange(ids_bt.shape[1], dtype=jnp.int32), ids_bt.shape)
+        streams_btcd = self.embed(ids_bt)
+        for layer in self.layers:
+            streams_btcd = layer(streams_btcd, ids_bt, positions_bt)
+        return streams_btcd
+
+    # -- public forward ----------------------------------------------------------------------------
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        """Full-sequence forward from position 0: int [b, t] → float32 logits [b, t, v]."""
+        return self.head(self.streams(input_ids))
+
+    def forward_with_mtp(self, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(logits [b, t, v], mtp_logits [b, t−1, v]); mtp_logits[:, t] predicts token t+2 from the
+        main streams at t and the embedding of token t+1 (DeepSeek-V3 MTP alignment)."""
+        if self.mtp is None:
+            raise ValueError("forward_with_mtp: this config has num_nextn_predict_layers=0 (no MTP block)")
+        streams_btcd = self.streams(input_ids)
+        ids_bt = jnp.asarray(input_ids, jnp.int32)
+        mtp_logits = self.mtp_logits(streams_btcd[:, :-1], ids_bt[:, 1:])
+        return self.head(streams_btcd), mtp_logits
+
+    def mtp_logits(self, streams_btcd: jax.Array, next_ids_bt: jax.Array, positions_bt: jax.Array | None = None
+                   ) -> jax.Array:
+        """MTP logits for main-model streams at positions t and the ids of tokens t+1: [b, t, v]."""
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(next_ids_bt.shape[1], dtype=jnp.int32), next_ids_bt.shape)
+        return self.mtp(streams_btcd, next_ids_bt, positions_bt, self)
