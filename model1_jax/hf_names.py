@@ -51,7 +51,8 @@ _RENAMES: tuple[tuple[str, str], ...] = (
 )
 _RENAMES_RE = tuple((re.compile(p), r) for p, r in _RENAMES)
 
-# FP8/FP4 storage markers (spec §8): block scales ride next to their weight.
+# FP8/FP4 storage (spec §8): block scales ride next to their weight, as `X.scale` (DeepSeek) or
+# `X.weight_scale_inv` (HF's FP8 quantizer; a multiplier despite the name).
 QUANT_SCALE_SUFFIXES = (".scale", ".weight_scale_inv")
 
 

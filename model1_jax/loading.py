@@ -87,11 +87,12 @@ def read_headers(files: list[str]) -> list[TensorInfo]:
 def plan(infos: list[TensorInfo], targets: dict[tuple, jax.ShapeDtypeStruct], source: str
          ) -> list[tuple[TensorInfo, Slot]]:
     """Matches tensors to parameters; raises `CheckpointError` with every mismatch."""
+    names = {i.name for i in infos}
     problems: list[str] = []
     assignments: list[tuple[TensorInfo, Slot]] = []
     covered: dict[tuple, set] = defaultdict(set)
     seen: dict[tuple, str] = {}
-    quantized = [i.name for i in infos if i.name.endswith(QUANT_SCALE_SUFFIXES) or i.dtype in _QUANT_DTYPES]
+    quantized = [i.name for i in infos if is_quant_scale(i.name, names) or i.dtype in _QUANT_DTYPES]
     if quantized:
         raise CheckpointError(source, [
             f"quantized (FP8/FP4) tensors are not supported by from_pretrained yet, e.g. {quantized[:3]}; "
@@ -103,6 +104,9 @@ def plan(infos: list[TensorInfo], targets: dict[tuple, jax.ShapeDtypeStruct], so
             continue
         for slot in slots:
             target = targets.get(slot.path)
+            part = "all" if slot.expert is None else slot.expert
+            if target is not None:  # present, even if unusable below: report it once, not also as missing
+                covered[slot.path].add(part)
             if target is None:
                 problems.append(f"unexpected tensor {info.name!r}: the model has no parameter "
                                 f"{'.'.join(map(str, slot.path))} (check layer_types / config)")
@@ -117,13 +121,11 @@ def plan(infos: list[TensorInfo], targets: dict[tuple, jax.ShapeDtypeStruct], so
                 problems.append(f"{info.name}: dtype {info.dtype} cannot fill {'.'.join(map(str, slot.path))} "
                                 f"({target.dtype})")
                 continue
-            part = "all" if slot.expert is None else slot.expert
             key = (slot.path, part, slot.kind)
             if key in seen:
                 problems.append(f"{info.name}: duplicate of {seen[key]}")
                 continue
             seen[key] = info.name
-            covered[slot.path].add(part)
             assignments.append((info, slot))
     for path, target in targets.items():
         parts = covered.get(path, set())
@@ -138,6 +140,18 @@ def plan(infos: list[TensorInfo], targets: dict[tuple, jax.ShapeDtypeStruct], so
     if problems:
         raise CheckpointError(source, problems)
     return assignments
+
+
+def is_quant_scale(name: str, names: set[str]) -> bool:
+    """A block scale of an FP8/FP4 weight: `X.weight_scale_inv`, or `X.scale` next to `X.weight`.
+
+    (mHC parameters are also called `scale`, so the suffix alone proves nothing.)
+    """
+    for suffix in QUANT_SCALE_SUFFIXES:
+        if name.endswith(suffix):
+            stem = name[: -len(suffix)]
+            return suffix == ".weight_scale_inv" or f"{stem}.weight" in names
+    return False
 
 
 def _abstract_model(config: Config, dtype) -> tuple[nnx.GraphDef, list]:
