@@ -76,8 +76,12 @@ def device_capacity(device: jax.Device) -> tuple[int, int] | None:
     return int(stats.get("bytes_in_use", 0)), int(stats["bytes_limit"])
 
 
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return ""
 
 
 def memory_report(parts: Mapping[str, Any], devices: Sequence[jax.Device] | None = None) -> str:
@@ -87,11 +91,11 @@ def memory_report(parts: Mapping[str, Any], devices: Sequence[jax.Device] | None
     devices = list(jax.local_devices() if devices is None else devices)
     lines = []
     for device in devices:
-        cells = [f"{name} {gib(b.get(device, 0))}" for name, b in per_part.items()]
+        cells = [f"{name} {human_bytes(b.get(device, 0))}" for name, b in per_part.items()]
         capacity = device_capacity(device)
         if capacity is not None:
             used, limit = capacity
-            cells.append(f"in use {gib(used)} of {gib(limit)}, free {gib(limit - used)}")
+            cells.append(f"in use {human_bytes(used)} of {human_bytes(limit)}, free {human_bytes(limit - used)}")
         else:
             cells.append("free: not reported by this platform")
         lines.append(f"  {device.platform}:{device.id:<3} " + ", ".join(cells))
@@ -113,6 +117,23 @@ def check_fits(plan: Any, what: str, budget_bytes: int | None = None, headroom: 
                 continue
             budget = int(headroom * (capacity[1] - capacity[0]))
         if need > budget:
-            raise MemoryError(f"{what} needs {gib(need)} on {device.platform}:{device.id} but the budget there is "
-                              f"{gib(budget)}; use more devices, a layout that splits more (e.g. tensor_parallel, "
-                              "a larger expert axis), or a smaller dtype")
+            raise MemoryError(f"{what} needs {human_bytes(need)} on {device.platform}:{device.id} but the budget "
+                              f"there is {human_bytes(budget)}; use more devices, a layout that splits more (e.g. "
+                              "tensor_parallel, a larger expert axis), or a smaller dtype")
+
+
+# ------------------------------------------------------------------------------------------------
+# Host <-> global arrays (identical on every process in a multi-host run)
+
+def from_host(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global array from a host value every process holds in full; each process places its own shards."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The full value of a (possibly multi-host) global array on every process."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

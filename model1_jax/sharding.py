@@ -25,8 +25,10 @@ output shardings, and the parts that must not be left to the partitioner run und
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -244,6 +246,12 @@ class Layout:
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"Layout.capacity_factor: expected None or a positive number, got {self.capacity_factor}")
 
+    @classmethod
+    def build(cls, mesh: str | Mapping[str, int] | None, preset: str = "tensor_parallel", overrides: str = "",
+              capacity_factor: float | None = None, devices: Sequence[jax.Device] | None = None) -> Layout:
+        """A layout from command-line style arguments: "data=2,expert=4", a preset name, rule overrides."""
+        return cls(make_mesh(mesh, devices), Rules.preset(preset).parse_overrides(overrides), capacity_factor)
+
     def mesh_axes(self, logical: str) -> tuple[str, ...]:
         """Mesh axes of a logical name, leaving out axes of size 1 (they split nothing)."""
         return tuple(a for a in self.rules[logical] if self.mesh.shape[a] > 1)
@@ -304,11 +312,13 @@ class Layout:
             parts.append((kept[0] if len(kept) == 1 else tuple(kept)) if kept else None)
         return P(*parts)
 
+    def activation_sharding(self, logical_axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
+        return NamedSharding(self.mesh, self.activation_spec(logical_axes, shape))
+
     def constrain(self, x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
         if len(logical_axes) != x.ndim:
             raise ValueError(f"constrain: {len(logical_axes)} logical axes {tuple(logical_axes)} for shape {x.shape}")
-        spec = self.activation_spec(logical_axes, x.shape)
-        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+        return jax.lax.with_sharding_constraint(x, self.activation_sharding(logical_axes, x.shape))
 
     # -- parameters --------------------------------------------------------------------------------
 
@@ -326,9 +336,41 @@ class Layout:
                 problems += self._problems(axes, var.shape, what)
         if problems:
             raise ValueError(f"sharding: layout {_fmt(dict(self.mesh.shape))} does not fit the model:\n  "
-                             + "\n  ".join(problems))
+                             + "\n  ".join(_merge_layers(problems)))
         return jax.tree.map(lambda var: NamedSharding(self.mesh, self._spec(var.get_metadata()["logical_axes"])),
                             state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _merge_layers(problems: list[str]) -> list[str]:
+    """One line for the same problem in several layers: "layers/{0,2,3}/self_attn/..."."""
+    layers: dict[str, list[str]] = {}
+    for p in problems:
+        m = re.match(r"(.*?\blayers/)(\d+)(/.*)", p)
+        key = m.group(1) + "{}" + m.group(3) if m else p
+        layers.setdefault(key, []).append(m.group(2) if m else "")
+    return [k.replace("{}", ids[0] if len(ids) == 1 else "{" + ",".join(ids) + "}") for k, ids in layers.items()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scripts' sharding flags: --mesh, --layout, --rules, --capacity-factor."""
+    group = parser.add_argument_group("sharding (multi-device / multi-host)")
+    group.add_argument("--mesh", help="mesh over the visible devices, e.g. data=2,expert=4 (axes data, expert, "
+                                      "tensor; one may be -1); without it everything runs on one device")
+    group.add_argument("--layout", choices=PRESETS, default="tensor_parallel", help="sharding preset")
+    group.add_argument("--rules", default="", help="rule overrides, e.g. experts=expert+tensor,expert_mlp=")
+    group.add_argument("--capacity-factor", type=float, default=None,
+                       help="cap each routed expert's tokens per shard (drops the excess); default: never drop")
+
+
+def layout_from_args(args: argparse.Namespace) -> Layout | None:
+    if args.mesh is None:
+        if args.rules or args.capacity_factor is not None:
+            raise SystemExit("--rules and --capacity-factor need --mesh")
+        return None
+    try:
+        return Layout.build(args.mesh, args.layout, args.rules, args.capacity_factor)
+    except ValueError as e:
+        raise SystemExit(f"--mesh/--layout/--rules: {e}") from None
 
 
 def constrain(x: jax.Array, layout: Layout | None, *logical_axes: str | None) -> jax.Array:

@@ -215,9 +215,9 @@ def test_mesh_that_does_not_divide_heads_is_a_clear_error():
     with pytest.raises(ValueError) as err:
         layout.shardings(abstract(CFG.replace(num_attention_heads=6, o_groups=3)))
     msg = str(err.value)
-    assert "layers/0/self_attn/q_b_proj/kernel: dimension 1 ('heads', size 6) is not divisible by mesh axes " \
-           "tensor (4 devices)" in msg
-    assert "('o_groups', size 3)" in msg and "layers/2/self_attn/sinks" in msg  # every problem, at once
+    assert "layers/{0,1,2}/self_attn/q_b_proj/kernel: dimension 1 ('heads', size 6) is not divisible by mesh " \
+           "axes tensor (4 devices)" in msg
+    assert "('o_groups', size 3)" in msg and "mtp/layer/self_attn/sinks" in msg  # every problem, at once
 
 
 def test_mesh_that_does_not_divide_experts_is_a_clear_error():
@@ -302,11 +302,12 @@ def test_routed_ffn_capacity_drops_in_token_order(moe_layer):
     weights, experts, _ = layer.gate(jnp.asarray(x))
     params = [np.asarray(v.get_value()) for v in (layer.experts.gate_proj, layer.experts.up_proj,
                                                   layer.experts.down_proj)]
-    for capacity in (1, 2, 3):
-        got = moe.routed_ffn(jnp.asarray(x), experts, weights, *params, CFG.swiglu_limit, capacity=capacity)
+    ffn = jax.jit(moe.routed_ffn, static_argnames=("limit", "capacity"))
+    for capacity in (1, 3):
+        got = ffn(jnp.asarray(x), experts, weights, *params, limit=CFG.swiglu_limit, capacity=capacity)
         want = capacity_reference(x, experts, weights, *params, CFG.swiglu_limit, capacity)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-    full = moe.routed_ffn(jnp.asarray(x), experts, weights, *params, CFG.swiglu_limit)
+    full = ffn(jnp.asarray(x), experts, weights, *params, limit=CFG.swiglu_limit)
     np.testing.assert_allclose(np.asarray(full), capacity_reference(x, experts, weights, *params, CFG.swiglu_limit,
                                                                     capacity=10**9), rtol=1e-5, atol=1e-5)
 
@@ -348,7 +349,7 @@ def test_memory_plan_and_report():
                   if "experts" in p and p[-1] in ("gate_proj", "up_proj", "down_proj"))
     assert set(per_device.values()) == {total - experts + experts // 8}
     distributed.check_fits(plan, "parameters", budget_bytes=total)
-    with pytest.raises(MemoryError, match=r"parameters needs 0\.\d+ GiB on cpu:\d+ but the budget there is"):
+    with pytest.raises(MemoryError, match=r"parameters needs \d+\.\d+ KiB on cpu:\d+ but the budget there is 1000 B"):
         distributed.check_fits(plan, "parameters", budget_bytes=1000)
     report = distributed.memory_report({"params": plan})
     assert report.count("\n") == len(jax.local_devices()) and "free: not reported" in report
