@@ -94,7 +94,9 @@ def _check_array(x, name: str, shape: tuple, dtypes: tuple) -> None:
 
 def _check_inputs(q, kv_cache, indices, lay: KVLayout, page_size, topk_length, extra_kv_cache, extra_indices,
                   extra_page_size, extra_topk_length, attn_sink, softmax_scale) -> None:
-  _check_array(q, "q", (None, None, None, lay.d_qk), (jnp.bfloat16, jnp.float32))
+  _check_array(q, "q", (None, None, None, None), (jnp.bfloat16, jnp.float32))
+  if q.shape[3] != lay.d_qk:
+    raise ValueError(f"q has d_qk = {q.shape[3]}, but layout {lay.name!r} needs {lay.d_qk}")
   b, s_q, h_q, _ = q.shape
   if min(b, s_q, h_q) < 1:
     raise ValueError(f"q must have b, s_q, h_q >= 1, got shape {q.shape}")

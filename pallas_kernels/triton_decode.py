@@ -33,7 +33,10 @@ LN2 = math.log(2.0)
 BLOCK_T = 64  # tokens per tile (one wgmma N / K step)
 D_V = 512
 NEG_BIG = -1e30  # running-max start and masked logit: finite, so m_old - m_new never is inf - inf
-MIN_SPLIT_OVERHEAD_BLOCKS = 2.0  # per-split cost (Q load, partial store, combine) in units of one tile
+# Scheduling cost model, in units of one tile's work: every program loads Q and stores its output (~2 tiles);
+# a split program also stores fp32 O/L that the combine reads back (~4 tiles more of traffic for 64 heads).
+PROGRAM_OVERHEAD_TILES = 2.0
+SPLIT_OVERHEAD_TILES = 4.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,25 +58,27 @@ def supported_heads(h_q: int) -> bool:
 
 
 def choose_num_splits(rows: int, head_blocks: int, work_tiles: int, num_sms: int) -> int:
-  """Splits per (row, head block) minimizing waves × (tiles per split + per-split overhead)."""
+  """Splits per (row, head block) minimizing waves × (tiles per program + overheads), ties to fewer splits."""
   def cost(s):
     waves = -(-rows * head_blocks * s // num_sms)
-    return waves * (-(-work_tiles // s) + MIN_SPLIT_OVERHEAD_BLOCKS)
+    return waves * (-(-work_tiles // s) + PROGRAM_OVERHEAD_TILES + (SPLIT_OVERHEAD_TILES if s > 1 else 0.0))
   return min(range(1, max(work_tiles, 1) + 1), key=lambda s: (cost(s), s))
 
 
-def token_words(layout: Fp8Layout, page_size: int, slot_t):
-  """uint16-word offsets, inside a block, of the tile's fields for in-range slots `slot_t` [T].
+def tile_addresses(idx_t, valid_t, layout: Fp8Layout, page_size: int):
+  """uint16-word addresses of one tile's fields; an invalid index is replaced by slot 0 first, so every address
+  is inside the cache whatever the index holds.
 
-  Returns (word_t512 [T, 512]: word holding NoPE byte c (c < d_nope) or RoPE value c - d_nope (MODEL1),
-  scale_word_t [T]: first word of the scale bytes, rope_word_t [T]: first RoPE word).
+  Returns (blk_t1 [T, 1] page block, word_t512 [T, 512] word holding NoPE byte c (c < d_nope) or RoPE value
+  c - d_nope (MODEL1), scale_word_t1 [T, 1] first scale word, rope_word_t1 [T, 1] first RoPE word).
   """
-  g = slot_t % page_size
+  slot_t = jnp.where(valid_t, idx_t, 0)
+  g = (slot_t % page_size)[:, None]
   cols = jnp.arange(D_V, dtype=jnp.int32)[None, :]
-  nope = (layout.nope_offset(g)[:, None] + cols) // 2
-  rope = layout.rope_offset(g)[:, None] // 2 + (cols - layout.d_nope)
+  nope = (layout.nope_offset(g) + cols) // 2
+  rope = layout.rope_offset(g) // 2 + (cols - layout.d_nope)
   word_t512 = jnp.where(cols < layout.d_nope, nope, rope)
-  return word_t512, layout.scale_offset(g, page_size) // 2, layout.rope_offset(g) // 2
+  return (slot_t // page_size)[:, None], word_t512, layout.scale_offset(g, page_size) // 2, layout.rope_offset(g) // 2
 
 
 def _low_or_high_byte(w, odd):
@@ -82,26 +87,24 @@ def _low_or_high_byte(w, odd):
 
 def _load_kv_tile(cache_ref, idx_t, valid_t, layout: Fp8Layout, page_size: int):
   """Gathers and dequantizes one tile: (kv [T, 512] bf16 = V = K[:, :512], rope [T, 64] bf16 or None)."""
-  slot_t = jnp.where(valid_t, idx_t, 0)  # never form an address from an invalid index
-  blk_t1 = (slot_t // page_size)[:, None]
-  word_t512, scale_word_t, rope_word_t = token_words(layout, page_size, slot_t)
+  blk_t1, word_t512, scale_word_t1, rope_word_t1 = tile_addresses(idx_t, valid_t, layout, page_size)
   w_t512 = cache_ref[blk_t1, word_t512]
   cols = jnp.arange(D_V, dtype=jnp.int32)[None, :]
   fp8 = lax.bitcast_convert_type(_low_or_high_byte(w_t512, (cols & 1) == 1), jnp.float8_e4m3fn)
   n_tiles = D_V // layout.tile  # MODEL1: 8 (the 8th "scale" is the pad byte, its columns hold RoPE)
   j = jnp.arange(n_tiles, dtype=jnp.int32)[None, :]
   if layout.scale_format == "ue8m0":
-    e = _low_or_high_byte(cache_ref[blk_t1, scale_word_t[:, None] + j // 2], (j & 1) == 1).astype(jnp.int32)
+    e = _low_or_high_byte(cache_ref[blk_t1, scale_word_t1 + j // 2], (j & 1) == 1).astype(jnp.int32)
     scale = jnp.where(e == 0xFF, jnp.nan, lax.bitcast_convert_type(e << 23, jnp.float32))
   else:
-    lo = cache_ref[blk_t1, scale_word_t[:, None] + 2 * j].astype(jnp.uint32)
-    hi = cache_ref[blk_t1, scale_word_t[:, None] + 2 * j + 1].astype(jnp.uint32)
+    lo = cache_ref[blk_t1, scale_word_t1 + 2 * j].astype(jnp.uint32)
+    hi = cache_ref[blk_t1, scale_word_t1 + 2 * j + 1].astype(jnp.uint32)
     scale = lax.bitcast_convert_type(lo | (hi << 16), jnp.float32)
     scale = scale.astype(jnp.bfloat16).astype(jnp.float32)  # SM90 multiplies by a bf16 scale
   nope = (fp8.astype(jnp.float32).reshape(-1, n_tiles, layout.tile) * scale[:, :, None]).reshape(-1, D_V)
   if layout.d_nope == D_V:  # V3.2: RoPE is a separate 64-wide tile, not part of V
     kv = jnp.where(valid_t[:, None], nope, 0.0).astype(jnp.bfloat16)
-    rope_words = cache_ref[blk_t1, rope_word_t[:, None] + jnp.arange(layout.d_rope, dtype=jnp.int32)[None, :]]
+    rope_words = cache_ref[blk_t1, rope_word_t1 + jnp.arange(layout.d_rope, dtype=jnp.int32)[None, :]]
     rope = lax.bitcast_convert_type(rope_words, jnp.bfloat16)
     return kv, jnp.where(valid_t[:, None], rope, jnp.zeros_like(rope))
   rope = lax.bitcast_convert_type(w_t512, jnp.bfloat16).astype(jnp.float32)
