@@ -14,6 +14,7 @@ slot and `dequantize_kv` is `read_tokens` of every slot.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -155,9 +156,10 @@ def quantize_records(k_nd, layout: Fp8Layout):
   n = k_nd.shape[0]
   x = k_nd.astype(jnp.bfloat16).astype(jnp.float32)
   nope = x[:, : layout.d_nope].reshape(n, layout.num_tiles, layout.tile)
-  s_inv = jnp.maximum(jnp.max(jnp.abs(nope), axis=-1) / FP8_MAX, SCALE_INV_MIN)  # NaN stays NaN
+  # A NaN anywhere makes the tile's scale NaN (torch's max propagates NaN; XLA:CPU's reduce-max may drop it).
+  is_nan = jnp.isnan(nope).any(axis=-1)
+  s_inv = jnp.maximum(jnp.max(jnp.abs(nope), axis=-1) / FP8_MAX, SCALE_INV_MIN)
   exp2 = _ceil_log2(s_inv)
-  is_nan = jnp.isnan(s_inv)
   scale = jnp.where(is_nan, jnp.nan, lax.bitcast_convert_type((exp2 + 127) << 23, jnp.float32))
   fp8 = (nope / scale[..., None]).astype(jnp.float8_e4m3fn).reshape(n, layout.d_nope)
   fp8_u8 = lax.bitcast_convert_type(fp8, jnp.uint8)
@@ -207,6 +209,7 @@ def is_valid_index(idx, pos, length, capacity: int):
   return (pos < length) & (idx >= 0) & (idx < capacity)
 
 
+@functools.partial(jax.jit, static_argnames=("layout", "page_size"))
 def read_tokens(kv_cache, slots, layout: str | KVLayout, page_size: int):
   """Keys at flat slots `block * G + offset` (int array, any shape, all in range) as float32 `[..., d_qk]`."""
   lay = get_layout(layout)
@@ -218,6 +221,7 @@ def read_tokens(kv_cache, slots, layout: str | KVLayout, page_size: int):
   return decode_records(kv_cache[p[..., None], cols], lay)
 
 
+@functools.partial(jax.jit, static_argnames=("layout", "page_size"))
 def write_kv(kv_cache, slots, k_new, *, layout: str | KVLayout, page_size: int):
   """Writes keys `k_new [N, d_qk]` into flat `slots [N]` (`block * G + offset`); returns the new cache.
 
@@ -238,6 +242,7 @@ def write_kv(kv_cache, slots, k_new, *, layout: str | KVLayout, page_size: int):
   return kv_cache.at[p[:, None], cols].set(quantize_records(k_new, lay), mode="drop")
 
 
+@functools.partial(jax.jit, static_argnames=("layout",))
 def quantize_kv(k_pgd, layout: str | KVLayout):
   """Quantizes keys `[P, G, d_qk]` (page blocks of G tokens) into a FlashMLA cache uint8 `[P, S(G)]`.
 
@@ -255,6 +260,7 @@ def quantize_kv(k_pgd, layout: str | KVLayout):
   return write_kv(empty, slots, k_pgd.reshape(-1, lay.d_qk), layout=lay, page_size=page_size)
 
 
+@functools.partial(jax.jit, static_argnames=("layout", "page_size"))
 def dequantize_kv(kv_cache, layout: str | KVLayout, page_size: int):
   """A FlashMLA cache uint8 `[P, S(G)]` back to bf16 keys `[P, G, d_qk]`."""
   lay = get_layout(layout)
