@@ -147,9 +147,9 @@ def _decode_kernel(*refs, layout: Fp8Layout, main: Scope, extra: Scope | None, n
   qr_hd = qr_ref[...] if qr_ref is not None else None
   # Valid work of this row, in tiles; this program's share is [lo, hi) of main tiles followed by extra tiles.
   length = len_ref[row]
-  n_main = jnp.minimum(pl.cdiv(length, BLOCK_T), main.num_tiles)
+  n_main = jnp.clip(pl.cdiv(length, BLOCK_T), 0, main.num_tiles)  # a negative length means no tokens
   xlength = xlen_ref[row] if extra else 0
-  n_extra = jnp.minimum(pl.cdiv(xlength, BLOCK_T), extra.num_tiles) if extra else 0
+  n_extra = jnp.clip(pl.cdiv(xlength, BLOCK_T), 0, extra.num_tiles) if extra else 0
   per_split = pl.cdiv(n_main + n_extra, num_splits)
   lo = split * per_split
   hi = jnp.minimum(lo + per_split, n_main + n_extra)

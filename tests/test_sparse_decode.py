@@ -40,7 +40,7 @@ CORNER_REF_CASES = [
     *[Case("model1", b=3, s_q=3, h_q=64, main=Scope(64, 61, 200), extra=Scope(64, 61, 200), topk_length=True,
            extra_topk_length=True, sink=s, all_invalid=a, zero_len=z, seed=7)
       for a, z, s in itertools.product([False, True], repeat=3) if a or z or s],
-    Case("v32", b=3, s_q=3, h_q=128, main=Scope(576, 53 + 8, 650), all_invalid=True, zero_len=True),
+    Case("v32", b=3, s_q=3, h_q=128, main=Scope(576, 53, 650), all_invalid=True, zero_len=True),
     Case("v32", b=7, s_q=2, h_q=64, main=Scope(128, 64, 300), extra=Scope(64, 2, 100), topk_length=True,
          extra_topk_length=True, all_invalid=True),
     Case("model1", b=1, s_q=1, h_q=16, main=Scope(128, 256, 1000), extra=Scope(64, 2, 64), topk_length=True),
@@ -63,7 +63,27 @@ KERNEL_CASES = [
     (Case("v32", b=1, s_q=2, h_q=32, main=Scope(128, 64, 200), extra=Scope(64, 256, 300), topk_length=True,
           sink=False), 1),
     (Case("model1", b=3, s_q=1, h_q=64, main=Scope(64, 2, 64), topk_length=True, sink=False, zero_len=True), 1),
+    (Case("v32", b=7, s_q=3, h_q=64, main=Scope(2048, 64, 2500), extra=Scope(64, 2, 100), topk_length=True,
+          extra_topk_length=True, all_invalid=True), 5),
+    (Case("model1", b=3, s_q=3, h_q=128, main=Scope(576, 61, 700), extra=Scope(2048, 256, 2600), topk_length=True,
+          extra_topk_length=True, zero_len=True, duplicates=True), 7),
+    (Case("v32", b=1, s_q=1, h_q=16, main=Scope(64, 256, 300), duplicates=True), 1),
 ]
+
+
+@pytest.mark.parametrize("cases", [REF_CASES, [c for c, _ in KERNEL_CASES]], ids=["reference", "kernel"])
+def test_matrix_covers_every_axis_value(cases):
+  """Guards the sampled matrix: the issue's axis values all appear, for both layouts."""
+  for layout in ["model1", "v32"]:
+    cs = [c for c in cases if c.layout == layout]
+    scopes = [s for c in cs for s in (c.main, c.extra) if s]
+    assert {c.b for c in cs} == {1, 3, 7} and {c.s_q for c in cs} == {1, 2, 3}
+    assert {64, 128} <= {c.h_q for c in cs}
+    assert {s.topk for s in scopes} == {64, 128, 576, 2048} and {2, 61, 64, 256} <= {s.page for s in scopes}
+    for flag in ["topk_length", "extra_topk_length", "all_invalid", "zero_len", "duplicates"]:
+      assert any(getattr(c, flag) for c in cs), flag
+    assert any(c.extra for c in cs) and any(not c.extra for c in cs)
+    assert any(c.sink for c in cs) and any(not c.sink for c in cs)
 
 
 def _jnp(args):
@@ -150,6 +170,18 @@ def test_entries_past_topk_length_are_ignored(backend):
   np.testing.assert_array_equal(np.asarray(out_a, np.float32), np.asarray(out_b, np.float32))
   np.testing.assert_array_equal(lse_a, lse_b)
   assert not np.isnan(np.asarray(out_a, np.float32)).any()
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_negative_lengths_mean_no_tokens(backend):
+  case = Case("model1", b=2, s_q=2, h_q=64, main=Scope(128, 61, 300), extra=Scope(64, 2, 100), topk_length=True,
+              extra_topk_length=True)
+  args = _jnp(make_inputs(case))
+  run = functools.partial(sparse_mla_decode, layout="model1", backend=backend, interpret=backend == "pallas")
+  out_a, lse_a = run(**{**args, "topk_length": jnp.array([-70, 0], jnp.int32)})
+  out_b, lse_b = run(**{**args, "topk_length": jnp.array([0, 0], jnp.int32)})
+  np.testing.assert_array_equal(np.asarray(out_a, np.float32), np.asarray(out_b, np.float32))
+  np.testing.assert_array_equal(lse_a, lse_b)
 
 
 def test_empty_rows_give_zero_and_inf():
