@@ -174,12 +174,12 @@ def test_entries_past_topk_length_are_ignored(backend):
 
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
 def test_negative_lengths_mean_no_tokens(backend):
-  case = Case("model1", b=2, s_q=2, h_q=64, main=Scope(128, 61, 300), extra=Scope(64, 2, 100), topk_length=True,
-              extra_topk_length=True)
-  args = _jnp(make_inputs(case))
+  case = Case("model1", b=2, s_q=2, h_q=64, main=Scope(128, 61, 300), extra=Scope(64, 2, 100), topk_length=True)
+  args = _jnp(make_inputs(case))  # no extra_topk_length: the extra scope must still be attended
   run = functools.partial(sparse_mla_decode, layout="model1", backend=backend, interpret=backend == "pallas")
-  out_a, lse_a = run(**{**args, "topk_length": jnp.array([-70, 0], jnp.int32)})
+  out_a, lse_a = run(**{**args, "topk_length": jnp.array([-200, -1], jnp.int32)})
   out_b, lse_b = run(**{**args, "topk_length": jnp.array([0, 0], jnp.int32)})
+  assert np.isfinite(np.asarray(lse_b)).any()
   np.testing.assert_array_equal(np.asarray(out_a, np.float32), np.asarray(out_b, np.float32))
   np.testing.assert_array_equal(lse_a, lse_b)
 
