@@ -3,7 +3,7 @@ and by the benchmark's correctness check."""
 
 from __future__ import annotations
 
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 
 # Sparse decode tolerances (spec §7.1): out is bf16 compared with the bf16-rounded reference.
@@ -40,7 +40,7 @@ def close_report(ans, ref, *, abs_tol: float, rel_tol: float, cos_tol: float = 1
 
 def decode_report(out, lse, ref_out, ref_lse) -> str | None:
   """Sparse-decode check of (out, lse) against a float32/float64 reference; None if both pass."""
-  ref_out_bf16 = np.asarray(ref_out, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+  ref_out_bf16 = np.asarray(jnp.asarray(ref_out, jnp.float32).astype(jnp.bfloat16), np.float32)
   problems = [f"{name}: {msg}" for name, msg in [
       ("out", close_report(np.asarray(out, np.float32), ref_out_bf16, **OUT_TOL)),
       ("lse", close_report(lse, ref_lse, **LSE_TOL))] if msg]

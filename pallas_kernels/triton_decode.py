@@ -1,15 +1,15 @@
 """Pallas-Triton sparse FP8 decode: split-KV kernel plus a jnp combine (spec §1.6-1.7, §4.3).
 
 Grid (R rows = b·s_q, S splits, N / H head blocks). A program owns one query row, one head block of H =
-min(h_q, 64) heads (M = 64 feeds wgmma) and one split: a contiguous share of the row's *valid* index blocks
-(main scope blocks first, then extra scope blocks; lengths past topk_length are never visited). Per 64-token
-block it gathers the token records, dequantizes them to a bf16 K tile and runs an online softmax in base 2.
+min(h_q, 64) heads (M = 64 feeds wgmma) and one split: a contiguous share of the row's *valid* index tiles
+(main scope tiles first, then extra scope tiles; tiles past topk_length are never visited). Per 64-token
+tile it gathers the token records, dequantizes them to a bf16 K tile and runs an online softmax in base 2.
 With one split the program writes the final bf16 output and natural-log lse (sink applied); otherwise it
 writes fp32 O/L and log2(L) + m per split and `combine_splits` merges them in jnp.
 
-The cache is passed as a uint16 view `[P, S(G)/2]`: every field of both layouts starts at an even byte, a bf16
-RoPE value is one word, and element offsets then stay below 2^31 for caches under 4 GiB (Pallas switches to
-64-bit offsets above 4 GiB). An invalid index is replaced by slot 0 of block 0 before any address is formed.
+The cache is passed as a uint16 view `[P, block_stride / 2]`: every field of both layouts starts at an even
+byte, a bf16 RoPE value is one word, and element offsets stay below 2^31 for caches under 4 GiB (Pallas
+switches to 64-bit offsets above 4 GiB). An invalid index is replaced by slot 0 of block 0 before any address is formed.
 
 Letters: R rows, S splits, N heads, H heads of a block, K index positions, T tokens of a tile, D dims.
 """

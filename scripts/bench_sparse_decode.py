@@ -190,11 +190,12 @@ def main(argv=None) -> int:
     configs = {n: dataclasses.replace(c, main=shrink(c.main), extra=shrink(c.extra)) for n, c in configs.items()}
 
   device = jax.devices()[0]
+  peak = None if ns.smoke else gpu_peak(device.device_kind)
   header = dict(gpu=None if ns.smoke else device.device_kind, smoke=ns.smoke, num_sms=num_sms(),
-                jax=jax.__version__, jaxlib=jaxlib.__version__, date=datetime.datetime.now().isoformat(timespec="seconds"),
+                jax=jax.__version__, jaxlib=jaxlib.__version__,
+                date=datetime.datetime.now().isoformat(timespec="seconds"),
                 timing=f"mean of {ns.iters} back-to-back calls after {ns.warmup} warmup calls; L2 not flushed",
-                peak=None if ns.smoke or gpu_peak(device.device_kind) is None
-                else dataclasses.asdict(gpu_peak(device.device_kind)))
+                peak=peak and dataclasses.asdict(peak))
   results = []
   print(f"{'config':8} {'b':>4} {'splits':>6} {'pallas µs':>10} {'TFLOP/s':>8} {'GB/s':>7} {'%roof':>6} "
         f"{'xla µs':>9} {'ok':>4}")
