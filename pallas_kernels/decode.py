@@ -1,8 +1,11 @@
 """Public sparse MLA decode with FlashMLA's `flash_mla_with_kvcache` sparse-FP8 semantics: checks and dispatch.
 
 Every argument is checked before any compute; bad input raises a ValueError that names the argument.
-Backends: "xla" is the pure-jnp reference (any layout, bf16 or float32 q), "pallas" the Pallas-Triton kernel
-(FP8 layouts, bf16 q; `interpret=True` runs it on CPU), "auto" the kernel on a GPU and the reference elsewhere.
+Backends: "xla" is the pure-jnp reference (any layout, bf16 or float32 q); "pallas" the Pallas-Triton kernel
+(FP8 layouts, bf16 q, h_q 16, 32 or a multiple of 64; `interpret=True` runs it on CPU); "auto" the kernel on a
+GPU when it supports the inputs, else the reference (`interpret=True` forces the kernel).
+A Mosaic GPU kernel for Hopper would live beside `triton_decode.py`, reuse its `combine_splits` and
+`choose_num_splits`, and be picked in `_use_pallas`'s place here.
 """
 
 from __future__ import annotations

@@ -185,7 +185,7 @@ def decode_records(rec_nr, layout: Fp8Layout):
   scale_u8 = rec_nr[..., n_nope:n_nope + n_scale]
   if layout.scale_format == "ue8m0":
     e = scale_u8[..., :nt].astype(jnp.int32)
-    # 0xFF is NaN in ue8m0; e = 0 (2^-127, never written by the quantizer) flushes to 0 like the GPU does.
+    # 0xFF is NaN in ue8m0; e = 0 (2^-127, never written by the quantizer) reads as 0 here.
     scale = jnp.where(e == 0xFF, jnp.nan, lax.bitcast_convert_type(e << 23, jnp.float32))
   else:
     scale = lax.bitcast_convert_type(scale_u8.reshape(*lead, nt, 4), jnp.float32)
