@@ -6,13 +6,17 @@
     model = m1.from_pretrained("dir", dtype=jnp.float32)   # HF-format (dense or FP8/FP4) or Orbax
     m1.save(model, "ckpt")                          # Orbax, atomic
     model = m1.load("ckpt", dtype=jnp.bfloat16, mesh=mesh, shardings=...)
+    layout = m1.Layout.build("data=2,expert=4", "tensor_parallel")       # sharded over 8 devices
+    model = m1.sharding.load("ckpt", layout, dtype=jnp.bfloat16)       # or sharding.create / sharding.shard
 """
 
+from model1_jax import distributed, sharding
 from model1_jax.checkpoint import load, save
 from model1_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING, Config, RopeScaling
 from model1_jax.loading import CheckpointError, from_pretrained
 from model1_jax.model import Model1
 from model1_jax.quant import BlockQuantized
+from model1_jax.sharding import Layout, Rules, make_mesh
 
-__all__ = ["CSA", "HASH_MOE", "HCA", "MOE", "SLIDING", "BlockQuantized", "CheckpointError", "Config", "Model1",
-           "RopeScaling", "from_pretrained", "load", "save"]
+__all__ = ["CSA", "HASH_MOE", "HCA", "MOE", "SLIDING", "BlockQuantized", "CheckpointError", "Config", "Layout",
+           "Model1", "RopeScaling", "Rules", "distributed", "from_pretrained", "load", "make_mesh", "save", "sharding"]

@@ -21,8 +21,7 @@ from model1_jax import rope
 from model1_jax.compressor import Compressor
 from model1_jax.config import CSA, HCA, SLIDING, Config
 from model1_jax.indexer import Indexer, visible_entries
-from model1_jax.layers import Linear, RMSNorm, const_param, rms_norm, weight
-from model1_jax.sharding import constrain
+from model1_jax.layers import Linear, RMSNorm, const_param, constrain, rms_norm, weight
 
 F32 = jnp.float32
 

@@ -52,6 +52,12 @@ def dequantize(value, dtype) -> jax.Array:
     return value.astype(dtype)
 
 
+def constrain(x: jax.Array, layout, *logical_axes: str | None) -> jax.Array:
+    """Sharding constraint on an activation by logical axis names (`sharding.Layout.constrain`); a no-op
+    without a layout, so the single-device model carries no sharding code."""
+    return x if layout is None else layout.constrain(x, logical_axes)
+
+
 class Linear(nnx.Module):
     """A bias-free projection `y = einsum(eqn, x, W)` with an explicitly shaped kernel.
 

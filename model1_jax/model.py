@@ -15,9 +15,8 @@ from flax import nnx
 from model1_jax.config import Config
 from model1_jax.decoder import DecoderLayer
 from model1_jax.hyper import HyperHead
-from model1_jax.layers import Embed, Linear, RMSNorm
+from model1_jax.layers import Embed, Linear, RMSNorm, constrain
 from model1_jax.mtp import MTPBlock
-from model1_jax.sharding import constrain
 
 F32 = jnp.float32
 

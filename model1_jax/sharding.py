@@ -20,6 +20,7 @@ output shardings, and the parts that must not be left to the partitioner run und
     mesh = make_mesh("data=2,expert=4")
     layout = Layout(mesh, Rules.tensor_parallel())
     model = create(lambda: m1.Model1(cfg, rngs=nnx.Rngs(0)), layout)   # never whole on one device
+    model = load("orbax_dir", layout, dtype=jnp.bfloat16)             # read straight into the shards
     model = shard(m1.from_pretrained(path), layout)                     # an existing model
 """
 
@@ -36,6 +37,9 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from model1_jax import checkpoint
+from model1_jax.loading import abstract_model
 
 MESH_AXES = ("data", "expert", "tensor")
 
@@ -332,6 +336,11 @@ class Layout:
             what = "/".join(map(str, path))
             if axes is None:
                 problems.append(f"{what}: no logical_axes metadata")
+                continue
+            value = var.get_value()
+            if hasattr(value, "dequantize"):  # block-quantized: values and scales both split along the weight's axes
+                problems += self._problems(axes, value.values.shape, f"{what} (values)")
+                problems += self._problems(axes, value.scales.shape, f"{what} (scales)")
             else:
                 problems += self._problems(axes, var.shape, what)
         if problems:
@@ -373,11 +382,6 @@ def layout_from_args(args: argparse.Namespace) -> Layout | None:
         raise SystemExit(f"--mesh/--layout/--rules: {e}") from None
 
 
-def constrain(x: jax.Array, layout: Layout | None, *logical_axes: str | None) -> jax.Array:
-    """Sharding constraint on an activation; a no-op without a layout (single device)."""
-    return x if layout is None else layout.constrain(x, logical_axes)
-
-
 def to_partition_specs(shardings: Any) -> Any:
     return jax.tree.map(lambda s: s.spec, shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
 
@@ -408,6 +412,24 @@ def create(make_model: Callable[[], nnx.Module], layout: Layout) -> nnx.Module:
     """
     graphdef, init = initializer(make_model, layout)
     return attach(nnx.merge(graphdef, init()), layout)
+
+
+def load(directory: str, layout: Layout, *, dtype) -> nnx.Module:
+    """`m1.load` (Orbax) with every array read straight into its shard, and the layout attached.
+
+    Block-quantized parameters split their values and scales along the weight's own axes; a split
+    that does not divide either is reported with the others before anything is read.
+    """
+    _, flat = abstract_model(checkpoint.read_config(directory), dtype)
+    layout.shardings(nnx.from_flat_state(flat))  # every dense-shape problem at once
+    axes = {path: var.get_metadata()["logical_axes"] for path, var in flat}
+
+    def sharding_of(path: tuple, sds: jax.ShapeDtypeStruct) -> NamedSharding:
+        param, what = (path[:-1], f"{'/'.join(map(str, path[:-1]))} ({path[-1]})") if path not in axes else (
+            path, "/".join(map(str, path)))
+        return layout.sharding(axes[param], sds.shape, what)
+
+    return attach(checkpoint.load(directory, dtype=dtype, shardings=sharding_of), layout)
 
 
 def shard(model: nnx.Module, layout: Layout) -> nnx.Module:

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import model1_jax as m1
-from model1_jax import distributed, moe
+from model1_jax import distributed, moe, quant
 from model1_jax import sharding as sh
 from tests.util import random_model
 
@@ -353,3 +353,49 @@ def test_memory_plan_and_report():
         distributed.check_fits(plan, "parameters", budget_bytes=1000)
     report = distributed.memory_report({"params": plan})
     assert report.count("\n") == len(jax.local_devices()) and "free: not reported" in report
+
+
+# -- checkpoints and quantized experts -------------------------------------------------------------
+
+def test_load_reads_orbax_checkpoint_into_shards(tmp_path):
+    model = random_model(CFG)
+    m1.save(model, tmp_path / "ckpt")
+    layout = layout_of("2x2x2-tensor_parallel")
+    loaded = sh.load(tmp_path / "ckpt", layout, dtype=jnp.float32)
+    assert loaded.layout is layout and loaded.layers[1].self_attn.layout is layout
+    for (path, var), (_, want) in zip(nnx.to_flat_state(nnx.state(loaded)), nnx.to_flat_state(nnx.state(model)),
+                                      strict=True):
+        value = var.get_value()
+        assert canonical(value.sharding.spec) == canonical(layout.spec(var.get_metadata()["logical_axes"])), path
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(want.get_value()), err_msg=str(path))
+
+
+def fp4_experts(layer, down_block: int):
+    """The layer's routed experts as FP4 (e2m1 codes, UE8M0 scales per 32 inputs, as released)."""
+    for name, block in (("gate_proj", 32), ("up_proj", 32), ("down_proj", down_block)):
+        var = getattr(layer.experts, name)
+        q = quant.quantize(np.asarray(var.get_value()), quant.FP4, (1, block, 1), pack_axis=1)
+        var.set_value(jax.tree.map(jnp.asarray, q))
+    return layer
+
+
+def test_expert_parallel_runs_on_quantized_experts():
+    """FP4 values and scales are split like the weight and dequantized per shard inside shard_map."""
+    layer = fp4_experts(random_model(CFG).layers[2].mlp, down_block=12)
+    graphdef, state = nnx.split(layer)
+    x = moe_inputs(16)
+    want = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))
+    layout = layout_of("1x2x4-tensor_parallel")
+    sharded = sh.shard(nnx.merge(graphdef, state), layout)
+    down = sharded.experts.down_proj.get_value()
+    assert down.values.sharding.spec == down.scales.sharding.spec == P("expert", "tensor", None)
+    assert {s.data.shape for s in down.values.addressable_shards} == {(4, 6, 64)}  # 12 of f, two per byte
+    got = np.asarray(jax.jit(lambda m, x: m(x))(sharded, x))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_quantized_scales_that_do_not_split_are_a_clear_error():
+    layer = fp4_experts(random_model(CFG).layers[2].mlp, down_block=32)  # 2 scales along f=48
+    with pytest.raises(ValueError, match=r"experts/down_proj \(scales\): dimension 1 \('expert_mlp', size 2\) is "
+                                         r"not divisible by mesh axes tensor \(4 devices\)"):
+        sh.shard(layer, layout_of("1x2x4-tensor_parallel"))
