@@ -102,13 +102,16 @@ def memory_report(parts: Mapping[str, Any], devices: Sequence[jax.Device] | None
     return "per-device memory:\n" + "\n".join(lines)
 
 
-def check_fits(plan: Any, what: str, budget_bytes: int | None = None, headroom: float = 0.9) -> None:
-    """Raises before allocation when `plan` (ShapeDtypeStructs with shardings) would not fit on some device.
+def check_fits(parts: Mapping[str, Any], budget_bytes: int | None = None, headroom: float = 0.9) -> None:
+    """Raises before allocation when the named parts (trees of ShapeDtypeStructs with shardings, or arrays)
+    would not fit together on some device.
 
     The budget is `budget_bytes` or, where the runtime reports it, `headroom` × the free bytes of each
     device (the rest is left for activations and compiled code). Platforms that report nothing pass.
     """
-    for device, need in device_bytes(plan).items():
+    per_part = {name: device_bytes(tree) for name, tree in parts.items()}
+    for device in sorted({d for b in per_part.values() for d in b}, key=lambda d: d.id):
+        need = sum(b.get(device, 0) for b in per_part.values())
         if budget_bytes is not None:
             budget = budget_bytes
         else:
@@ -117,9 +120,10 @@ def check_fits(plan: Any, what: str, budget_bytes: int | None = None, headroom: 
                 continue
             budget = int(headroom * (capacity[1] - capacity[0]))
         if need > budget:
-            raise MemoryError(f"{what} needs {human_bytes(need)} on {device.platform}:{device.id} but the budget "
-                              f"there is {human_bytes(budget)}; use more devices, a layout that splits more (e.g. "
-                              "tensor_parallel, a larger expert axis), or a smaller dtype")
+            detail = " + ".join(f"{name} {human_bytes(b.get(device, 0))}" for name, b in per_part.items())
+            raise MemoryError(f"{device.platform}:{device.id} needs {human_bytes(need)} ({detail}) but its budget is "
+                              f"{human_bytes(budget)}; use more devices, a layout that splits more (e.g. "
+                              "tensor_parallel, a larger expert axis), a smaller batch or max_len, or a smaller dtype")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -348,9 +348,11 @@ def test_memory_plan_and_report():
     experts = sum(x.size * x.dtype.itemsize for p, x in nnx.to_flat_state(plan)
                   if "experts" in p and p[-1] in ("gate_proj", "up_proj", "down_proj"))
     assert set(per_device.values()) == {total - experts + experts // 8}
-    distributed.check_fits(plan, "parameters", budget_bytes=total)
-    with pytest.raises(MemoryError, match=r"parameters needs \d+\.\d+ KiB on cpu:\d+ but the budget there is 1000 B"):
-        distributed.check_fits(plan, "parameters", budget_bytes=1000)
+    distributed.check_fits({"params": plan}, budget_bytes=total)
+    with pytest.raises(MemoryError, match=r"cpu:0 needs \d+\.\d+ KiB \(params \d+\.\d+ KiB \+ cache 8 B\) but its "
+                                          r"budget is 1000 B"):
+        cache = jax.ShapeDtypeStruct((8, 2), jnp.float32, sharding=sh.NamedSharding(layout.mesh, P("expert")))
+        distributed.check_fits({"params": plan, "cache": cache}, budget_bytes=1000)
     report = distributed.memory_report({"params": plan})
     assert report.count("\n") == len(jax.local_devices()) and "free: not reported" in report
 
