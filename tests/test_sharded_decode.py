@@ -25,6 +25,14 @@ LAYOUTS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def eight_devices():
+    if jax.device_count() < 8:
+        pytest.fail(f"these tests need 8 devices, found {jax.device_count()}: run with "
+                    "XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py sets it unless XLA_FLAGS "
+                    "is already set)")
+
+
 def make_case(kv_layout, s_q: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     lay = pk.get_layout(kv_layout)

@@ -37,6 +37,14 @@ LAYOUTS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def eight_devices():
+    if jax.device_count() < 8:
+        pytest.fail(f"these tests need 8 devices, found {jax.device_count()}: run with "
+                    "XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py sets it unless XLA_FLAGS "
+                    "is already set)")
+
+
 def layout_of(name: str, **kw) -> sh.Layout:
     mesh_spec, preset = LAYOUTS[name]
     return sh.Layout(sh.make_mesh(mesh_spec), sh.Rules.preset(preset), **kw)
