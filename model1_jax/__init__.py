@@ -4,11 +4,27 @@
     model = m1.Model1(m1.Config.tiny(), rngs=nnx.Rngs(0))
     logits = model(input_ids)                       # int32 [b, t] -> float32 [b, t, vocab]
     model = m1.from_pretrained("dir", dtype=jnp.float32)
+    gen = m1.generate(model, [[1, 2, 3]], max_new_tokens=32)   # gen.tokens, gen.stats
 """
 
 from model1_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING, Config, RopeScaling
+from model1_jax.decode import decode_step, prefill
+from model1_jax.decode_state import (
+    CACHE_DTYPES,
+    CacheSpec,
+    DecodeState,
+    MemoryReport,
+    init_state,
+    make_spec,
+    max_len_for_budget,
+    memory_report,
+)
+from model1_jax.generation import Generation, GenerationStats, generate
 from model1_jax.loading import CheckpointError, from_pretrained
 from model1_jax.model import Model1
+from model1_jax.sampling import Sampling
 
-__all__ = ["CSA", "HASH_MOE", "HCA", "MOE", "SLIDING", "CheckpointError", "Config", "Model1", "RopeScaling",
-           "from_pretrained"]
+__all__ = ["CACHE_DTYPES", "CSA", "HASH_MOE", "HCA", "MOE", "SLIDING", "CacheSpec", "CheckpointError", "Config",
+           "DecodeState", "Generation", "GenerationStats", "MemoryReport", "Model1", "RopeScaling", "Sampling",
+           "decode_step", "from_pretrained", "generate", "init_state", "make_spec", "max_len_for_budget",
+           "memory_report", "prefill"]
