@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import pallas_kernels as pk
+from model1_jax import sharded_decode
 from model1_jax.attention import Attention
 from model1_jax.compressor import Compressor, overlap_windows, pool
 from model1_jax.decode_state import CompressorState, DecodeState, LayerState
@@ -107,7 +107,8 @@ def attention_step(attn: Attention, ls: LayerState, x_btd: jax.Array, positions_
     ring = spec.ring
     slots_bt = jnp.where(valid_bt, b_b1 * ring + jnp.mod(positions_bt, ring), -1)
     kv_bth = attn.keys(x_btd, positions_bt)
-    ring_cache = pk.write_kv(ls.window, slots_bt.reshape(-1), kv_bth.reshape(b * s, h), layout=layout, page_size=page)
+    ring_cache = sharded_decode.write_kv(attn.layout, ls.window, slots_bt.reshape(-1), kv_bth.reshape(b * s, h),
+                                         kv_layout=layout, page_size=page, batch=b)
     key_pos_btk = positions_bt[..., None] - jnp.arange(window)  # newest first: the valid keys are a prefix
     ok_btk = valid_bt[..., None] & (key_pos_btk >= 0)
     window_idx = jnp.where(ok_btk, b_b1[..., None] * ring + jnp.mod(key_pos_btk, ring), -1).astype(jnp.int32)
@@ -121,7 +122,8 @@ def attention_step(attn: Attention, ls: LayerState, x_btd: jax.Array, positions_
         entries_bwc, entry_bw, cs = compressor_step(attn.compressor, ls.compressor, x_btd, lengths_b, n_new_b)
         entry_bw = jnp.where(entry_bw < cap, entry_bw, -1)  # never spill into the next sequence's pages
         entry_slots = jnp.where(entry_bw >= 0, b_b1 * cap + entry_bw, -1).reshape(-1)
-        entries = pk.write_kv(ls.entries, entry_slots, entries_bwc.reshape(-1, h), layout=layout, page_size=page)
+        entries = sharded_decode.write_kv(attn.layout, ls.entries, entry_slots, entries_bwc.reshape(-1, h),
+                                          kv_layout=layout, page_size=page, batch=b)
         ls = ls.replace(entries=entries, compressor=cs)
         visible_count_b = jnp.where(active_b, (lengths_b + n_new_b) // rate, 0)
         if attn.indexer is not None:
@@ -143,10 +145,11 @@ def attention_step(attn: Attention, ls: LayerState, x_btd: jax.Array, positions_
         extra = dict(extra_kv_cache=entries, extra_indices=extra_idx.astype(jnp.int32), extra_page_size=page,
                      extra_topk_length=extra_len.astype(jnp.int32))
 
-    o_btnh, _ = pk.sparse_mla_decode(q_btnh, ring_cache, window_idx, layout=layout, page_size=page,
-                                     topk_length=window_len, attn_sink=weight(attn.sinks, F32),
-                                     softmax_scale=h ** -0.5, **extra)
-    return attn.output(o_btnh.astype(q_btnh.dtype), positions_bt), ls
+    # Per shard (sequences, heads) under a sharding layout; the plain kernel call without one.
+    o_btnh, _ = sharded_decode.sparse_mla_decode(attn.layout, q_btnh, ring_cache, window_idx, kv_layout=layout,
+                                                 page_size=page, topk_length=window_len,
+                                                 attn_sink=weight(attn.sinks, F32), softmax_scale=h ** -0.5, **extra)
+    return attn.output(o_btnh.astype(q_btnh.dtype), positions_bt), sharded_decode.constrain_state(attn.layout, ls, b)
 
 
 def layer_step(layer: DecoderLayer, ls: LayerState, streams_btcd: jax.Array, ids_bt: jax.Array,
@@ -323,6 +326,7 @@ def decode_step(model: Model1, state: DecodeState, ids, active=None, *, return_m
     if ((np.asarray(state.lengths) + active) > spec.max_len).any():
         raise ValueError(f"decode_step: a sequence would exceed the state's max_len {spec.max_len}")
     graphdef, params = nnx.split(model)
+    # all_logits passed as prefill passes it: the same jit cache entry serves a chunk-1 prefill and decode.
     logits, mtp_logits, state = _chunk_step(graphdef, params, state, ids[:, None].astype(np.int32),
-                                            active.astype(np.int32))
+                                            active.astype(np.int32), all_logits=False)
     return (logits, mtp_logits, state) if return_mtp else (logits, state)

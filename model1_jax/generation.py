@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from model1_jax import decode, decode_state, sampling as sampling_lib
+from model1_jax import decode, decode_state, sampling as sampling_lib, sharded_decode
 from model1_jax.model import Model1
 from model1_jax.sampling import Sampling
 
@@ -228,7 +228,7 @@ def generate(model: Model1, prompts, max_new_tokens: int, *, temperature: float 
 
     with CompileClock() as clock:
         t0 = time.perf_counter()
-        state = decode_state.allocate(cfg, spec)
+        state = sharded_decode.allocate(model.layout, cfg, spec)  # split by sequence under a layout
         cache_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
         logits_bv, state = decode.prefill(model, state, ids, lengths)
         pending = _first_token(logits_bv, jax.random.fold_in(key, 0), sampling)

@@ -23,6 +23,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels as pk
+from model1_jax import decode_state
+from model1_jax.config import Config
 
 if TYPE_CHECKING:
     from model1_jax.sharding import Layout
@@ -53,6 +55,22 @@ def state_shardings(layout: Layout, state: Any, batch: int) -> Any:
         return NamedSharding(layout.mesh, P(_part(axes), *([None] * (len(x.shape) - 1))))
 
     return jax.tree.map(place, state)
+
+
+def constrain_state(layout: Layout | None, state: Any, batch: int) -> Any:
+    """Keeps (part of) a decode state on its placement inside a step, so the donated buffers are reused."""
+    if layout is None:
+        return state
+    return jax.lax.with_sharding_constraint(state, state_shardings(layout, state, batch))
+
+
+def allocate(layout: Layout | None, config: Config, spec: decode_state.CacheSpec) -> decode_state.DecodeState:
+    """`decode_state.allocate`, each device allocating only its own sequences' part under a layout."""
+    if layout is None:
+        return decode_state.allocate(config, spec)
+    shapes = decode_state.state_shapes(config, spec)
+    shardings = state_shardings(layout, shapes, spec.max_batch)
+    return jax.jit(lambda: decode_state.allocate(config, spec), out_shardings=shardings)()
 
 
 def _shift(index, offset):

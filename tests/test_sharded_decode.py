@@ -1,8 +1,12 @@
-"""The sparse decode kernel and cache writes per shard (shard_map) equal the unsharded calls.
+"""Sharded decoding on 8 simulated CPU devices equals one device.
 
-Sequences are split over the batch axes (with their pages), query heads and sinks over `tensor`;
-global token slots are shifted to each shard's pages. FP8 MODEL1 cache (main + extra scope) and the
-dense cache, on 8 simulated CPU devices (the kernel's XLA reference runs there).
+* The sparse decode kernel and cache writes per shard (shard_map) equal the unsharded calls: sequences
+  split over the batch axes with their pages, query heads and sinks over `tensor`, global token slots
+  shifted to each shard's pages; FP8 MODEL1 cache (main + extra scope) and the dense cache.
+* Whole model, meshes 8×1×1, 1×8×1, 1×2×4, 2×2×2: prefill + decode logits equal the single-device
+  forward at every position, greedy generations equal single-device `m1.generate`, and the compiled
+  decode step gathers neither routed-expert weights nor caches. Prefill uses chunk 1, so prefill and
+  decode share one compiled step per mesh (chunked prefill is exercised by the sharded `generate`).
 """
 
 from __future__ import annotations
@@ -12,9 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import re
+
+from flax import nnx
+
+import model1_jax as m1
 import pallas_kernels as pk
-from model1_jax import sharded_decode
+from model1_jax import decode, sharded_decode
 from model1_jax import sharding as sh
+from tests.test_sharding import CFG, expert_weight_gathers, layout_of
+from tests.util import forward, random_model
 
 B, H, PAGE = 4, 8, 64
 MAIN_PAGES, EXTRA_PAGES = 2, 1  # per sequence
@@ -27,10 +38,16 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module", autouse=True)
 def eight_devices():
+    """8 devices, and XLA's cheap compilation mode: these tests compile many small multi-device programs and
+    run each a few times (LLVM's expensive passes only change speed, not IEEE results)."""
     if jax.device_count() < 8:
         pytest.fail(f"these tests need 8 devices, found {jax.device_count()}: run with "
                     "XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py sets it unless XLA_FLAGS "
                     "is already set)")
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def make_case(kv_layout, s_q: int, seed: int = 0):
@@ -95,3 +112,85 @@ def test_sharded_write_equals_unsharded(kv_layout):
     assert got.sharding.spec[0] == ("data", "expert")
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert not np.array_equal(np.asarray(want), np.asarray(case["kv_cache"]))
+
+
+# -- the whole model -------------------------------------------------------------------------------
+
+DECODE_LAYOUTS = ["8x1x1-data_parallel", "1x8x1-expert_parallel", "1x2x4-tensor_parallel", "2x2x2-tensor_parallel"]
+PROMPTS = [1, 3, 4, 5, 9, 12, 15, 16]  # around the compression rates (4, 8) and the window (8)
+TOTAL, NEW = 20, 6  # teacher-forced positions; greedy tokens per prompt
+TOL = 5e-5  # of max |logit|, as the single-device decode tests
+IDS = np.random.default_rng(5).integers(0, CFG.vocab_size, (len(PROMPTS), TOTAL), dtype=np.int32)
+SPEC = dict(max_batch=len(PROMPTS), max_len=max(PROMPTS) + NEW, cache_dtype="float32", page_size=4)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Single device: full-forward logits (the decode tests' oracle) and greedy `m1.generate` tokens."""
+    model = random_model(CFG)
+    logits = np.asarray(forward(model, IDS))
+    prompts = [IDS[i, :n].tolist() for i, n in enumerate(PROMPTS)]
+    gen = m1.generate(model, prompts, NEW, cache_dtype="float32", stop_tokens=(), page_size=4, chunk=8)
+    return logits, gen.tokens
+
+
+def new_state(model, layout):
+    spec = m1.make_spec(CFG, chunk=1, **SPEC)
+    return sharded_decode.allocate(layout, CFG, spec)
+
+
+@pytest.fixture(scope="module", params=DECODE_LAYOUTS)
+def sharded(request):
+    layout = layout_of(request.param)
+    return request.param, layout, sh.shard(random_model(CFG), layout)
+
+
+def test_prefill_and_decode_logits_match_single_device(sharded, reference):
+    name, layout, model = sharded
+    want, _ = reference
+    scale, lengths = np.abs(want).max(), np.array(PROMPTS)
+    state = new_state(model, layout)
+    assert state.layers[0].window.sharding.spec[0] == sharded_decode._part(sharded_decode.batch_axes(layout, 8))
+    logits, state = m1.prefill(model, state, IDS[:, :lengths.max()], lengths)
+    errors = [np.abs(np.asarray(logits)[b] - want[b, n - 1]).max() / scale for b, n in enumerate(lengths)]
+    pos = lengths.copy()
+    while (pos < TOTAL).any():
+        active = pos < TOTAL
+        logits, state = m1.decode_step(model, state, IDS[np.arange(len(pos)), np.minimum(pos, TOTAL - 1)], active)
+        errors += [np.abs(np.asarray(logits)[b] - want[b, pos[b]]).max() / scale for b in np.flatnonzero(active)]
+        pos += active
+    assert max(errors) < TOL, f"{name}: max relative logit error {max(errors):.2e}"
+    assert len(errors) == len(PROMPTS) + (TOTAL * len(PROMPTS) - lengths.sum())  # every position checked
+
+    # The step just run, compiled for this mesh (cached: no second compilation).
+    graphdef, params = nnx.split(model)
+    hlo = decode._chunk_step.lower(graphdef, params, state, IDS[:, :1], np.ones(len(PROMPTS), np.int32)
+                                   ).compile().as_text()
+    assert not expert_weight_gathers(hlo), f"{name}: the decode step all-gathers routed-expert weights"
+    cache_gathers = [line for line in hlo.splitlines() if "all-gather" in line
+                     and re.search(r"f32\[\d+,4,32\]", line)]  # [pages, page_size, head_dim] caches
+    assert not cache_gathers, f"{name}: the decode step all-gathers a KV cache:\n{cache_gathers[0]}"
+
+
+def test_greedy_generation_matches_single_device(sharded, reference):
+    """Greedy decoding through the sharded prefill/decode steps gives the single-device `generate` tokens."""
+    name, layout, model = sharded
+    _, want = reference
+    state = new_state(model, layout)
+    lengths = np.array(PROMPTS)
+    logits, state = m1.prefill(model, state, IDS[:, :lengths.max()], lengths)
+    tokens = [np.asarray(logits).argmax(-1)]
+    for _ in range(NEW - 1):
+        logits, state = m1.decode_step(model, state, tokens[-1])
+        tokens.append(np.asarray(logits).argmax(-1))
+    assert np.stack(tokens, 1).tolist() == want, name
+
+
+def test_generate_on_a_mesh_matches_single_device(reference):
+    """`m1.generate` itself (chunked prefill, sampling step) on the 2×2×2 tensor-parallel layout."""
+    _, want = reference
+    layout = layout_of("2x2x2-tensor_parallel")
+    model = sh.shard(random_model(CFG), layout)
+    prompts = [IDS[i, :n].tolist() for i, n in enumerate(PROMPTS)]
+    gen = m1.generate(model, prompts, NEW, cache_dtype="float32", stop_tokens=(), page_size=4, chunk=8)
+    assert gen.tokens == want
