@@ -91,13 +91,13 @@ class Generation:
 # Compiled steps (the state is donated: caches are updated in place)
 
 
-@functools.partial(jax.jit, static_argnames=("sampling",))
-def _first_token(logits_bv, key, sampling: Sampling):
+@jax.jit
+def _first_token(logits_bv, key, sampling):
     return sampling_lib.draw(key, sampling_lib.probabilities(logits_bv, sampling))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("state",))
-def _plain_step(graphdef, params, state, tokens_b, active_b, key, sampling: Sampling):
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
+def _plain_step(graphdef, params, state, tokens_b, active_b, key, sampling):
     """Feeds one token per active sequence and draws the next: (tokens [b, 1], count [b], state)."""
     model = nnx.merge(graphdef, params)
     logits_bv, _, state = decode.chunk_step(model, state, tokens_b[:, None], active_b.astype(jnp.int32))
@@ -105,9 +105,9 @@ def _plain_step(graphdef, params, state, tokens_b, active_b, key, sampling: Samp
     return next_b[:, None], active_b.astype(jnp.int32), state
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("state", "draft_probs_bv"))
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state", "draft_probs_bv"))
 def _speculative_step(graphdef, params, state, tokens_b, draft_b, draft_probs_bv, has_draft_b, active_b, key,
-                      sampling: Sampling):
+                      sampling):
     """Verifies [pending, draft] (s_q = 2) for active sequences; `has_draft` false feeds the pending token alone.
 
     Returns (emitted [b, 2], emitted count [b], next pending [b], next draft [b], its distribution [b, v],
@@ -185,7 +185,7 @@ def generate(model: Model1, prompts, max_new_tokens: int, *, temperature: float 
     if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     prompts = _check_prompts(prompts, cfg.vocab_size)
-    sampling = Sampling(float(temperature), top_k, float(top_p))
+    sampling = Sampling(temperature, top_k, top_p)
     if not isinstance(seed, (int, np.integer)):
         raise ValueError(f"generate: seed must be an integer, got {seed!r}")
     stop = cfg.eos_token_ids if stop_tokens is None else tuple(int(s) for s in stop_tokens)
@@ -231,7 +231,8 @@ def generate(model: Model1, prompts, max_new_tokens: int, *, temperature: float 
         state = sharded_decode.allocate(model.layout, cfg, spec)  # split by sequence under a layout
         cache_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
         logits_bv, state = decode.prefill(model, state, ids, lengths)
-        pending = _first_token(logits_bv, jax.random.fold_in(key, 0), sampling)
+        sampling_arrays = sampling.arrays()
+        pending = _first_token(logits_bv, jax.random.fold_in(key, 0), sampling_arrays)
         first = np.asarray(pending)
         prefill_s, prefill_compile = time.perf_counter() - t0, clock.seconds
         for row in range(len(prompts)):
@@ -250,13 +251,13 @@ def generate(model: Model1, prompts, max_new_tokens: int, *, temperature: float 
                 has_draft &= active & (lengths_now + 2 <= max_len)
                 emitted, count, pending, draft, draft_probs, acc, state = _speculative_step(
                     graphdef, params, state, pending, draft, draft_probs, jnp.asarray(has_draft), jnp.asarray(active),
-                    step_key, sampling)
+                    step_key, sampling_arrays)
                 drafts += int(has_draft.sum())
                 accepted += int(np.asarray(acc).sum())
                 has_draft = active.copy()
             else:
                 emitted, count, state = _plain_step(graphdef, params, state, pending, jnp.asarray(active), step_key,
-                                                    sampling)
+                                                    sampling_arrays)
                 pending = emitted[:, 0]
             emitted, count = np.asarray(emitted), np.asarray(count)
             lengths_now += count

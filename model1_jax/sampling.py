@@ -18,7 +18,10 @@ F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """Sampling settings (static under jit). temperature 0 = greedy; top_k 0 and top_p 1 = no filter."""
+    """Sampling settings. temperature 0 = greedy; top_k 0 and top_p 1 = no filter.
+
+    Compiled steps take them as arrays (`arrays()`), so changing them never recompiles.
+    """
 
     temperature: float = 0.0
     top_k: int = 0
@@ -32,28 +35,33 @@ class Sampling:
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+    def arrays(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return jnp.float32(self.temperature), jnp.int32(self.top_k), jnp.float32(self.top_p)
 
 
-def probabilities(logits_bv: jax.Array, sampling: Sampling) -> jax.Array:
-    """The distribution tokens are drawn from, float32 [b, v]."""
+def probabilities(logits_bv: jax.Array, sampling: Sampling | tuple) -> jax.Array:
+    """The distribution tokens are drawn from, float32 [b, v]: temperature, then top-k, then top-p."""
+    temperature, top_k, top_p = sampling.arrays() if isinstance(sampling, Sampling) else sampling
     logits_bv = logits_bv.astype(F32)
-    if sampling.greedy:
-        return jax.nn.one_hot(jnp.argmax(logits_bv, axis=-1), logits_bv.shape[-1], dtype=F32)
-    logits_bv = logits_bv / sampling.temperature
-    if 0 < sampling.top_k < logits_bv.shape[-1]:
-        kth_b1 = jax.lax.top_k(logits_bv, sampling.top_k)[0][..., -1:]
-        logits_bv = jnp.where(logits_bv < kth_b1, -jnp.inf, logits_bv)
-    if sampling.top_p < 1:
+    v = logits_bv.shape[-1]
+
+    def greedy(logits):
+        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), v, dtype=F32)
+
+    def sample(logits):
+        logits = logits / temperature
+        sorted_bv = -jnp.sort(-logits, axis=-1)
+        kth_b1 = jnp.take(sorted_bv, jnp.clip(top_k - 1, 0, v - 1), axis=-1)[:, None]
+        use_k = (top_k > 0) & (top_k < v)
+        logits = jnp.where(use_k & (logits < kth_b1), -jnp.inf, logits)
+        sorted_bv = jnp.where(use_k & (sorted_bv < kth_b1), -jnp.inf, sorted_bv)
         # Keep the smallest set of most likely tokens whose mass reaches top_p (always at least one).
-        sorted_bv = jnp.sort(logits_bv, axis=-1)[..., ::-1]
-        mass_before_bv = jnp.cumsum(jax.nn.softmax(sorted_bv, axis=-1), axis=-1) - jax.nn.softmax(sorted_bv, axis=-1)
-        kept_bv = mass_before_bv < sampling.top_p
+        probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+        kept_bv = (jnp.cumsum(probs_bv, axis=-1) - probs_bv < top_p) | (top_p >= 1)
         threshold_b1 = jnp.min(jnp.where(kept_bv, sorted_bv, jnp.inf), axis=-1, keepdims=True)
-        logits_bv = jnp.where(logits_bv < threshold_b1, -jnp.inf, logits_bv)
-    return jax.nn.softmax(logits_bv, axis=-1)
+        return jax.nn.softmax(jnp.where(logits < threshold_b1, -jnp.inf, logits), axis=-1)
+
+    return jax.lax.cond(temperature == 0, greedy, sample, logits_bv)
 
 
 def draw(key: jax.Array, probs_bv: jax.Array) -> jax.Array:

@@ -17,16 +17,18 @@ import pallas_kernels as pk
 from model1_jax import attention, decode, decode_state
 from model1_jax.generation import CompileClock
 from pallas_kernels.layouts import decode_records, quantize_records
-from tests.util import forward, forward_with_mtp, random_model
+from tests.util import forward_with_mtp, random_model
 
-# Config.tiny() (sliding, CSA m=4 with index_topk 3, HCA m'=8, CSA; MTP block) with MODEL1's 128-token
-# window, so the issue's prompt lengths 127..130 straddle the window and an HCA window boundary.
-TINY = m1.Config.tiny().replace(sliding_window=128)
-TOTAL = 140  # every sequence is decoded up to this many tokens
+# One layer of each type (sliding; CSA m=4 picking the top 3 entries; HCA m'=8), an MTP block, and
+# MODEL1's 128-token window, so the issue's prompt lengths 127..130 straddle the window and an HCA window
+# boundary while CSA and HCA produce many entries.
+TINY = m1.Config.tiny().replace(sliding_window=128, num_hidden_layers=3, layer_types=(m1.SLIDING, m1.CSA, m1.HCA),
+                                mlp_layer_types=(m1.HASH_MOE, m1.MOE, m1.MOE))
+TOTAL = 134  # every sequence is decoded up to this many tokens
 CHUNK = 13  # prefill chunk: not a multiple of any rate, so chunks cut CSA, HCA and sliding windows
 TOL = 5e-5  # of max |logit|; fp32 noise from different matmul shapes (HF parity uses 1e-4)
-# Prompt lengths 1, m−1, m, m+1, 127..130 (m = 4), paired so every batch mixes very different lengths.
-PAIRS = [(1, 130), (3, 129), (4, 128), (5, 127)]
+# Prompt lengths 1, m−1, m, m+1, 127..130 (m = 4); each batch mixes very different lengths.
+BATCHES = [(1, 3, 129, 130), (4, 5, 127, 128)]
 
 
 def rel_err(got, want, scale):
@@ -37,18 +39,18 @@ def rel_err(got, want, scale):
 @pytest.fixture(scope="module")
 def tiny():
     model = random_model(TINY, seed=3)
-    ids = np.random.default_rng(7).integers(0, TINY.vocab_size, (2, TOTAL)).astype(np.int32)
+    ids = np.random.default_rng(7).integers(0, TINY.vocab_size, (4, TOTAL)).astype(np.int32)
     logits, mtp_logits = forward_with_mtp(model, ids)
     return model, ids, np.asarray(logits), np.asarray(mtp_logits)
 
 
 def new_state(cfg=TINY, **kw):
-    kw = {"max_batch": 2, "max_len": TOTAL, "cache_dtype": "float32", "chunk": CHUNK, "page_size": 16,
+    kw = {"max_batch": 4, "max_len": TOTAL, "cache_dtype": "float32", "chunk": CHUNK, "page_size": 16,
           "mtp": True, **kw}
     return m1.init_state(cfg, **kw)
 
 
-@pytest.mark.parametrize("lengths", PAIRS, ids=[f"{a}+{b}" for a, b in PAIRS])
+@pytest.mark.parametrize("lengths", BATCHES, ids=["+".join(map(str, b)) for b in BATCHES])
 def test_prefill_then_decode_equals_forward(tiny, lengths):
     model, ids, want, want_mtp = tiny
     scale = np.abs(want).max()
@@ -60,13 +62,13 @@ def test_prefill_then_decode_equals_forward(tiny, lengths):
         assert rel_err(logits[b, :n], want[b, :n], scale) < TOL, f"prefill row {b} ({n} tokens)"
         assert rel_err(mtp_logits[b, :n - 1], want_mtp[b, :n - 1], scale) < TOL, f"prefill MTP row {b}"
     np.testing.assert_array_equal(np.asarray(state.lengths), lengths)
-    np.testing.assert_array_equal(np.asarray(state.mtp_lengths), lengths - 1)
+    np.testing.assert_array_equal(np.asarray(state.mtp_lengths), lengths - 1)  # waits for the next token
 
     pos = lengths.copy()
     worst = 0.0
     while (pos < TOTAL).any():
         active = pos < TOTAL
-        logits, mtp_logits, state = m1.decode_step(model, state, ids[np.arange(2), np.minimum(pos, TOTAL - 1)],
+        logits, mtp_logits, state = m1.decode_step(model, state, ids[np.arange(4), np.minimum(pos, TOTAL - 1)],
                                                    active, return_mtp=True)
         for b in np.flatnonzero(active):
             err = rel_err(logits[b], want[b, pos[b]], scale)
@@ -138,13 +140,12 @@ def test_fp8_cache():
     and its consequence: an element within ~1e-7 of a rounding boundary can round to the neighbouring
     value in one path and not the other (one fp8 step is 2^-3 of the element, one bf16 step 2^-8). A few
     such elements among the ~10^5 rounded ones move logits by ~1e-3 of max |logit| (measured: 1.8e-3);
-    we allow 1e-2. The rounding itself moves logits by far more (~0.1–0.5 here, through routing flips of
-    this random model; checked below), so the comparison does see the cache.
+    we allow 1e-2. The rounding itself moves this random model's logits by 0.1–0.4 of max |logit| (MoE
+    routing flips included), so a cache that did not round, or rounded differently, fails.
     """
     model = random_model(WIDE, seed=5)
     ids = np.random.default_rng(1).integers(0, WIDE.vocab_size, (2, 40)).astype(np.int32)
     want = fp8_rounded_forward(model, ids)
-    exact = np.asarray(forward(model, ids))
     scale = np.abs(want).max()
     state = m1.init_state(WIDE, max_batch=2, max_len=40, cache_dtype="fp8", chunk=16, page_size=16)
     logits, state = m1.prefill(model, state, ids[:, :23], np.array([23, 17]), all_logits=True)
@@ -158,10 +159,9 @@ def test_fp8_cache():
         pos += active
     got = np.stack(got)
     err = rel_err(got, want, scale)
-    err_vs_unrounded = rel_err(got, exact, scale)
-    print(f"\nfp8 cache: vs rounded-key forward {err:.1e}, vs exact forward {err_vs_unrounded:.1e}")
+    print(f"\nfp8 cache: max error vs the rounded-key forward {err:.1e} of max |logit|")
     assert err < 1e-2
-    assert err_vs_unrounded > 5 * err  # the cache really rounds, and the test can tell
+    assert state.layers[0].window.dtype == jnp.uint8 and state.layers[0].window.shape[1] == pk.MODEL1.block_stride(16)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -204,9 +204,10 @@ def test_memory_report_v4_flash_1m():
 def test_max_len_for_budget():
     kw = dict(max_batch=4, cache_dtype="fp8", dtype=jnp.bfloat16)
     cfg = m1.Config.v4_flash()
-    budget = 40 << 30
+    budget = 10 << 30
     n = m1.max_len_for_budget(cfg, budget, **kw)
     total = lambda length: m1.memory_report(cfg, m1.make_spec(cfg, max_len=length, **kw)).total  # noqa: E731
     assert total(n) <= budget < total(n + 1)
+    assert m1.max_len_for_budget(cfg, 1 << 50, **kw) == cfg.max_position_embeddings  # capped by the config
     with pytest.raises(ValueError, match="do not hold"):
         m1.max_len_for_budget(cfg, 1000, **kw)

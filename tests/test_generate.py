@@ -88,7 +88,9 @@ def test_greedy_matches_transformers(hf_pair):
 # ------------------------------------------------------------------------------------------------------
 # Batch invariance and MTP (bf16 cache: the unquantized mode's storage dtype)
 
-TINY = m1.Config.tiny()  # window 8, CSA m=4 (top-3 of the entries), HCA m'=8, MTP block
+# One layer of each type (window 8; CSA m=4 picking the top 3 entries; HCA m'=8) and an MTP block.
+TINY = m1.Config.tiny().replace(num_hidden_layers=3, layer_types=(m1.SLIDING, m1.CSA, m1.HCA),
+                                mlp_layer_types=(m1.HASH_MOE, m1.MOE, m1.MOE))
 PROMPTS = [[int(x) for x in np.random.default_rng(i).integers(0, TINY.vocab_size, n)] for i, n in
            enumerate([6, 19, 1])]
 RUN = dict(max_batch=3, max_len=19 + NEW, cache_dtype="bf16", stop_tokens=(), chunk=8, page_size=16)
@@ -142,7 +144,7 @@ def test_mtp_accept_and_reject_with_oracle_drafts(tiny, greedy_batch):
         draft = np.where(right, truth, (truth + 1 + rng.integers(0, vocab - 1, 3)) % vocab).astype(np.int32)
         emitted, count, pending, _, _, accepted, state = generation._speculative_step(
             graphdef, params, state, pending, jnp.asarray(draft), jax.nn.one_hot(draft, vocab),
-            jnp.asarray(has_draft), jnp.ones(3, bool), jax.random.key(step), sampling.Sampling())
+            jnp.asarray(has_draft), jnp.ones(3, bool), jax.random.key(step), sampling.Sampling().arrays())
         accepted, count = np.asarray(accepted), np.asarray(count)
         np.testing.assert_array_equal(accepted, has_draft & right)
         np.testing.assert_array_equal(count, 1 + accepted)
