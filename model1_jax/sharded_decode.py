@@ -64,6 +64,13 @@ def constrain_state(layout: Layout | None, state: Any, batch: int) -> Any:
     return jax.lax.with_sharding_constraint(state, state_shardings(layout, state, batch))
 
 
+def state_plan(layout: Layout, config: Config, spec: decode_state.CacheSpec) -> decode_state.DecodeState:
+    """The decode state as ShapeDtypeStructs carrying their shardings: per-device bytes before allocation."""
+    shapes = decode_state.state_shapes(config, spec)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                        state_shardings(layout, shapes, spec.max_batch))
+
+
 def allocate(layout: Layout | None, config: Config, spec: decode_state.CacheSpec) -> decode_state.DecodeState:
     """`decode_state.allocate`, each device allocating only its own sequences' part under a layout."""
     if layout is None:

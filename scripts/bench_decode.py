@@ -18,6 +18,12 @@ JSON goes to benchmarks/results/decode_<gpu>_<date>.json.
 
 Without a GPU it exits with a message. `--smoke --out DIR` runs a tiny config on the CPU to test the script
 itself; its numbers are not measurements.
+
+`--mesh data=2,expert=4` (with `--layout`, `--rules`) shards the model and decode state over the visible
+devices (on every host of a multi-host run) and adds each device's memory to the report; transformers'
+single-device run is skipped then. On a CPU with simulated devices
+(`XLA_FLAGS=--xla_force_host_platform_device_count=8 ... --smoke --mesh ...`) the figures only show that
+the sharded path runs: the JSON marks them `"simulated": true`.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import model1_jax as m1  # noqa: E402
 import pallas_kernels as pk  # noqa: E402
+from model1_jax import distributed  # noqa: E402
+from model1_jax import sharding as sh  # noqa: E402
 from model1_jax.summary import parameter_counts  # noqa: E402
 from pallas_kernels.roofline import gpu_peak  # noqa: E402
 
@@ -113,6 +121,17 @@ def run_hf(hf, prompts, new_tokens: int) -> dict:
                 decode_tokens_per_s=ids.shape[0] / step_s)
 
 
+def per_device_memory(model) -> dict[str, dict]:
+    """Parameter bytes on each local device, and the runtime's in-use / peak / limit where it reports them."""
+    out = {}
+    for device, nbytes in distributed.device_bytes(nnx.state(model)).items():
+        stats = device.memory_stats() or {}
+        out[f"{device.platform}:{device.id}"] = dict(
+            params_bytes=nbytes, **{k: stats[k] for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")
+                                    if k in stats})
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-sizes", default="1,8,64")
@@ -124,7 +143,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-hf", action="store_true", help="skip transformers' side-by-side run")
     p.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR)
     p.add_argument("--smoke", action="store_true", help="CPU self-test at tiny sizes; not a measurement")
+    sh.add_arguments(p)
     ns = p.parse_args(argv)
+    distributed.initialize()  # multi-host: every host runs this script
+    layout = sh.layout_from_args(ns)
     if ns.smoke and ns.out == RESULTS_DIR:
         p.error("--smoke results are not measurements: pass --out DIR outside benchmarks/results")
     if not ns.smoke and jax.default_backend() != "gpu":
@@ -140,7 +162,7 @@ def main(argv=None) -> int:
     peak = None if ns.smoke else gpu_peak(device.device_kind)
 
     hf = None
-    want_hf = not (ns.smoke or ns.no_hf)
+    want_hf = not (ns.smoke or ns.no_hf or layout is not None)
     if want_hf:
         try:
             import torch
@@ -157,9 +179,18 @@ def main(argv=None) -> int:
             model = m1.from_pretrained(tmp, dtype=jnp.bfloat16)
         hf = hf.cuda()
     else:
-        model = m1.Model1(cfg, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")), dtype=jnp.bfloat16,
-                          param_dtype=jnp.bfloat16)
+        def make():
+            return m1.Model1(cfg, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")), dtype=jnp.bfloat16,
+                             param_dtype=jnp.bfloat16)
+
+        try:
+            model = make() if layout is None else sh.create(make, layout)
+        except ValueError as e:
+            p.error(str(e))
     params = sum(parameter_counts(model).values())
+    if layout is not None:
+        print(f"mesh {sh.describe(layout.mesh)}, layout {ns.layout}")
+        print(distributed.memory_report({"params": nnx.state(model)}))
     print(f"{device.device_kind}: {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts, {params / 1e9:.2f}B "
           f"parameters; prompt {ns.prompt_len}, {ns.new_tokens} new tokens, FP8 cache")
 
@@ -168,6 +199,8 @@ def main(argv=None) -> int:
     for b in batch_sizes:
         prompts = rng.integers(0, cfg.vocab_size, (b, ns.prompt_len)).tolist()
         row = dict(batch=b, jax=run_jax(model, prompts, ns.new_tokens, ns.chunk))
+        if layout is not None:
+            row["per_device"] = per_device_memory(model)
         need = step_bytes(cfg, model, b, ns.prompt_len + ns.new_tokens // 2)
         row["step_bytes"] = need
         if peak is not None:
@@ -187,7 +220,10 @@ def main(argv=None) -> int:
             line += f" | transformers {t['decode_ms_per_step']:.1f} ms/step, {t['decode_tokens_per_s']:,.1f} tok/s"
         print(line)
 
-    header = dict(device=device.device_kind, smoke=ns.smoke, jax_version=jax.__version__,
+    mesh = None if layout is None else dict(layout.mesh.shape)
+    header = dict(device=device.device_kind, smoke=ns.smoke, jax_version=jax.__version__, devices=jax.device_count(),
+                  mesh=mesh, layout=None if layout is None else ns.layout,
+                  simulated=layout is not None and device.platform == "cpu",
                   date=datetime.datetime.now().isoformat(timespec="seconds"), parameters=params,
                   config=dict(layers=cfg.num_hidden_layers, experts=cfg.n_routed_experts, hidden=cfg.hidden_size,
                               heads=cfg.num_attention_heads, layer_types=list(cfg.layer_types)),

@@ -3,6 +3,7 @@
     python scripts/generate.py                                  # embedded demo config, RANDOM weights
     python scripts/generate.py --mtp --temperature 0.8 --top-p 0.9
     python scripts/generate.py --model DIR --prompt "Hello"     # HF or Orbax checkpoint (+ tokenizer.json)
+    python scripts/generate.py --model DIR --mesh data=2,expert=4  # over 8 devices (every host: see README)
 
 Without --model the weights are seeded random numbers: the tokens are meaningless, the shapes, cache
 bytes and speed are real.
@@ -22,6 +23,8 @@ import numpy as np
 from flax import nnx
 
 import model1_jax as m1
+from model1_jax import distributed, sharded_decode
+from model1_jax import sharding as sh
 from model1_jax.summary import human, parameter_counts
 
 # MODEL1's attention geometry (head_dim 512 = 448 FP8 + 64 RoPE dims, window 128, CSA m=4 with a
@@ -35,11 +38,12 @@ DEMO = m1.Config(
     o_groups=2, o_lora_rank=64, index_n_heads=4, index_head_dim=128, index_topk=16)
 
 
-def load_model(path: str, dtype) -> m1.Model1:
+def load_model(path: str, dtype, layout: sh.Layout | None) -> m1.Model1:
     if os.path.isfile(os.path.join(path, "config.json")) and glob.glob(os.path.join(path, "*.safetensors")):
-        return m1.from_pretrained(path, dtype=dtype)
-    if hasattr(m1, "load"):  # Orbax checkpoints (model1_jax's checkpoint module)
-        return m1.load(path, dtype=dtype)
+        model = m1.from_pretrained(path, dtype=dtype)
+        return model if layout is None else sh.shard(model, layout)
+    if hasattr(m1, "load"):  # Orbax checkpoints (model1_jax's checkpoint module), read straight into the shards
+        return m1.load(path, dtype=dtype) if layout is None else sh.load(path, layout, dtype=dtype)
     sys.exit(f"error: {path} is not a Hugging Face checkpoint (config.json + *.safetensors), and this build has "
              "no Orbax loader (m1.load)")
 
@@ -65,15 +69,23 @@ def main() -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument("--chunk", type=int, default=64, help="prefill tokens per sequence per call")
     p.add_argument("--no-progress", action="store_true")
+    sh.add_arguments(p)
     args = p.parse_args()
     if args.batch < 1 or args.prompt_len < 1:
         p.error("--batch and --prompt-len must be positive")
     dtype = jnp.dtype(args.dtype)
+    distributed.initialize()  # multi-host: every host runs this script (see the README)
+    if not distributed.is_main_process():
+        sys.stdout = open(os.devnull, "w")  # one host reports
+    layout = sh.layout_from_args(args)
 
     t0 = time.perf_counter()
     tokenizer = None
     if args.model:
-        model = load_model(args.model, dtype)
+        try:
+            model = load_model(args.model, dtype, layout)
+        except ValueError as e:  # includes a layout that does not divide the model
+            sys.exit(f"error: {e}")
         tok_path = os.path.join(args.model, "tokenizer.json")
         if os.path.isfile(tok_path):
             from tokenizers import Tokenizer
@@ -82,7 +94,13 @@ def main() -> None:
     else:
         # The "rbg" generator: eager init compiles one small kernel per parameter shape, and threefry's
         # kernels take XLA:CPU tens of seconds in total; rbg's take a few.
-        model = m1.Model1(DEMO, rngs=nnx.Rngs(jax.random.key(args.seed, impl="rbg")), dtype=dtype, param_dtype=dtype)
+        def make():
+            return m1.Model1(DEMO, rngs=nnx.Rngs(jax.random.key(args.seed, impl="rbg")), dtype=dtype, param_dtype=dtype)
+
+        try:
+            model = make() if layout is None else sh.create(make, layout)  # sharded: never whole on one device
+        except ValueError as e:
+            sys.exit(f"error: {e}")
         print(f"model   embedded demo config with RANDOM weights (seed {args.seed}): the generated tokens are "
               "meaningless; shapes, cache bytes and speed are real")
     init_s = time.perf_counter() - t0
@@ -105,18 +123,23 @@ def main() -> None:
     cache_dtype = args.cache_dtype or ("fp8" if (cfg.head_dim, cfg.qk_rope_head_dim) == (512, 64) else "bf16")
 
     try:
+        spec = m1.make_spec(cfg, max_batch=len(prompts), max_len=args.max_len or max(map(len, prompts))
+                            + args.max_new_tokens, cache_dtype=cache_dtype, chunk=args.chunk, dtype=dtype, mtp=args.mtp)
+        if layout is not None:
+            plan = sharded_decode.state_plan(layout, cfg, spec)
+            print(f"mesh    {sh.describe(layout.mesh)}, layout {args.layout}")
+            print(distributed.memory_report({"params": nnx.state(model), "decode state": plan}))
+            distributed.check_fits({"decode state": plan})  # the parameters are already in place
         gen = m1.generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, stop_tokens=args.stop, cache_dtype=cache_dtype,
                           mtp=args.mtp, max_len=args.max_len, chunk=args.chunk, progress=not args.no_progress)
-    except ValueError as e:
+    except (ValueError, MemoryError) as e:
         sys.exit(f"error: {e}")
     s = gen.stats
     for i, (prompt, out) in enumerate(zip(prompts, gen.tokens)):
         print(f"[{i}] prompt {len(prompt)} tokens -> {len(out)} new: {out}")
         if tokenizer is not None:
             print(f"    {tokenizer.decode(prompt)!r} -> {tokenizer.decode(out)!r}")
-    spec = m1.make_spec(cfg, max_batch=len(prompts), max_len=args.max_len or max(map(len, prompts)) + args.max_new_tokens,
-                        cache_dtype=cache_dtype, chunk=args.chunk, dtype=dtype, mtp=args.mtp)
     print(m1.memory_report(cfg, spec))
     print(f"compile {s.compile_s:.1f} s (tracing + XLA, all steps)")
     print(f"prefill {s.prompt_tokens} tokens in {s.prefill_s * 1e3:.0f} ms: {s.prefill_tokens_per_s:,.0f} tokens/s")
