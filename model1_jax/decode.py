@@ -32,6 +32,7 @@ from model1_jax.attention import Attention
 from model1_jax.compressor import Compressor, overlap_windows, pool
 from model1_jax.decode_state import CompressorState, DecodeState, LayerState
 from model1_jax.decoder import DecoderLayer
+from model1_jax.distributed import to_host
 from model1_jax.hyper import expand
 from model1_jax.indexer import select_top_k, visible_entries
 from model1_jax.layers import weight
@@ -267,7 +268,7 @@ def prefill(model: Model1, state: DecodeState, ids, lengths=None, *, all_logits:
     if return_mtp and not spec.mtp:
         raise ValueError("prefill: return_mtp=True needs a state allocated with mtp=True")
     check_token_ids(ids, model.config.vocab_size, "prefill ids")
-    ids = np.asarray(ids, np.int32)
+    ids = to_host(ids).astype(np.int32)
     b, t = ids.shape
     lengths = np.full((b,), t, np.int32) if lengths is None else np.asarray(lengths, np.int32)
     if b != spec.max_batch:
@@ -275,7 +276,7 @@ def prefill(model: Model1, state: DecodeState, ids, lengths=None, *, all_logits:
                          "with rows of length 0)")
     if lengths.shape != (b,) or (lengths < 0).any() or (lengths > t).any():
         raise ValueError(f"prefill: lengths must be [{b}] integers in [0, {t}], got {lengths.tolist()}")
-    start = np.asarray(state.lengths)
+    start = to_host(state.lengths)
     if (start + lengths > spec.max_len).any():
         raise ValueError(f"prefill: sequences would reach {(start + lengths).max()} tokens, over the state's "
                          f"max_len {spec.max_len}")
@@ -286,13 +287,13 @@ def prefill(model: Model1, state: DecodeState, ids, lengths=None, *, all_logits:
     last = last_mtp = None
     for offset in range(0, max(int(lengths.max()), 1), chunk):
         n_new = np.clip(lengths - offset, 0, chunk).astype(np.int32)
-        mtp_before = np.asarray(state.mtp_lengths) if mtp_out is not None else None
+        mtp_before = to_host(state.mtp_lengths) if mtp_out is not None else None
         logits, mtp_logits, state = _chunk_step(graphdef, params, state, ids[:, offset:offset + chunk], n_new,
                                                 all_logits=all_logits)
         if all_logits:
             outputs.append(logits)
             if mtp_out is not None:  # row i of this call is position mtp_before + i; keep this prefill's own
-                consumed, rows = np.asarray(state.mtp_lengths) - mtp_before, np.asarray(mtp_logits)
+                consumed, rows = to_host(state.mtp_lengths) - mtp_before, to_host(mtp_logits)
                 for row in range(b):
                     for i in range(consumed[row]):
                         j = mtp_before[row] + i - start[row]
@@ -318,12 +319,12 @@ def decode_step(model: Model1, state: DecodeState, ids, active=None, *, return_m
     spec = state.spec
     if return_mtp and not spec.mtp:
         raise ValueError("decode_step: return_mtp=True needs a state allocated with mtp=True")
-    ids = np.asarray(ids)
+    ids = to_host(ids)
     check_token_ids(ids.reshape(-1, 1), model.config.vocab_size, "decode ids")
     if ids.shape != (spec.max_batch,):
         raise ValueError(f"decode_step: ids must have shape [{spec.max_batch}], got {ids.shape}")
     active = np.ones(ids.shape, bool) if active is None else np.asarray(active, bool)
-    if ((np.asarray(state.lengths) + active) > spec.max_len).any():
+    if ((to_host(state.lengths) + active) > spec.max_len).any():
         raise ValueError(f"decode_step: a sequence would exceed the state's max_len {spec.max_len}")
     graphdef, params = nnx.split(model)
     # all_logits passed as prefill passes it: the same jit cache entry serves a chunk-1 prefill and decode.

@@ -135,9 +135,9 @@ def from_host(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
-def to_host(x: jax.Array) -> np.ndarray:
-    """The full value of a (possibly multi-host) global array on every process."""
-    if x.is_fully_addressable:
+def to_host(x) -> np.ndarray:
+    """The full value of a (possibly multi-host) global array on every process; host values pass through."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
         return np.asarray(x)
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))

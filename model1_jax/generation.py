@@ -25,6 +25,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from model1_jax import decode, decode_state, sampling as sampling_lib, sharded_decode
+from model1_jax.distributed import to_host
 from model1_jax.model import Model1
 from model1_jax.sampling import Sampling
 
@@ -233,7 +234,7 @@ def generate(model: Model1, prompts, max_new_tokens: int, *, temperature: float 
         logits_bv, state = decode.prefill(model, state, ids, lengths)
         sampling_arrays = sampling.arrays()
         pending = _first_token(logits_bv, jax.random.fold_in(key, 0), sampling_arrays)
-        first = np.asarray(pending)
+        first = to_host(pending)
         prefill_s, prefill_compile = time.perf_counter() - t0, clock.seconds
         for row in range(len(prompts)):
             emit(row, int(first[row]))
@@ -253,13 +254,13 @@ def generate(model: Model1, prompts, max_new_tokens: int, *, temperature: float 
                     graphdef, params, state, pending, draft, draft_probs, jnp.asarray(has_draft), jnp.asarray(active),
                     step_key, sampling_arrays)
                 drafts += int(has_draft.sum())
-                accepted += int(np.asarray(acc).sum())
+                accepted += int(to_host(acc).sum())
                 has_draft = active.copy()
             else:
                 emitted, count, state = _plain_step(graphdef, params, state, pending, jnp.asarray(active), step_key,
                                                     sampling_arrays)
                 pending = emitted[:, 0]
-            emitted, count = np.asarray(emitted), np.asarray(count)
+            emitted, count = to_host(emitted), to_host(count)
             lengths_now += count
             for row in np.flatnonzero(active):
                 for j in range(count[row]):
