@@ -100,11 +100,16 @@ class BlockQuantized:
         else:
             values = self.values.astype(np.float32)
         scales = self.scales.astype(np.float32)
+        shape = values.shape
+        if all(n % b == 0 for n, b in zip(shape, self.block)):  # whole blocks: broadcast, no expanded copy
+            blocked = values.reshape([x for n, b in zip(shape, self.block) for x in (n // b, b)])
+            return (blocked * scales.reshape([x for s in scales.shape for x in (s, 1)])).reshape(shape).astype(
+                dtype, copy=False)
         for axis, b in enumerate(self.block):
             if b > 1:
                 scales = xp.repeat(scales, b, axis=axis)
-        scales = scales[tuple(slice(0, n) for n in values.shape)]  # crop the edge blocks
-        return (values * scales).astype(dtype)
+        scales = scales[tuple(slice(0, n) for n in shape)]  # crop the partial blocks at the edges
+        return (values * scales).astype(dtype, copy=False)
 
 
 def _format_problems(q: BlockQuantized) -> list[str]:

@@ -219,3 +219,24 @@ def write_checkpoint(path, cfg: m1.Config, tensors: dict[str, np.ndarray], shard
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
     return path
+
+
+def random_stored_tensors(cfg: m1.Config, seed: int = 0, mtp: bool = True) -> dict[str, np.ndarray]:
+    """Released-format tensors with random codes and scales (no quantization pass: fast at any size)."""
+    rng = np.random.default_rng(seed)
+    finite_e4m3 = np.array([b for b in range(256) if b & 0x7F != 0x7F], np.uint8)
+    out = {}
+    for name, (shape, dtype, kind) in layout(cfg, mtp).items():
+        if is_fp8(name) or is_fp4(name):
+            block = (128, 128) if is_fp8(name) else quant.FP4_BLOCK
+            out[name[: -len(".weight")] + ".scale"] = rng.integers(118, 128, quant.scale_shape(shape, block),
+                                                                   dtype=np.uint8).view(quant.E8M0)
+            if is_fp8(name):
+                out[name] = rng.choice(finite_e4m3, shape).view(quant.E4M3)
+            else:
+                out[name] = rng.integers(0, 256, (shape[0], shape[1] // 2), dtype=np.uint8).view(np.int8)
+        elif kind == "tid2eid":
+            out[name] = np.stack([rng.permutation(cfg.n_routed_experts)[: shape[1]] for _ in range(shape[0])])
+        else:
+            out[name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+    return out
