@@ -91,7 +91,8 @@ def describe(plan: CheckpointPlan, mem: MemoryPlan, *, quantized: bool) -> str:
     return "\n".join([
         f"source      {plan.path}: {len(plan.files)} file(s), {len(tensors)} tensors, {_gb(mem.source_bytes)}",
         f"model       {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.n_routed_experts} experts"
-        f"{', MTP block' if cfg.num_nextn_predict_layers else ''}; {len(plan.targets)} parameters in {len(plan.units)} units",
+        f"{', MTP block' if cfg.num_nextn_predict_layers else ''}; {len(plan.targets)} parameters in "
+        f"{len(plan.units)} units",
         f"storage     {', '.join(formats) + ' (' + kept + ')' if formats else 'dense'}",
         f"output      {_gb(mem.output_bytes)}",
         f"memory      item budget {_gb(mem.budget)} (largest source file {_gb(mem.largest_file)}), largest "

@@ -24,7 +24,8 @@ from flax import nnx
 
 from model1_jax import quant
 from model1_jax.config import Config
-from model1_jax.hf_names import Slot, canonical_name, quant_layout, scale_owner, slots_for, source_shape, to_model_layout
+from model1_jax.hf_names import (Slot, canonical_name, quant_layout, scale_owner, slots_for, source_shape,
+                                 to_model_layout)
 from model1_jax.model import Model1
 from model1_jax.safetensors_io import SafetensorsError, TensorInfo, read_header, read_tensor
 
@@ -125,7 +126,8 @@ def _quant_format(info: TensorInfo, scale: TensorInfo | None, fp8_block: tuple[i
     """(format, block on the tensor's axes, problem) of a weight and its optional scale."""
     if scale is None:
         if info.dtype.startswith("F8"):
-            return None, None, f"{info.name}: {info.dtype} weight without its block scale (`.scale` / `.weight_scale_inv`)"
+            return None, None, (f"{info.name}: {info.dtype} weight without its block scale "
+                                "(`.scale` / `.weight_scale_inv`)")
         return None, None, None
     if info.dtype == "F8_E4M3":
         fmt, block = quant.FP8, fp8_block
@@ -258,7 +260,8 @@ def units(assignments: list[Assignment]) -> list[Unit]:
     return sorted(result, key=lambda u: min((a.info.file, a.info.offset) for a in u.assignments))
 
 
-def output_layout(assignment: Assignment, target_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], int | None]:
+def output_layout(assignment: Assignment, target_shape: tuple[int, ...]
+                  ) -> tuple[tuple[int, ...], tuple[int, ...], int | None]:
     """(values shape, scales shape, pack axis) of a parameter kept block-quantized."""
     block, pack_axis = quant_layout(assignment.slot, target_shape, assignment.hf_block)
     if assignment.fmt == quant.FP4:
@@ -274,7 +277,7 @@ def unit_output_bytes(unit: Unit, targets: dict, keep_quantized: bool) -> int:
         shape = targets[path].shape
         if keep_quantized and first.fmt:
             values, scales, _ = output_layout(first, shape)
-            total += int(np.prod(values)) * (1 if first.fmt == quant.FP4 else quant.E4M3.itemsize) + int(np.prod(scales))
+            total += int(np.prod(values)) + int(np.prod(scales))  # one byte per FP8 value / FP4 pair / scale
         else:
             total += int(np.prod(shape)) * np.dtype(targets[path].dtype).itemsize
     return total

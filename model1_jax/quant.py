@@ -99,7 +99,7 @@ class BlockQuantized:
             values = xp.asarray(E2M1_VALUES)[unpack_fp4(self.values, self.pack_axis)]
         else:
             values = self.values.astype(np.float32)
-        scales = self.scales.astype(np.float32)
+        scales = e8m0_to_float32(self.scales)
         shape = values.shape
         if all(n % b == 0 for n, b in zip(shape, self.block)):  # whole blocks: broadcast, no expanded copy
             blocked = values.reshape([x for n, b in zip(shape, self.block) for x in (n // b, b)])
@@ -130,6 +130,20 @@ def _format_problems(q: BlockQuantized) -> list[str]:
         problems.append(f"scales shape {tuple(q.scales.shape)} != {scale_shape(q.shape, q.block)} "
                         f"(weight {q.shape}, block {q.block})")
     return problems
+
+
+def e8m0_to_float32(scales):
+    """UE8M0 scales → float32 2^(byte − 127), decoded from the bits (no float8 conversion support needed
+    from the backend): byte b in 1..254 is the float32 with exponent field b; 0 is 2^−127; 255 is NaN."""
+    if isinstance(scales, np.ndarray):
+        bits = scales.view(np.uint8)
+        xp, as_f32 = np, lambda u32: u32.view(np.float32)
+    else:
+        bits = jax.lax.bitcast_convert_type(scales, jnp.uint8)
+        xp, as_f32 = jnp, lambda u32: jax.lax.bitcast_convert_type(u32, jnp.float32)
+    value = as_f32(bits.astype(np.uint32) << 23)
+    value = xp.where(bits == 0, np.float32(2.0 ** -127), value)
+    return xp.where(bits == 255, np.float32(np.nan), value)
 
 
 def unpack_fp4(packed, pack_axis: int):

@@ -64,7 +64,8 @@ def main() -> int:
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                         help="with --weights fp8: dtype of the tensors that are not quantized")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the memory plan; write nothing")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in OUTPUT (atomically)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing checkpoint in OUTPUT (atomically)")
     parser.add_argument("--budget-gb", type=float, help="host buffer per Orbax item (default: largest source file)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--stats-json", help="write timing and memory figures here")

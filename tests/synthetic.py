@@ -69,7 +69,8 @@ def _layer(cfg: m1.Config, prefix: str, layer_type: str, mlp_type: str) -> dict[
     if layer_type in (CSA, HCA):
         width = 2 * h if layer_type == CSA else h
         rate = cfg.compress_rate(layer_type)
-        t |= {"attn.compressor.wkv.weight": ((width, d), BF16, "w"), "attn.compressor.wgate.weight": ((width, d), BF16, "w"),
+        t |= {"attn.compressor.wkv.weight": ((width, d), BF16, "w"),
+              "attn.compressor.wgate.weight": ((width, d), BF16, "w"),
               "attn.compressor.ape": ((rate, width), F32, "ape"), "attn.compressor.norm.weight": ((h,), BF16, "norm")}
     if layer_type == CSA:
         i, j, rate = cfg.index_n_heads, cfg.index_head_dim, cfg.compress_rate_csa
@@ -150,7 +151,8 @@ def dequantize_tensors(stored: dict[str, np.ndarray], fp8_block=(128, 128)) -> d
         elif w.dtype == quant.E4M3:
             out[name] = quant.BlockQuantized(w, scale, quant.FP8, fp8_block).dequantize(np.float32)
         else:
-            out[name] = quant.BlockQuantized(w.view(np.uint8), scale, quant.FP4, quant.FP4_BLOCK, 1).dequantize(np.float32)
+            q = quant.BlockQuantized(w.view(np.uint8), scale, quant.FP4, quant.FP4_BLOCK, pack_axis=1)
+            out[name] = q.dequantize(np.float32)
     return out
 
 
@@ -178,7 +180,8 @@ def hf_module_names(stored: dict[str, np.ndarray], cfg: m1.Config) -> dict[str, 
             stack = {w: np.stack([experts[(layer, w, kind, e)] for e in range(cfg.n_routed_experts)])
                      for w in ("w1", "w2", "w3")}
             suffix = "" if kind == "weight" else "_scale_inv"
-            out[f"model.layers.{layer}.mlp.experts.gate_up_proj{suffix}"] = np.concatenate([stack["w1"], stack["w3"]], 1)
+            gate_up = np.concatenate([stack["w1"], stack["w3"]], axis=1)
+            out[f"model.layers.{layer}.mlp.experts.gate_up_proj{suffix}"] = gate_up
             out[f"model.layers.{layer}.mlp.experts.down_proj{suffix}"] = stack["w2"]
     return out
 
