@@ -61,8 +61,9 @@ def _temporary_bytes(unit: Unit, keep_quantized: bool) -> int:
     worst = 0
     for a in unit.assignments:
         raw = a.info.nbytes + (a.scale.nbytes if a.scale else 0)
-        if a.fmt and not keep_quantized:
-            raw += 4 * int(np.prod(a.info.shape)) * (2 if a.fmt == quant.FP4 else 1)  # float32 dequantized copy
+        if a.fmt and not keep_quantized:  # float32 dequantized copy (of one expert for stacked tensors)
+            per_expert = a.info.shape[0] if len(a.info.shape) == 3 else 1
+            raw += 4 * int(np.prod(a.info.shape)) * (2 if a.fmt == quant.FP4 else 1) // per_expert
         worst = max(worst, raw)
     return worst
 

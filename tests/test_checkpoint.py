@@ -75,6 +75,8 @@ def test_round_trip_is_bit_exact(which, dense, quantized, tmp_path):
         assert restored.layers[1].self_attn.q_b_proj.kernel.get_value().values.dtype == jnp.float8_e4m3fn
     # from_pretrained accepts the Orbax directory too (and the committed version directory itself).
     assert arrays(m1.from_pretrained(path, dtype=jnp.float32)) == arrays(model)
+    m1.save(nnx.state(model), tmp_path / "from_state", config=CFG)
+    assert arrays(m1.load(tmp_path / "from_state", dtype=jnp.float32)) == arrays(model)
 
 
 def shard_largest_axis(mesh):
