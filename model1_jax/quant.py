@@ -24,15 +24,14 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 FP8 = "fp8_e4m3"
 FP4 = "fp4_e2m1"
 FORMATS = (FP8, FP4)
 
-E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
-E8M0 = np.dtype(ml_dtypes.float8_e8m0fnu)
+E4M3 = np.dtype(jnp.float8_e4m3fn)
+E8M0 = np.dtype(jnp.float8_e8m0fnu)
 # Largest finite magnitude of each value format: a block's scale maps its absmax at or below it.
 _MAX = {FP8: 448.0, FP4: 6.0}
 # e2m1 code → value: bit 3 is the sign, bits 0–2 index the magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6.

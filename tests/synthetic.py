@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 
 import model1_jax as m1
@@ -21,7 +21,7 @@ from model1_jax import quant
 from model1_jax.config import CSA, HCA
 from model1_jax.safetensors_io import write
 
-BF16, F32 = np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32)
+BF16, F32 = np.dtype(jnp.bfloat16), np.dtype(np.float32)
 
 # Every FP8 width is a multiple of the released 128×128 block; indexer q_b (2 heads × 64) has blocks
 # that span both heads, o_b / o_a blocks fall inside one output group.

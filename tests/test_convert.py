@@ -10,7 +10,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -109,7 +108,7 @@ def test_hf_names_and_bf16(sources, oracle, tmp_path):
     model = m1.load(tmp_path / "bf16", dtype=jnp.bfloat16)
     assert model.layers[0].mlp.experts.up_proj.get_value().dtype == jnp.bfloat16
     for path, value in params(model).items():
-        want = reference[path] if value.dtype != jnp.bfloat16 else reference[path].astype(ml_dtypes.bfloat16)
+        want = reference[path] if value.dtype != jnp.bfloat16 else reference[path].astype(jnp.bfloat16)
         np.testing.assert_array_equal(value, want, err_msg=str(path))  # dequantization is exact in bf16
 
 
@@ -178,7 +177,7 @@ def test_bad_checkpoint_lists_every_problem(sources, tmp_path):
                  "layers.0.attn.wo_b.scale"):                                    # an FP8 weight without scale
         del bad[name]
     bad["layers.0.attn.bogus.weight"] = np.zeros(3, np.float32)                 # unexpected
-    bad["layers.1.attn.compressor.wkv.weight"] = np.zeros((7, 128), ml_dtypes.bfloat16)  # mis-shaped
+    bad["layers.1.attn.compressor.wkv.weight"] = np.zeros((7, 128), jnp.bfloat16)  # mis-shaped
     bad["layers.0.ffn.gate.tid2eid"] = bad["layers.0.ffn.gate.tid2eid"].astype(np.float32)  # wrong type
     bad["layers.0.attn.wq_b.scale"] = bad["layers.0.attn.wq_b.scale"][:1]        # FP8 scale mis-shaped
     bad["layers.1.ffn.experts.0.w1.scale"] = bad["layers.1.ffn.experts.0.w1.scale"][:, :2]  # FP4 scale mis-shaped

@@ -1,7 +1,7 @@
 """The NumPy safetensors reader/writer agrees with the reference library (torch backend) on every dtype,
 including FP8 e4m3 and UE8M0; corrupt and truncated files are described, not crashed on."""
 
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -12,9 +12,9 @@ from model1_jax import safetensors_io as st
 
 RNG = np.random.default_rng(0)
 ARRAYS = {
-    "e4m3": RNG.integers(0, 256, (3, 5), dtype=np.uint8).view(ml_dtypes.float8_e4m3fn),
-    "e8m0": RNG.integers(0, 255, (2, 4), dtype=np.uint8).view(ml_dtypes.float8_e8m0fnu),
-    "bf16": RNG.standard_normal((4, 3)).astype(ml_dtypes.bfloat16),
+    "e4m3": RNG.integers(0, 256, (3, 5), dtype=np.uint8).view(jnp.float8_e4m3fn),
+    "e8m0": RNG.integers(0, 255, (2, 4), dtype=np.uint8).view(jnp.float8_e8m0fnu),
+    "bf16": RNG.standard_normal((4, 3)).astype(jnp.bfloat16),
     "f32": RNG.standard_normal(7).astype(np.float32),
     "i8": RNG.integers(-128, 128, (2, 2), dtype=np.int8),
     "i64": RNG.integers(0, 9, (3, 2)),
