@@ -36,11 +36,13 @@ def main() -> None:
         print(f"loaded {args.model}")
     else:
         model = m1.Model1(m1.Config.tiny(), rngs=nnx.Rngs(args.seed), dtype=dtype, param_dtype=dtype)
-        print(f"Config.tiny() with RANDOM weights (seed {args.seed}): outputs are meaningless, shapes and speed are real")
+        print(f"Config.tiny() with RANDOM weights (seed {args.seed}): "
+              "outputs are meaningless, shapes and speed are real")
     init_s = time.perf_counter() - t0
     cfg = model.config
 
-    kinds = {m1.SLIDING: "sliding", m1.CSA: f"CSA(m={cfg.compress_rate_csa})", m1.HCA: f"HCA(m={cfg.compress_rate_hca})"}
+    kinds = {m1.SLIDING: "sliding", m1.CSA: f"CSA(m={cfg.compress_rate_csa})",
+             m1.HCA: f"HCA(m={cfg.compress_rate_hca})"}
     print(f"layers  {cfg.num_hidden_layers}: " + ", ".join(
         f"{kinds[a]}+{'hash' if b == m1.HASH_MOE else 'moe'}" for a, b in zip(cfg.layer_types, cfg.mlp_layer_types)))
     print(f"widths  hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads x {cfg.head_dim} (one shared K=V head), "
