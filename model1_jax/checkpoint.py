@@ -23,7 +23,7 @@ target sharding (Orbax reads each device's slice), never through a full host cop
 from __future__ import annotations
 
 import dataclasses
-import functools
+import gc
 import json
 import os
 import re
@@ -132,12 +132,16 @@ def _handler() -> ocp.PyTreeCheckpointHandler:
         numpy_handler = ocp.type_handlers.NumpyHandler()
     registry = ocp.type_handlers.create_type_handler_registry(
         (np.ndarray, numpy_handler), (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
-    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+    # Uncompressed: zstd costs more time than it saves on FP8/FP4 codes and bf16 mantissas, and its
+    # output buffers would add a copy of each item to the converter's peak memory.
+    try:
+        return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
+    except TypeError:  # Orbax before use_compression existed
+        return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
-@functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
-def _bitcast(x: jax.Array, dtype) -> jax.Array:
-    return jax.lax.bitcast_convert_type(x, dtype)
+_bitcast = jax.jit(jax.lax.bitcast_convert_type, static_argnums=1)  # keeps the input's sharding
+_bitcast_donated = jax.jit(jax.lax.bitcast_convert_type, static_argnums=1, donate_argnums=0)  # restore: reuse buffer
 
 
 def _as_bits(array):
@@ -248,6 +252,8 @@ class Writer:
         self.items.append(self._item)
         self._buffer.clear()
         self.buffer_bytes = 0
+        del tree
+        gc.collect(1)  # Orbax's save leaves (young) reference cycles that hold the arrays until collected
 
     def commit(self) -> str:
         """Flushes, writes the manifest, renames the version into place, then removes older versions."""
@@ -427,7 +433,7 @@ def load(directory: str | os.PathLike, *, dtype, mesh: jax.sharding.Mesh | None 
             values_dtype = np.dtype(entry["values_dtype"])
             v, s = restored[(*path, "values")], restored[(*path, "scales")]
             values[path] = quant.BlockQuantized(
-                v if values_dtype == np.uint8 else _bitcast(v, values_dtype), _bitcast(s, quant.E8M0),
+                v if values_dtype == np.uint8 else _bitcast_donated(v, values_dtype), _bitcast_donated(s, quant.E8M0),
                 entry["format"], tuple(entry["block"]), entry["pack_axis"]).check()
         else:
             values[path] = restored[path]

@@ -61,8 +61,9 @@ def _temporary_bytes(unit: Unit, keep_quantized: bool) -> int:
     worst = 0
     for a in unit.assignments:
         raw = a.info.nbytes + (a.scale.nbytes if a.scale else 0)
-        if a.fmt and not keep_quantized:
-            raw += 4 * int(np.prod(a.info.shape)) * (2 if a.fmt == quant.FP4 else 1)  # float32 dequantized copy
+        if a.fmt and not keep_quantized:  # float32 dequantized copy (of one expert for stacked tensors)
+            per_expert = a.info.shape[0] if len(a.info.shape) == 3 else 1
+            raw += 4 * int(np.prod(a.info.shape)) * (2 if a.fmt == quant.FP4 else 1) // per_expert
         worst = max(worst, raw)
     return worst
 
@@ -91,7 +92,8 @@ def describe(plan: CheckpointPlan, mem: MemoryPlan, *, quantized: bool) -> str:
     return "\n".join([
         f"source      {plan.path}: {len(plan.files)} file(s), {len(tensors)} tensors, {_gb(mem.source_bytes)}",
         f"model       {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.n_routed_experts} experts"
-        f"{', MTP block' if cfg.num_nextn_predict_layers else ''}; {len(plan.targets)} parameters in {len(plan.units)} units",
+        f"{', MTP block' if cfg.num_nextn_predict_layers else ''}; {len(plan.targets)} parameters in "
+        f"{len(plan.units)} units",
         f"storage     {', '.join(formats) + ' (' + kept + ')' if formats else 'dense'}",
         f"output      {_gb(mem.output_bytes)}",
         f"memory      item budget {_gb(mem.budget)} (largest source file {_gb(mem.largest_file)}), largest "

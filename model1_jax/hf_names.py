@@ -51,12 +51,6 @@ _RENAMES: tuple[tuple[str, str], ...] = (
 )
 _RENAMES_RE = tuple((re.compile(p), r) for p, r in _RENAMES)
 
-# FP8/FP4 storage (spec §8): block scales ride next to their weight, as `X.scale` (DeepSeek),
-# `X.weight_scale_inv` (HF's FP8 quantizer; a multiplier despite the name) or, for HF's merged expert
-# tensors that have no `.weight` suffix, `mlp.experts.gate_up_proj_scale_inv`.
-QUANT_SCALE_SUFFIXES = (".scale", ".weight_scale_inv", "_scale_inv")
-
-
 def canonical_name(name: str) -> str:
     """Any of the three schemes → HF module names without the `model.` prefix; `mtp.0.` → `mtp.`."""
     if name.startswith("model."):
@@ -71,10 +65,14 @@ def canonical_name(name: str) -> str:
 def scale_owner(name: str) -> str | None:
     """The weight a block-scale name belongs to (same naming scheme), or None if it is not one.
 
+    FP8/FP4 block scales (spec §8) ride next to their weight as `X.scale` (DeepSeek), `X.weight_scale_inv`
+    (HF's FP8 quantizer; a multiplier despite the name), or `mlp.experts.gate_up_proj_scale_inv` for HF's
+    merged expert tensors, which have no `.weight` suffix.
+
     `X.scale` is ambiguous: mHC parameters are also called `scale`, so the caller must check that the
     returned weight exists (`X.weight`) before treating `X.scale` as a block scale.
     """
-    if name.endswith("_scale_inv"):  # `X.weight_scale_inv` → `X.weight`; `…gate_up_proj_scale_inv` → `…gate_up_proj`
+    if name.endswith("_scale_inv"):  # `X.weight_scale_inv` → `X.weight`; `…_proj_scale_inv` → `…_proj`
         return name[: -len("_scale_inv")]
     if name.endswith(".scale"):
         return name[: -len(".scale")] + ".weight"
@@ -121,7 +119,8 @@ _LAYER_RULES: tuple[tuple[str, tuple, str, int], ...] = (
     (r"self_attn\.compressor\.indexer\.kv_norm\.weight", ("self_attn", "indexer", "compressor", "kv_norm", "weight"),
      "copy", 1),
     (r"self_attn\.compressor\.indexer\.q_b_proj\.weight", ("self_attn", "indexer", "q_b_proj", "kernel"), "linear", 1),
-    (r"self_attn\.compressor\.indexer\.scorer\.weights_proj\.weight", ("self_attn", "indexer", "weights_proj", "kernel"),
+    (r"self_attn\.compressor\.indexer\.scorer\.weights_proj\.weight",
+     ("self_attn", "indexer", "weights_proj", "kernel"),
      "linear", 1),
     (r"mlp\.gate\.weight", ("mlp", "gate", "kernel"), "linear", 1),
     (r"mlp\.gate\.e_score_correction_bias", ("mlp", "gate", "e_score_correction_bias"), "copy", 1),

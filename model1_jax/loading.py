@@ -24,7 +24,8 @@ from flax import nnx
 
 from model1_jax import quant
 from model1_jax.config import Config
-from model1_jax.hf_names import Slot, canonical_name, quant_layout, scale_owner, slots_for, source_shape, to_model_layout
+from model1_jax.hf_names import (Slot, canonical_name, quant_layout, scale_owner, slots_for, source_shape,
+                                 to_model_layout)
 from model1_jax.model import Model1
 from model1_jax.safetensors_io import SafetensorsError, TensorInfo, read_header, read_tensor
 
@@ -125,7 +126,8 @@ def _quant_format(info: TensorInfo, scale: TensorInfo | None, fp8_block: tuple[i
     """(format, block on the tensor's axes, problem) of a weight and its optional scale."""
     if scale is None:
         if info.dtype.startswith("F8"):
-            return None, None, f"{info.name}: {info.dtype} weight without its block scale (`.scale` / `.weight_scale_inv`)"
+            return None, None, (f"{info.name}: {info.dtype} weight without its block scale "
+                                "(`.scale` / `.weight_scale_inv`)")
         return None, None, None
     if info.dtype == "F8_E4M3":
         fmt, block = quant.FP8, fp8_block
@@ -165,6 +167,12 @@ def plan(infos: list[TensorInfo], targets: dict[tuple, jax.ShapeDtypeStruct], so
             continue
         scale = scales.get(canonical_name(info.name))
         fmt, hf_block, problem = _quant_format(info, scale, fp8_block)
+        for slot in slots:  # present, even if unusable below: report it once, not also as missing
+            if slot.path in targets:
+                covered[slot.path].add("all" if slot.expert is None else slot.expert)
+        if problem:
+            problems.append(problem)
+            continue
         for slot in slots:
             target = targets.get(slot.path)
             part = "all" if slot.expert is None else slot.expert
@@ -173,10 +181,6 @@ def plan(infos: list[TensorInfo], targets: dict[tuple, jax.ShapeDtypeStruct], so
                 problems.append(f"unexpected tensor {info.name!r}: the model has no parameter {where} "
                                 "(check layer_types / config)")
                 continue
-            covered[slot.path].add(part)  # present, even if unusable below: report it once, not also as missing
-            if problem:
-                problems.append(problem)
-                break
             want = source_shape(slot, target.shape)
             stored = want[:-1] + (want[-1] // 2,) if fmt == quant.FP4 else want
             if info.shape != stored or (fmt == quant.FP4 and want[-1] % 2):
@@ -200,7 +204,8 @@ def plan(infos: list[TensorInfo], targets: dict[tuple, jax.ShapeDtypeStruct], so
             else:
                 integer_target = jnp.issubdtype(target.dtype, jnp.integer)
                 if (info.dtype not in _INT_DTYPES) if integer_target else (info.dtype not in _FLOAT_DTYPES):
-                    problems.append(f"{info.name}: dtype {info.dtype} cannot fill {where} ({target.dtype})")
+                    hint = " (packed FP4 without its block scale?)" if info.dtype in _FP4_DTYPES else ""
+                    problems.append(f"{info.name}: dtype {info.dtype} cannot fill {where} ({target.dtype}){hint}")
                     continue
             key = (slot.path, part, slot.kind)
             if key in seen:
@@ -258,7 +263,8 @@ def units(assignments: list[Assignment]) -> list[Unit]:
     return sorted(result, key=lambda u: min((a.info.file, a.info.offset) for a in u.assignments))
 
 
-def output_layout(assignment: Assignment, target_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], int | None]:
+def output_layout(assignment: Assignment, target_shape: tuple[int, ...]
+                  ) -> tuple[tuple[int, ...], tuple[int, ...], int | None]:
     """(values shape, scales shape, pack axis) of a parameter kept block-quantized."""
     block, pack_axis = quant_layout(assignment.slot, target_shape, assignment.hf_block)
     if assignment.fmt == quant.FP4:
@@ -274,7 +280,7 @@ def unit_output_bytes(unit: Unit, targets: dict, keep_quantized: bool) -> int:
         shape = targets[path].shape
         if keep_quantized and first.fmt:
             values, scales, _ = output_layout(first, shape)
-            total += int(np.prod(values)) * (1 if first.fmt == quant.FP4 else quant.E4M3.itemsize) + int(np.prod(scales))
+            total += int(np.prod(values)) + int(np.prod(scales))  # one byte per FP8 value / FP4 pair / scale
         else:
             total += int(np.prod(shape)) * np.dtype(targets[path].dtype).itemsize
     return total
@@ -297,31 +303,51 @@ def read_unit(unit: Unit, targets: dict[tuple, jax.ShapeDtypeStruct], *, keep_qu
         scale = read_tensor(first.scale) if first.scale is not None else None
         if first.fmt == quant.FP4:
             raw = raw.view(np.uint8)
-        dense = None
-        if first.fmt is None:
-            dense = raw
-        elif not keep_quantized:
-            pack_axis = raw.ndim - 1 if first.fmt == quant.FP4 else None
-            dense = quant.BlockQuantized(raw, scale, first.fmt, first.hf_block, pack_axis).dequantize(np.float32)
         for a in assigned:
             target = targets[a.slot.path]
-            if dense is not None:
-                _fill(out, a.slot, dense, tuple(target.shape), np.dtype(target.dtype))
+            shape, dtype = tuple(target.shape), np.dtype(target.dtype)
+            if first.fmt is None:
+                _fill(out, a.slot, raw, shape, dtype)
+            elif keep_quantized:
+                _fill_quantized(out, a, raw, scale, shape)
+            elif raw.ndim == 3:  # HF's stacked experts: one expert at a time bounds the float32 temporary
+                for e in range(raw.shape[0]):
+                    rows = _dequantize(first, raw[e], scale[e])[_expert_rows(a.slot, shape)]
+                    _fill(out, _expert_row(a.slot, e), rows, shape, dtype)
             else:
-                _fill_quantized(out, a, raw, scale, tuple(target.shape))
-        del raw, scale, dense
+                _fill(out, a.slot, _dequantize(first, raw, scale), shape, dtype)
+        del raw, scale
     return out
 
 
+def _dequantize(a: Assignment, raw: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Exact float32 value of a checkpoint tensor (or one expert of a stacked one), in its own layout."""
+    block = a.hf_block[len(a.hf_block) - raw.ndim:]
+    pack_axis = raw.ndim - 1 if a.fmt == quant.FP4 else None
+    return quant.BlockQuantized(raw, scale, a.fmt, block, pack_axis).dequantize(np.float32)
+
+
+def _expert_row(slot: Slot, expert: int) -> Slot:
+    """One expert's [out, in] slice of a stacked slot is an ordinary per-expert linear slot."""
+    return Slot(slot.path, "linear", 1, expert)
+
+
+def _expert_rows(slot: Slot, shape: tuple[int, ...]) -> slice:
+    """Rows of one expert's [out, in] slice that a stacked slot takes (gate/up: halves of gate_up_proj)."""
+    f = shape[2]
+    return {"gate": slice(0, f), "up": slice(f, 2 * f)}.get(slot.kind, slice(None))
+
+
 def _fill(out: dict, slot: Slot, array: np.ndarray, shape: tuple[int, ...], dtype: np.dtype) -> None:
-    """Writes one tensor's contribution to a dense parameter (one pass: rearrange + cast)."""
+    """Writes one tensor's contribution to a dense parameter: cast (while contiguous: much faster for
+    bfloat16), then rearrange into place."""
     if slot.expert is None:
         out[slot.path] = dest = np.empty(shape, dtype)
     else:
         if slot.path not in out:
             out[slot.path] = np.empty(shape, dtype)
         dest = out[slot.path][slot.expert]
-    np.copyto(dest, to_model_layout(slot, array, shape), casting="unsafe")
+    np.copyto(dest, to_model_layout(slot, array.astype(dtype, copy=False), shape))
 
 
 def _fill_quantized(out: dict, a: Assignment, raw: np.ndarray, scale: np.ndarray, shape: tuple[int, ...]) -> None:

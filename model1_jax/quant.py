@@ -24,15 +24,14 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 FP8 = "fp8_e4m3"
 FP4 = "fp4_e2m1"
 FORMATS = (FP8, FP4)
 
-E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
-E8M0 = np.dtype(ml_dtypes.float8_e8m0fnu)
+E4M3 = np.dtype(jnp.float8_e4m3fn)
+E8M0 = np.dtype(jnp.float8_e8m0fnu)
 # Largest finite magnitude of each value format: a block's scale maps its absmax at or below it.
 _MAX = {FP8: 448.0, FP4: 6.0}
 # e2m1 code → value: bit 3 is the sign, bits 0–2 index the magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6.
@@ -99,12 +98,17 @@ class BlockQuantized:
             values = xp.asarray(E2M1_VALUES)[unpack_fp4(self.values, self.pack_axis)]
         else:
             values = self.values.astype(np.float32)
-        scales = self.scales.astype(np.float32)
+        scales = e8m0_to_float32(self.scales)
+        shape = values.shape
+        if all(n % b == 0 for n, b in zip(shape, self.block)):  # whole blocks: broadcast, no expanded copy
+            blocked = values.reshape([x for n, b in zip(shape, self.block) for x in (n // b, b)])
+            return (blocked * scales.reshape([x for s in scales.shape for x in (s, 1)])).reshape(shape).astype(
+                dtype, copy=False)
         for axis, b in enumerate(self.block):
             if b > 1:
                 scales = xp.repeat(scales, b, axis=axis)
-        scales = scales[tuple(slice(0, n) for n in values.shape)]  # crop the edge blocks
-        return (values * scales).astype(dtype)
+        scales = scales[tuple(slice(0, n) for n in shape)]  # crop the partial blocks at the edges
+        return (values * scales).astype(dtype, copy=False)
 
 
 def _format_problems(q: BlockQuantized) -> list[str]:
@@ -125,6 +129,20 @@ def _format_problems(q: BlockQuantized) -> list[str]:
         problems.append(f"scales shape {tuple(q.scales.shape)} != {scale_shape(q.shape, q.block)} "
                         f"(weight {q.shape}, block {q.block})")
     return problems
+
+
+def e8m0_to_float32(scales):
+    """UE8M0 scales → float32 2^(byte − 127), decoded from the bits (no float8 conversion support needed
+    from the backend): byte b in 1..254 is the float32 with exponent field b; 0 is 2^−127; 255 is NaN."""
+    if isinstance(scales, np.ndarray):
+        bits = scales.view(np.uint8)
+        xp, as_f32 = np, lambda u32: u32.view(np.float32)
+    else:
+        bits = jax.lax.bitcast_convert_type(scales, jnp.uint8)
+        xp, as_f32 = jnp, lambda u32: jax.lax.bitcast_convert_type(u32, jnp.float32)
+    value = as_f32(bits.astype(np.uint32) << 23)
+    value = xp.where(bits == 0, np.float32(2.0 ** -127), value)
+    return xp.where(bits == 255, np.float32(np.nan), value)
 
 
 def unpack_fp4(packed, pack_axis: int):

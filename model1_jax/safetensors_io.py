@@ -5,7 +5,7 @@ The format is an 8-byte little-endian header length N, N bytes of JSON
 little-endian tensor bytes, offsets relative to the end of the header. The `safetensors` package's
 NumPy backend cannot return F8_E4M3 / F8_E8M0 tensors, and torch must not be needed at runtime, so
 the reader here parses the header itself and reads each tensor with one `pread` into a NumPy array
-of the exact dtype (`ml_dtypes` provides bfloat16 and the float8 types). Headers are checked fully
+of the exact dtype (JAX's NumPy dtypes: bfloat16 and the float8 types). Headers are checked fully
 (dtype, shape, offsets within the file, no overlaps), so a truncated or corrupt file is reported
 before any data is read.
 """
@@ -18,7 +18,7 @@ import math
 import os
 import struct
 
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 
 DTYPES: dict[str, np.dtype] = {
@@ -27,10 +27,10 @@ DTYPES: dict[str, np.dtype] = {
     "U16": np.dtype(np.uint16), "I16": np.dtype(np.int16),
     "U32": np.dtype(np.uint32), "I32": np.dtype(np.int32),
     "U64": np.dtype(np.uint64), "I64": np.dtype(np.int64),
-    "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F16": np.dtype(np.float16), "BF16": np.dtype(jnp.bfloat16),
     "F32": np.dtype(np.float32), "F64": np.dtype(np.float64),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
+    "F8_E4M3": np.dtype(jnp.float8_e4m3fn), "F8_E5M2": np.dtype(jnp.float8_e5m2),
+    "F8_E8M0": np.dtype(jnp.float8_e8m0fnu),
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20  # the format's own limit

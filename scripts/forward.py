@@ -53,14 +53,16 @@ def main() -> None:
             model = make() if layout is None else sh.create(make, layout)
         except ValueError as e:  # the layout does not divide the model
             raise SystemExit(str(e)) from None
-        print(f"Config.tiny() with RANDOM weights (seed {args.seed}): outputs are meaningless, shapes and speed are real")
+        print(f"Config.tiny() with RANDOM weights (seed {args.seed}): "
+              "outputs are meaningless, shapes and speed are real")
     init_s = time.perf_counter() - t0
     cfg = model.config
     if layout is not None:
         print(f"mesh    {sh.describe(layout.mesh)}, layout {args.layout}")
         print(distributed.memory_report({"params": nnx.state(model)}))
 
-    kinds = {m1.SLIDING: "sliding", m1.CSA: f"CSA(m={cfg.compress_rate_csa})", m1.HCA: f"HCA(m={cfg.compress_rate_hca})"}
+    kinds = {m1.SLIDING: "sliding", m1.CSA: f"CSA(m={cfg.compress_rate_csa})",
+             m1.HCA: f"HCA(m={cfg.compress_rate_hca})"}
     print(f"layers  {cfg.num_hidden_layers}: " + ", ".join(
         f"{kinds[a]}+{'hash' if b == m1.HASH_MOE else 'moe'}" for a, b in zip(cfg.layer_types, cfg.mlp_layer_types)))
     print(f"widths  hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads x {cfg.head_dim} (one shared K=V head), "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 
 import model1_jax as m1
@@ -21,7 +21,7 @@ from model1_jax import quant
 from model1_jax.config import CSA, HCA
 from model1_jax.safetensors_io import write
 
-BF16, F32 = np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32)
+BF16, F32 = np.dtype(jnp.bfloat16), np.dtype(np.float32)
 
 # Every FP8 width is a multiple of the released 128×128 block; indexer q_b (2 heads × 64) has blocks
 # that span both heads, o_b / o_a blocks fall inside one output group.
@@ -69,7 +69,8 @@ def _layer(cfg: m1.Config, prefix: str, layer_type: str, mlp_type: str) -> dict[
     if layer_type in (CSA, HCA):
         width = 2 * h if layer_type == CSA else h
         rate = cfg.compress_rate(layer_type)
-        t |= {"attn.compressor.wkv.weight": ((width, d), BF16, "w"), "attn.compressor.wgate.weight": ((width, d), BF16, "w"),
+        t |= {"attn.compressor.wkv.weight": ((width, d), BF16, "w"),
+              "attn.compressor.wgate.weight": ((width, d), BF16, "w"),
               "attn.compressor.ape": ((rate, width), F32, "ape"), "attn.compressor.norm.weight": ((h,), BF16, "norm")}
     if layer_type == CSA:
         i, j, rate = cfg.index_n_heads, cfg.index_head_dim, cfg.compress_rate_csa
@@ -150,7 +151,8 @@ def dequantize_tensors(stored: dict[str, np.ndarray], fp8_block=(128, 128)) -> d
         elif w.dtype == quant.E4M3:
             out[name] = quant.BlockQuantized(w, scale, quant.FP8, fp8_block).dequantize(np.float32)
         else:
-            out[name] = quant.BlockQuantized(w.view(np.uint8), scale, quant.FP4, quant.FP4_BLOCK, 1).dequantize(np.float32)
+            q = quant.BlockQuantized(w.view(np.uint8), scale, quant.FP4, quant.FP4_BLOCK, pack_axis=1)
+            out[name] = q.dequantize(np.float32)
     return out
 
 
@@ -178,7 +180,8 @@ def hf_module_names(stored: dict[str, np.ndarray], cfg: m1.Config) -> dict[str, 
             stack = {w: np.stack([experts[(layer, w, kind, e)] for e in range(cfg.n_routed_experts)])
                      for w in ("w1", "w2", "w3")}
             suffix = "" if kind == "weight" else "_scale_inv"
-            out[f"model.layers.{layer}.mlp.experts.gate_up_proj{suffix}"] = np.concatenate([stack["w1"], stack["w3"]], 1)
+            gate_up = np.concatenate([stack["w1"], stack["w3"]], axis=1)
+            out[f"model.layers.{layer}.mlp.experts.gate_up_proj{suffix}"] = gate_up
             out[f"model.layers.{layer}.mlp.experts.down_proj{suffix}"] = stack["w2"]
     return out
 
@@ -219,3 +222,24 @@ def write_checkpoint(path, cfg: m1.Config, tensors: dict[str, np.ndarray], shard
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
     return path
+
+
+def random_stored_tensors(cfg: m1.Config, seed: int = 0, mtp: bool = True) -> dict[str, np.ndarray]:
+    """Released-format tensors with random codes and scales (no quantization pass: fast at any size)."""
+    rng = np.random.default_rng(seed)
+    finite_e4m3 = np.array([b for b in range(256) if b & 0x7F != 0x7F], np.uint8)
+    out = {}
+    for name, (shape, dtype, kind) in layout(cfg, mtp).items():
+        if is_fp8(name) or is_fp4(name):
+            block = (128, 128) if is_fp8(name) else quant.FP4_BLOCK
+            out[name[: -len(".weight")] + ".scale"] = rng.integers(118, 128, quant.scale_shape(shape, block),
+                                                                   dtype=np.uint8).view(quant.E8M0)
+            if is_fp8(name):
+                out[name] = rng.choice(finite_e4m3, shape).view(quant.E4M3)
+            else:
+                out[name] = rng.integers(0, 256, (shape[0], shape[1] // 2), dtype=np.uint8).view(np.int8)
+        elif kind == "tid2eid":
+            out[name] = np.stack([rng.permutation(cfg.n_routed_experts)[: shape[1]] for _ in range(shape[0])])
+        else:
+            out[name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+    return out

@@ -4,7 +4,6 @@ import itertools
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -20,7 +19,13 @@ def one_scale(byte: int, shape=(1, 1)) -> np.ndarray:
 
 
 def test_e8m0_scales_are_powers_of_two():
-    for byte in (0, 1, 100, 127, 128, 200, 254):
+    scales = np.arange(256, dtype=np.uint8).view(quant.E8M0)
+    want = np.array([2.0 ** (b - 127) for b in range(255)] + [np.nan], np.float32)
+    np.testing.assert_array_equal(quant.e8m0_to_float32(scales), want)
+    np.testing.assert_array_equal(np.asarray(jax.jit(quant.e8m0_to_float32)(jnp.asarray(scales)))[1:],
+                                  want[1:])  # 2^-127 is subnormal: a backend may flush it
+    np.testing.assert_array_equal(quant.e8m0_to_float32(scales), scales.astype(np.float32))  # = the dtype's own cast
+    for byte in (1, 100, 127, 128, 200, 254):
         q = quant.BlockQuantized(np.ones((1, 1), quant.E4M3), one_scale(byte), quant.FP8, (1, 1))
         assert q.dequantize(np.float32)[0, 0] == np.float32(2.0 ** (byte - 127))
 
@@ -149,7 +154,7 @@ def test_bfloat16_dequantization_is_exact():
     for fmt, block, pack in [(quant.FP8, (128, 128), None), (quant.FP4, (1, 32), 1)]:
         q = quant.quantize(RNG.standard_normal((256, 256)) * 3, fmt, block, pack)
         f32 = q.dequantize(np.float32)
-        np.testing.assert_array_equal(q.dequantize(ml_dtypes.bfloat16).astype(np.float32), f32)
+        np.testing.assert_array_equal(q.dequantize(jnp.bfloat16).astype(np.float32), f32)
 
 
 def test_all_e4m3_bytes_round_trip_through_quantize():
