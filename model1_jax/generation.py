@@ -64,6 +64,7 @@ class GenerationStats:
     compile_s: float  # tracing + lowering + compiling during this call
     decode_steps: int
     cache_bytes: int
+    cache_spec: decode_state.CacheSpec  # the state generation ran on (see `m1.memory_report`)
     drafts: int = 0  # MTP drafts verified
     accepted: int = 0  # of which accepted
 
@@ -271,5 +272,6 @@ def generate(model: Model1, prompts, max_new_tokens: int, *, temperature: float 
     stats = GenerationStats(
         prompt_tokens=int(lengths.sum()), generated_tokens=sum(len(o) for o in outputs),
         prefill_s=max(prefill_s - prefill_compile, 0.0), decode_s=max(decode_s - decode_compile, 0.0),
-        compile_s=clock.seconds, decode_steps=steps, cache_bytes=cache_bytes, drafts=drafts, accepted=accepted)
+        compile_s=clock.seconds, decode_steps=steps, cache_bytes=cache_bytes, cache_spec=spec, drafts=drafts,
+        accepted=accepted)
     return Generation(tokens=outputs, stats=stats)

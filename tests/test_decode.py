@@ -88,7 +88,8 @@ def test_chunked_prefill_equals_one_shot(tiny, split):
     state_b = new_state()
     first, state_b = m1.prefill(model, state_b, ids[:, :split], all_logits=True)
     second, state_b = m1.prefill(model, state_b, ids[:, split:CHUNK], all_logits=True)
-    np.testing.assert_allclose(np.concatenate([first, second], axis=1), one_shot, rtol=0, atol=1e-6 * np.abs(want).max())
+    atol = 1e-6 * np.abs(want).max()
+    np.testing.assert_allclose(np.concatenate([first, second], axis=1), one_shot, rtol=0, atol=atol)
     for got, ref in zip(jax.tree.leaves(state_b), jax.tree.leaves(state_a)):
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), rtol=1e-6, atol=1e-6)
 
