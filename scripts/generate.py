@@ -130,9 +130,7 @@ def main() -> None:
           f"{s.decode_tokens_per_s:,.0f} tokens/s ({s.decode_s / max(s.decode_steps, 1) * 1e3:.1f} ms/step)")
     if args.mtp:
         rate = s.acceptance_rate
-        print(f"MTP     {s.accepted}/{s.drafts} drafts accepted"
-              + (f" ({rate:.0%})" if rate is not None else "")
-              + (" (random weights: expect about 0)" if not args.model else ""))
+        print(f"MTP     {s.accepted}/{s.drafts} drafts accepted" + (f" ({rate:.0%})" if rate is not None else ""))
 
 
 if __name__ == "__main__":
