@@ -324,6 +324,8 @@ def decode_step(model: Model1, state: DecodeState, ids, active=None, *, return_m
     if ids.shape != (spec.max_batch,):
         raise ValueError(f"decode_step: ids must have shape [{spec.max_batch}], got {ids.shape}")
     active = np.ones(ids.shape, bool) if active is None else np.asarray(active, bool)
+    if active.shape != ids.shape:
+        raise ValueError(f"decode_step: active must have shape [{spec.max_batch}], got {active.shape}")
     if ((to_host(state.lengths) + active) > spec.max_len).any():
         raise ValueError(f"decode_step: a sequence would exceed the state's max_len {spec.max_len}")
     graphdef, params = nnx.split(model)

@@ -11,8 +11,10 @@ Per sequence (up to `max_batch` of them) and per layer:
   * compressor buffers — the raw values C and gate logits Z of the most recent positions, slot =
     position mod B: B = rate for HCA, B = 2·rate for CSA (the previous complete window is the overlap
     half of the next entry). Nothing is ever cleared: a buffer slot, a ring slot or an entry slot is
-    rewritten before any query can see it again. That is what makes rejecting a speculative token exact
-    by resetting `lengths` alone — no snapshot, no copy.
+    rewritten before any query can see it again. That is what makes rejecting a speculative draft (one
+    token past the kept ones) exact by resetting `lengths` alone — no snapshot, no copy: the draft's
+    ring slot held a key older than any window still needs, its buffer slot a position of an already
+    pooled window, and an entry it completed is recomputed when the real token arrives.
   * CSA only: the indexer's compressed keys, a plain `[b, entries, j]` array at compute precision, and
     the indexer compressor's buffers.
   * `lengths [b]` — tokens in the caches; the next position of sequence b is lengths[b].

@@ -65,6 +65,7 @@ class GenerationStats:
     compile_s: float  # tracing + lowering + compiling during this call
     decode_steps: int
     cache_bytes: int
+    cache_spec: decode_state.CacheSpec  # the state generation ran on (see `m1.memory_report`)
     drafts: int = 0  # MTP drafts verified
     accepted: int = 0  # of which accepted
 
@@ -149,8 +150,8 @@ def _speculative_step(graphdef, params, state, tokens_b, draft_b, draft_probs_bv
 
 
 def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
-    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
-        prompts = list(prompts)
+    if getattr(prompts, "ndim", None) == 2:  # a NumPy / JAX [batch, tokens] array
+        prompts = list(np.asarray(prompts))
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence | np.ndarray) or len(prompts) == 0:
         raise ValueError("generate: prompts must be a non-empty list of token-id lists")
     out = []
@@ -227,10 +228,10 @@ def generate(model: Model1, prompts, max_new_tokens: int, *, temperature: float 
             done[row] = True
             bar.update(max_new_tokens - len(outputs[row]))
 
+    state = sharded_decode.allocate(model.layout, cfg, spec)  # split by sequence under a layout
+    cache_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     with CompileClock() as clock:
         t0 = time.perf_counter()
-        state = sharded_decode.allocate(model.layout, cfg, spec)  # split by sequence under a layout
-        cache_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
         logits_bv, state = decode.prefill(model, state, ids, lengths)
         sampling_arrays = sampling.arrays()
         pending = _first_token(logits_bv, jax.random.fold_in(key, 0), sampling_arrays)
@@ -241,9 +242,9 @@ def generate(model: Model1, prompts, max_new_tokens: int, *, temperature: float 
 
         t0 = time.perf_counter()
         lengths_now = lengths.copy()  # tokens in the main caches (the pending token is not fed yet)
-        draft = jnp.zeros((b,), jnp.int32)
-        draft_probs = jnp.zeros((b, cfg.vocab_size), jnp.float32)
-        has_draft = np.zeros((b,), bool)
+        if mtp:  # no draft before the first step: the MTP block has not seen the first generated token yet
+            draft, draft_probs = jnp.zeros((b,), jnp.int32), jnp.zeros((b, cfg.vocab_size), jnp.float32)
+            has_draft = np.zeros((b,), bool)
         while not done.all():
             steps += 1
             active = ~done
@@ -272,5 +273,6 @@ def generate(model: Model1, prompts, max_new_tokens: int, *, temperature: float 
     stats = GenerationStats(
         prompt_tokens=int(lengths.sum()), generated_tokens=sum(len(o) for o in outputs),
         prefill_s=max(prefill_s - prefill_compile, 0.0), decode_s=max(decode_s - decode_compile, 0.0),
-        compile_s=clock.seconds, decode_steps=steps, cache_bytes=cache_bytes, drafts=drafts, accepted=accepted)
+        compile_s=clock.seconds, decode_steps=steps, cache_bytes=cache_bytes, cache_spec=spec, drafts=drafts,
+        accepted=accepted)
     return Generation(tokens=outputs, stats=stats)

@@ -70,9 +70,10 @@ def step_bytes(cfg: m1.Config, model: m1.Model1, batch: int, context: int) -> di
 
     Weights: every parameter once, except routed experts (only those some token of the batch picks:
     E·(1 − (1 − k/E)^batch) per layer on average, assuming uniform routing), the embedding (one row per
-    token) and the MTP block (unused without speculative decoding). Cache, per sequence and layer: the window's W tokens; CSA also its top-k entries and the
-    indexer's keys of every entry (it scores them all); HCA every entry. 576 bytes per cached token, as
-    FlashMLA counts (spec kernels §6.2); indexer keys 2 bytes per dim.
+    token) and the MTP block (unused without speculative decoding). Cache, per sequence and layer: the
+    window's W tokens; CSA also its top-k entries and the indexer's keys of every entry (it scores them
+    all); HCA every entry. 576 bytes per cached token, as FlashMLA counts (spec kernels §6.2); indexer keys
+    2 bytes per dim.
     """
     counts = parameter_counts(model)
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
@@ -96,8 +97,8 @@ def run_jax(model, prompts, new_tokens: int, chunk: int) -> dict:
     kw = dict(stop_tokens=(), cache_dtype="fp8", chunk=chunk)
     m1.generate(model, prompts, new_tokens, **kw)  # compiles
     stats = m1.generate(model, prompts, new_tokens, **kw).stats
-    return dict(prefill_tokens_per_s=stats.prefill_tokens_per_s, decode_ms_per_step=stats.decode_s / stats.decode_steps * 1e3,
-                decode_tokens_per_s=stats.decode_tokens_per_s, cache_bytes=stats.cache_bytes,
+    return dict(prefill_tokens_per_s=stats.prefill_tokens_per_s,
+                decode_ms_per_step=stats.decode_s / stats.decode_steps * 1e3, decode_tokens_per_s=stats.decode_tokens_per_s, cache_bytes=stats.cache_bytes,
                 compile_s_second_run=stats.compile_s)
 
 

@@ -68,6 +68,7 @@ def main() -> None:
                    help="KV cache: fp8 (FlashMLA MODEL1 layout; default when head_dim is 512) or bf16/float32")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument("--chunk", type=int, default=64, help="prefill tokens per sequence per call")
+    p.add_argument("--budget-gb", type=float, help="also print the longest max_len whose cache fits this many GiB")
     p.add_argument("--no-progress", action="store_true")
     sh.add_arguments(p)
     args = p.parse_args()
@@ -105,9 +106,12 @@ def main() -> None:
               "meaningless; shapes, cache bytes and speed are real")
     init_s = time.perf_counter() - t0
     cfg = model.config
-    print(f"        {cfg.num_hidden_layers} layers ({', '.join(t.split('_')[0] for t in cfg.layer_types)}), hidden "
-          f"{cfg.hidden_size}, {cfg.num_attention_heads} heads x {cfg.head_dim}, {human(sum(parameter_counts(model).values()))} "
-          f"params, init {init_s:.1f} s, {jax.devices()[0].platform}")
+    kinds = {m1.SLIDING: "sliding", m1.CSA: f"CSA(m={cfg.compress_rate_csa})",
+             m1.HCA: f"HCA(m={cfg.compress_rate_hca})"}
+    print(f"        {cfg.num_hidden_layers} layers ({', '.join(kinds[t] for t in cfg.layer_types)}"
+          f"{' + MTP' if model.mtp is not None else ''}), hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads x "
+          f"{cfg.head_dim}, {human(sum(parameter_counts(model).values()))} params; init {init_s:.1f} s on "
+          f"{jax.devices()[0].platform}")
 
     prompts: list[list[int]] = []
     if args.prompt:
@@ -140,15 +144,18 @@ def main() -> None:
         print(f"[{i}] prompt {len(prompt)} tokens -> {len(out)} new: {out}")
         if tokenizer is not None:
             print(f"    {tokenizer.decode(prompt)!r} -> {tokenizer.decode(out)!r}")
-    print(m1.memory_report(cfg, spec))
+    print(m1.memory_report(cfg, s.cache_spec))
+    if args.budget_gb:
+        longest = m1.max_len_for_budget(cfg, int(args.budget_gb * 2**30), max_batch=len(prompts),
+                                        cache_dtype=cache_dtype, chunk=args.chunk, dtype=dtype, mtp=args.mtp)
+        print(f"budget  {args.budget_gb:g} GiB of cache holds {len(prompts)} sequences of up to {longest:,} tokens")
     print(f"compile {s.compile_s:.1f} s (tracing + XLA, all steps)")
     print(f"prefill {s.prompt_tokens} tokens in {s.prefill_s * 1e3:.0f} ms: {s.prefill_tokens_per_s:,.0f} tokens/s")
     print(f"decode  {s.generated_tokens} tokens, {s.decode_steps} steps in {s.decode_s * 1e3:.0f} ms: "
           f"{s.decode_tokens_per_s:,.0f} tokens/s ({s.decode_s / max(s.decode_steps, 1) * 1e3:.1f} ms/step)")
     if args.mtp:
         rate = s.acceptance_rate
-        print(f"MTP     {s.accepted}/{s.drafts} drafts accepted"
-              + (f" ({rate:.0%})" if rate is not None else "") + (" (random weights: expect ~0)" if not args.model else ""))
+        print(f"MTP     {s.accepted}/{s.drafts} drafts accepted" + (f" ({rate:.0%})" if rate is not None else ""))
 
 
 if __name__ == "__main__":

@@ -19,11 +19,12 @@ from model1_jax.generation import CompileClock
 from pallas_kernels.layouts import decode_records, quantize_records
 from tests.util import forward_with_mtp, random_model
 
-# One layer of each type (sliding; CSA m=4 picking the top 3 entries; HCA m'=8), an MTP block, and
-# MODEL1's 128-token window, so the issue's prompt lengths 127..130 straddle the window and an HCA window
-# boundary while CSA and HCA produce many entries.
-TINY = m1.Config.tiny().replace(sliding_window=128, num_hidden_layers=3, layer_types=(m1.SLIDING, m1.CSA, m1.HCA),
-                                mlp_layer_types=(m1.HASH_MOE, m1.MOE, m1.MOE))
+# A CSA layer (m=4, picking the top 3 entries), an HCA layer (m'=8) and the MTP block (a sliding-window
+# layer): every attention type, both MoE types, as few layers as possible (compile time). MODEL1's
+# 128-token window, so the issue's prompt lengths 127..130 straddle the window and an HCA window boundary
+# while CSA and HCA produce many entries.
+TINY = m1.Config.tiny().replace(sliding_window=128, num_hidden_layers=2, layer_types=(m1.CSA, m1.HCA),
+                                mlp_layer_types=(m1.HASH_MOE, m1.MOE))
 TOTAL = 134  # every sequence is decoded up to this many tokens
 CHUNK = 13  # prefill chunk: not a multiple of any rate, so chunks cut CSA, HCA and sliding windows
 TOL = 5e-5  # of max |logit|; fp32 noise from different matmul shapes (HF parity uses 1e-4)
@@ -88,7 +89,8 @@ def test_chunked_prefill_equals_one_shot(tiny, split):
     state_b = new_state()
     first, state_b = m1.prefill(model, state_b, ids[:, :split], all_logits=True)
     second, state_b = m1.prefill(model, state_b, ids[:, split:CHUNK], all_logits=True)
-    np.testing.assert_allclose(np.concatenate([first, second], axis=1), one_shot, rtol=0, atol=1e-6 * np.abs(want).max())
+    atol = 1e-6 * np.abs(want).max()
+    np.testing.assert_allclose(np.concatenate([first, second], axis=1), one_shot, rtol=0, atol=atol)
     for got, ref in zip(jax.tree.leaves(state_b), jax.tree.leaves(state_a)):
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), rtol=1e-6, atol=1e-6)
 
@@ -102,10 +104,10 @@ def test_one_compiled_step_and_donated_caches(tiny):
     with CompileClock() as clock:
         for p in range(21, 41):
             old = state
-            pointer = old.layers[1].entries.unsafe_buffer_pointer()
+            pointer = old.layers[0].entries.unsafe_buffer_pointer()
             logits, state = m1.decode_step(model, state, ids[:, p])
             assert all(x.is_deleted() for x in jax.tree.leaves(old)), "the state must be donated"
-            assert state.layers[1].entries.unsafe_buffer_pointer() == pointer, "caches must be updated in place"
+            assert state.layers[0].entries.unsafe_buffer_pointer() == pointer, "caches must be updated in place"
     assert decode._chunk_step._cache_size() == cache_size
     assert [f for f in clock.compiled if "_chunk_step" in f] == [], "decode steps must not recompile"
 
@@ -178,10 +180,11 @@ def test_state_shapes_and_report_agree():
     state = decode_state.allocate(TINY, spec)
     assert sum(x.nbytes for x in jax.tree.leaves(state)) == m1.memory_report(TINY, spec).total
     assert state.layers[0].window.shape == (3 * 144 // 16, 16, TINY.head_dim)  # ring: 128 + 8 → 144 slots
-    assert state.layers[1].entries.shape == (3 * 16 // 16, 16, TINY.head_dim)  # ⌈50/4⌉ = 13 → one page of 16
-    assert state.layers[1].compressor.kv.shape == (3, 8, 2, TINY.head_dim)  # CSA: 2m slots, Ca/Cb series
-    assert state.layers[2].compressor.kv.shape == (3, 8, TINY.head_dim)  # HCA: m' slots
-    assert state.layers[1].index_keys.shape == (3, 16, TINY.index_head_dim)
+    assert state.layers[0].entries.shape == (3 * 16 // 16, 16, TINY.head_dim)  # ⌈50/4⌉ = 13 → one page of 16
+    assert state.layers[0].compressor.kv.shape == (3, 8, 2, TINY.head_dim)  # CSA: 2m slots, Ca/Cb series
+    assert state.layers[1].compressor.kv.shape == (3, 8, TINY.head_dim)  # HCA: m' slots
+    assert state.layers[0].index_keys.shape == (3, 16, TINY.index_head_dim)
+    assert state.mtp.entries is None and state.mtp.window.shape == state.layers[0].window.shape
 
 
 def test_memory_report_v4_flash_1m():

@@ -88,9 +88,9 @@ def test_greedy_matches_transformers(hf_pair):
 # ------------------------------------------------------------------------------------------------------
 # Batch invariance and MTP (bf16 cache: the unquantized mode's storage dtype)
 
-# One layer of each type (window 8; CSA m=4 picking the top 3 entries; HCA m'=8) and an MTP block.
-TINY = m1.Config.tiny().replace(num_hidden_layers=3, layer_types=(m1.SLIDING, m1.CSA, m1.HCA),
-                                mlp_layer_types=(m1.HASH_MOE, m1.MOE, m1.MOE))
+# Window 8; a CSA layer (m=4, top 3 entries), an HCA layer (m'=8) and the MTP block (sliding window).
+TINY = m1.Config.tiny().replace(num_hidden_layers=2, layer_types=(m1.CSA, m1.HCA),
+                                mlp_layer_types=(m1.HASH_MOE, m1.MOE))
 PROMPTS = [[int(x) for x in np.random.default_rng(i).integers(0, TINY.vocab_size, n)] for i, n in
            enumerate([6, 19, 1])]
 RUN = dict(max_batch=3, max_len=19 + NEW, cache_dtype="bf16", stop_tokens=(), chunk=8, page_size=16)
@@ -181,15 +181,21 @@ def test_stop_tokens(tiny, greedy_batch):
 
 def test_probabilities_filters():
     logits = jnp.log(jnp.array([[0.5, 0.25, 0.15, 0.1]]))
-    np.testing.assert_array_equal(sampling.probabilities(logits, sampling.Sampling()), [[1, 0, 0, 0]])
-    p = sampling.probabilities(logits, sampling.Sampling(temperature=1.0, top_k=2))
-    np.testing.assert_allclose(p, [[2 / 3, 1 / 3, 0, 0]], rtol=1e-6)
-    p = sampling.probabilities(logits, sampling.Sampling(temperature=1.0, top_p=0.7))  # 0.5 + 0.25 reaches 0.7
-    np.testing.assert_allclose(p, [[2 / 3, 1 / 3, 0, 0]], rtol=1e-6)
-    p = sampling.probabilities(logits, sampling.Sampling(temperature=1.0, top_p=0.4))  # the top token alone
-    np.testing.assert_allclose(p, [[1, 0, 0, 0]], rtol=1e-6)
-    p = sampling.probabilities(logits, sampling.Sampling(temperature=2.0))
-    np.testing.assert_allclose(p, jax.nn.softmax(logits / 2), rtol=1e-6)
+    probs = jax.jit(sampling.probabilities)  # one compilation serves every setting
+
+    def p(**kw):
+        return probs(logits, sampling.Sampling(**kw).arrays())
+
+    np.testing.assert_array_equal(p(), [[1, 0, 0, 0]])  # greedy
+    np.testing.assert_allclose(p(temperature=1.0, top_k=2), [[2 / 3, 1 / 3, 0, 0]], rtol=1e-6)
+    np.testing.assert_allclose(p(temperature=1.0, top_p=0.7), [[2 / 3, 1 / 3, 0, 0]], rtol=1e-6)  # 0.5+0.25 ≥ 0.7
+    np.testing.assert_allclose(p(temperature=1.0, top_p=0.4), [[1, 0, 0, 0]], rtol=1e-6)  # the top token alone
+    # top-k first (0.5, 0.25, 0.15 renormalised), then top-p of what is left: 5/9 + 5/18 ≥ 0.8. In the other
+    # order 0.5 + 0.25 < 0.8 would keep three tokens.
+    np.testing.assert_allclose(p(temperature=1.0, top_k=3, top_p=0.8), [[2 / 3, 1 / 3, 0, 0]], rtol=1e-6)
+    np.testing.assert_allclose(p(temperature=2.0), jax.nn.softmax(logits / 2), rtol=1e-6)
+    with pytest.raises(ValueError, match="top_p"):
+        sampling.Sampling(top_p=1.5)
 
 
 def test_speculative_acceptance_keeps_the_target_distribution():
