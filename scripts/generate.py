@@ -127,9 +127,10 @@ def main() -> None:
     cache_dtype = args.cache_dtype or ("fp8" if (cfg.head_dim, cfg.qk_rope_head_dim) == (512, 64) else "bf16")
 
     try:
-        spec = m1.make_spec(cfg, max_batch=len(prompts), max_len=args.max_len or max(map(len, prompts))
-                            + args.max_new_tokens, cache_dtype=cache_dtype, chunk=args.chunk, dtype=dtype, mtp=args.mtp)
-        if layout is not None:
+        if layout is not None:  # the decode state generate() will allocate, planned per device first
+            spec = m1.make_spec(cfg, max_batch=len(prompts), max_len=args.max_len or max(map(len, prompts))
+                                + args.max_new_tokens, cache_dtype=cache_dtype, chunk=args.chunk, dtype=dtype,
+                                mtp=args.mtp)
             plan = sharded_decode.state_plan(layout, cfg, spec)
             print(f"mesh    {sh.describe(layout.mesh)}, layout {args.layout}")
             print(distributed.memory_report({"params": nnx.state(model), "decode state": plan}))
