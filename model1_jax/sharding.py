@@ -382,10 +382,6 @@ def layout_from_args(args: argparse.Namespace) -> Layout | None:
         raise SystemExit(f"--mesh/--layout/--rules: {e}") from None
 
 
-def to_partition_specs(shardings: Any) -> Any:
-    return jax.tree.map(lambda s: s.spec, shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-
-
 # ------------------------------------------------------------------------------------------------
 # Placing a model
 
