@@ -141,7 +141,7 @@ def test_fp8_cache():
     Dequantization is exact (fp8 · 2^k, spec kernels §1.3), so the only differences left are fp32 noise
     and its consequence: an element within ~1e-7 of a rounding boundary can round to the neighbouring
     value in one path and not the other (one fp8 step is 2^-3 of the element, one bf16 step 2^-8). A few
-    such elements among the ~10^5 rounded ones move logits by ~1e-3 of max |logit| (measured: 1.8e-3);
+    such elements among the ~10^5 rounded ones move logits by ~1e-3 of max |logit| (measured: 3.5e-3);
     we allow 1e-2. The rounding itself moves this random model's logits by 0.1–0.4 of max |logit| (MoE
     routing flips included), so a cache that did not round, or rounded differently, fails.
     """
