@@ -6,13 +6,29 @@
     model = m1.from_pretrained("dir", dtype=jnp.float32)   # HF-format (dense or FP8/FP4) or Orbax
     m1.save(model, "ckpt")                          # Orbax, atomic
     model = m1.load("ckpt", dtype=jnp.bfloat16, mesh=mesh, shardings=...)
+    gen = m1.generate(model, [[1, 2, 3]], max_new_tokens=32)   # gen.tokens, gen.stats
 """
 
 from model1_jax.checkpoint import load, save
 from model1_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING, Config, RopeScaling
+from model1_jax.decode import decode_step, prefill
+from model1_jax.decode_state import (
+    CACHE_DTYPES,
+    CacheSpec,
+    DecodeState,
+    MemoryReport,
+    init_state,
+    make_spec,
+    max_len_for_budget,
+    memory_report,
+)
+from model1_jax.generation import Generation, GenerationStats, generate
 from model1_jax.loading import CheckpointError, from_pretrained
 from model1_jax.model import Model1
 from model1_jax.quant import BlockQuantized
+from model1_jax.sampling import Sampling
 
-__all__ = ["CSA", "HASH_MOE", "HCA", "MOE", "SLIDING", "BlockQuantized", "CheckpointError", "Config", "Model1",
-           "RopeScaling", "from_pretrained", "load", "save"]
+__all__ = ["CACHE_DTYPES", "CSA", "HASH_MOE", "HCA", "MOE", "SLIDING", "BlockQuantized", "CacheSpec",
+           "CheckpointError", "Config", "DecodeState", "Generation", "GenerationStats", "MemoryReport", "Model1",
+           "RopeScaling", "Sampling", "decode_step", "from_pretrained", "generate", "init_state", "load",
+           "make_spec", "max_len_for_budget", "memory_report", "prefill", "save"]
