@@ -32,7 +32,8 @@ from model1_jax.quant import BlockQuantized
 from model1_jax.sampling import Sampling
 from model1_jax.sharding import Layout, Rules, make_mesh
 
-__all__ = ["CACHE_DTYPES", "CSA", "HASH_MOE", "HCA", "MOE", "SLIDING", "BlockQuantized", "CacheSpec", "CheckpointError",
-           "Config", "DecodeState", "Generation", "GenerationStats", "Layout", "MemoryReport", "Model1", "RopeScaling",
-           "Rules", "Sampling", "decode_step", "distributed", "from_pretrained", "generate", "init_state", "load",
-           "make_mesh", "make_spec", "max_len_for_budget", "memory_report", "prefill", "save", "sharding"]
+__all__ = ["CACHE_DTYPES", "CSA", "HASH_MOE", "HCA", "MOE", "SLIDING", "BlockQuantized", "CacheSpec",
+           "CheckpointError", "Config", "DecodeState", "Generation", "GenerationStats", "Layout", "MemoryReport",
+           "Model1", "RopeScaling", "Rules", "Sampling", "decode_step", "distributed", "from_pretrained", "generate",
+           "init_state", "load", "make_mesh", "make_spec", "max_len_for_budget", "memory_report", "prefill", "save",
+           "sharding"]
