@@ -12,7 +12,7 @@ import zlib
 
 import numpy as np
 
-import flashmla_oracle as oracle
+from tests import flashmla_oracle as oracle
 
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 

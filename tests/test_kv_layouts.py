@@ -9,7 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import flashmla_oracle as oracle
+from tests import flashmla_oracle as oracle
 from pallas_kernels import (DENSE, MODEL1, V32, cache_bytes, cache_shape, dequantize_kv, get_layout, quantize_kv,
                             read_tokens, write_kv)
 

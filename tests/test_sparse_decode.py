@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import flashmla_oracle as oracle
-from decode_cases import Case, Scope, make_inputs, oracle_decode
+from tests import flashmla_oracle as oracle
+from tests.decode_cases import Case, Scope, make_inputs, oracle_decode
 from pallas_kernels import DENSE, MODEL1, V32, DenseLayout, dequantize_kv, get_layout, sparse_mla_decode
 from pallas_kernels.triton_decode import choose_num_splits, sparse_mla_decode_triton, tile_addresses
 
