@@ -1,0 +1,234 @@
+"""The training step: masked next-token + MTP cross-entropy, gradient accumulation, optax update, balance.
+
+    trainer = Trainer(model, optimizer_config, TrainConfig(mtp_weight=0.3))
+    metrics = trainer.step({"ids": ids_abt, "mask": mask_abt})     # a micro-batches of [b, t]
+    model = trainer.model()                                        # the trained model, merged back
+
+Loss, for ids [b, t] and a target mask [b, t] (1 where a token is a training target; 0 for padding
+and prompt tokens):
+    L = Σ_t m[t+1]·CE(logits[t], ids[t+1]) / Σ m  +  w_mtp · Σ_t m[t+2]·CE(mtp_logits[t], ids[t+2]) / Σ m
+      + α · Σ_moe-layers L_bal
+`mtp_logits[t]` (the MTP block on the main streams at t and the embedding of token t+1) predicts
+token t+2 (spec §4.10). The MTP weight is configuration: DeepSeek-V3 used 0.3, then 0.1; V4's is not
+published (spec §11). Sums are normalised by the target count of the whole (accumulated) batch, so
+accumulating a micro-batches gives the gradient of the large batch.
+
+Precision: trainable parameters are kept in float32 (master weights, and so is the optimizer state)
+whatever the model's storage dtype; the model computes in its own `dtype` (bf16 for training), with
+the fp32 weights cast at each read (`layers.weight`). Decoder layers are rematerialised.
+
+What trains (`trainable_filter`): every `nnx.Param` except (a) the lightning indexers, which receive
+no gradient from the LM loss — they return integer picks (spec §4.6 item 7, §10.15); training them
+needs their own objective (DeepSeek-V3.2 distils the main attention with a KL loss; V4's is not
+published), and AdamW's decoupled weight decay would otherwise shrink them with zero gradient —
+and (b) the MTP block when its loss weight is 0. Router biases are `Buffer`s moved by `balance`,
+hash tables never change. With LoRA (`lora=True`) only the adapters train.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from model1_jax import balance
+from model1_jax.balance import BalanceConfig
+from model1_jax.layers import Buffer
+from model1_jax.moe import RoutingDecision
+from model1_jax.optim import OptimizerConfig, build_optimizer, learning_rate_schedule
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    mtp_weight: float = 0.3
+    remat: bool = True
+    balance: BalanceConfig = BalanceConfig()
+
+    def __post_init__(self):
+        if not self.mtp_weight >= 0:
+            raise ValueError(f"TrainConfig.mtp_weight: expected >= 0, got {self.mtp_weight!r}")
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a step changes; an Orbax checkpoint of it resumes training exactly."""
+
+    step: jax.Array          # int32 scalar: optimizer steps taken
+    params: nnx.State        # trainable variables, float32, pure arrays
+    buffers: nnx.State       # router biases (balance update) and hash tables (frozen)
+    opt_state: Any
+
+
+def trainable_filter(model: nnx.Module, config: TrainConfig, *, lora: bool = False) -> nnx.filterlib.Filter:
+    """The variables that train (see the module docstring for why the indexer is excluded)."""
+    if lora:
+        return nnx.LoRAParam
+    frozen = [nnx.PathContains("indexer")]
+    if getattr(model, "mtp", None) is not None and config.mtp_weight == 0:
+        frozen.append(nnx.PathContains("mtp"))
+    return nnx.All(nnx.Param, nnx.Not(nnx.Any(*frozen)))
+
+
+def cross_entropy_sums(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
+    """Σ mask · CE(logits, targets) in float32."""
+    ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv.astype(F32), targets_bt)
+    return jnp.sum(ce_bt * mask_bt.astype(F32))
+
+
+def target_counts(mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """How many targets the main loss (positions 1..) and the MTP loss (positions 2..) see."""
+    return jnp.sum(mask_bt[..., 1:].astype(F32)), jnp.sum(mask_bt[..., 2:].astype(F32))
+
+
+def loss_sums(model: nnx.Module, ids_bt: jax.Array, mask_bt: jax.Array, *, mtp: bool, remat: bool = False
+              ) -> tuple[jax.Array, jax.Array]:
+    """(Σ masked next-token CE, Σ masked MTP CE) of one batch; the MTP sum is 0 when `mtp` is False."""
+    streams_btcd = model.streams(ids_bt, remat=remat)
+    main = cross_entropy_sums(model.head(streams_btcd)[:, :-1], ids_bt[:, 1:], mask_bt[:, 1:])
+    if not mtp:
+        return main, jnp.zeros((), F32)
+    mtp_logits = model.mtp_logits(streams_btcd[:, :-1], ids_bt[:, 1:])   # row t predicts token t+2
+    return main, cross_entropy_sums(mtp_logits[:, :-1], ids_bt[:, 2:], mask_bt[:, 2:])
+
+
+def _routing_terms(captured: nnx.State, batch: int, num_experts: int, biased: set, with_loss: bool
+                   ) -> tuple[dict, jax.Array]:
+    """Per-router expert loads and the summed sequence-wise balance loss of the biased routers."""
+    loads, bal = {}, jnp.zeros((), F32)
+    for path, calls in balance.decisions(captured).items():
+        loads[path] = sum(balance.expert_load(experts, num_experts) for experts, _ in calls)
+        if with_loss and path in biased:
+            bal = bal + sum(balance.sequence_balance_loss(experts, scores, batch) for experts, scores in calls)
+    return loads, bal
+
+
+class _Program:
+    """The jitted step and eval functions for one model structure and configuration.
+
+    Cached by (graph, configs), so Trainers of identically shaped models share compilations.
+    """
+
+    def __init__(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: TrainConfig,
+                 schedule: optax.Schedule, use_mtp: bool, num_experts: int, biased: frozenset):
+        self.graphdef, self.tx, self.config, self.schedule = graphdef, tx, config, schedule
+        self.use_mtp, self.num_experts, self.biased = use_mtp, num_experts, biased
+        self.train_step = jax.jit(self._step_fn, donate_argnums=0)
+        self.eval_step = jax.jit(self._eval_fn)
+
+    def _micro_loss(self, params, buffers, frozen, ids_bt, mask_bt, n_main, n_mtp, accum):
+        model = nnx.merge(self.graphdef, params, buffers, frozen)
+        fwd = nnx.capture(lambda m: loss_sums(m, ids_bt, mask_bt, mtp=self.use_mtp, remat=self.config.remat),
+                          RoutingDecision)
+        (main, mtp), captured = fwd(model)
+        alpha = self.config.balance.sequence_loss_weight
+        loads, bal = _routing_terms(captured, ids_bt.shape[0], self.num_experts, self.biased, alpha > 0)
+        loss = main / n_main + self.config.mtp_weight * mtp / n_mtp + alpha * bal / accum
+        return loss, {"main": main, "mtp": mtp, "balance_loss": bal / accum, "loads": loads}
+
+    def _step_fn(self, state: TrainState, frozen, batch):
+        ids_abt, mask_abt = batch["ids"], batch["mask"]
+        accum = ids_abt.shape[0]
+        n_main, n_mtp = target_counts(mask_abt)
+        n_main, n_mtp = jnp.maximum(n_main, 1.0), jnp.maximum(n_mtp, 1.0)
+        grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
+
+        def micro(carry, xs):
+            grads, aux_sum = carry
+            (_, aux), g = grad_fn(state.params, state.buffers, frozen, xs[0], xs[1], n_main, n_mtp, accum)
+            return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, aux_sum, aux)), None
+
+        aux_shape = jax.eval_shape(lambda: grad_fn(state.params, state.buffers, frozen, ids_abt[0], mask_abt[0],
+                                                   n_main, n_mtp, accum)[0][1])
+        zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+        (grads, aux), _ = jax.lax.scan(micro, (zeros(state.params), zeros(aux_shape)), (ids_abt, mask_abt))
+
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        buffers = state.buffers
+        if self.config.balance.bias_rate > 0 and self.biased:
+            buffers = balance.update_bias(buffers, aux["loads"], self.config.balance.bias_rate)
+        main, mtp = aux["main"] / n_main, aux["mtp"] / n_mtp
+        alpha = self.config.balance.sequence_loss_weight
+        metrics = {
+            "loss": main + self.config.mtp_weight * mtp + alpha * aux["balance_loss"],
+            "main_loss": main, "mtp_loss": mtp, "balance_loss": aux["balance_loss"],
+            "grad_norm": optax.global_norm(grads),
+            "grads_finite": jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])),
+            "learning_rate": self.schedule(state.step),
+            "loads": aux["loads"],
+        }
+        return TrainState(step=state.step + 1, params=params, buffers=buffers, opt_state=opt_state), metrics
+
+    def _eval_fn(self, params, buffers, frozen, ids_bt, mask_bt):
+        model = nnx.merge(self.graphdef, params, buffers, frozen)
+        main, mtp = loss_sums(model, ids_bt, mask_bt, mtp=self.use_mtp)
+        n_main, n_mtp = target_counts(mask_bt)
+        return {"main": main, "mtp": mtp, "n_main": n_main, "n_mtp": n_mtp}
+
+
+_PROGRAMS: dict[tuple, _Program] = {}
+
+
+class Trainer:
+    """Owns the split model (static graph, trainable state, frozen rest), the optimizer and the jitted step."""
+
+    def __init__(self, model: nnx.Module, optimizer: OptimizerConfig, config: TrainConfig = TrainConfig(), *,
+                 lora: bool = False):
+        self.config = config
+        self.optimizer_config = optimizer
+        self.lora = lora
+        wrt = trainable_filter(model, config, lora=lora)
+        graphdef, params, buffers, frozen = nnx.split(model, wrt, Buffer, ...)
+        params = nnx.as_pure(params)
+        self._storage_dtypes = jax.tree.map(lambda x: x.dtype, params)
+        params = jax.tree.map(lambda x: x.astype(F32), params)  # fp32 master weights
+        self.frozen = nnx.as_pure(frozen)
+        buffers = nnx.as_pure(buffers)
+        key = (graphdef, optimizer, config, lora)
+        if key not in _PROGRAMS:
+            use_mtp = getattr(model, "mtp", None) is not None and config.mtp_weight > 0
+            _PROGRAMS[key] = _Program(graphdef, build_optimizer(optimizer, model, wrt), config,
+                                      learning_rate_schedule(optimizer), use_mtp, model.config.n_routed_experts,
+                                      frozenset(balance.bias_paths(buffers)))
+        self.program = _PROGRAMS[key]
+        self.use_mtp = self.program.use_mtp
+        self.biased_paths = self.program.biased
+        self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params, buffers=buffers,
+                                opt_state=self.program.tx.init(params))
+
+    # -- host API -----------------------------------------------------------------------------------
+
+    def step(self, batch: dict[str, jax.Array]) -> dict[str, Any]:
+        """One optimizer step on `{"ids": int [a, b, t], "mask": [a, b, t]}` (a micro-batches accumulated)."""
+        ids, mask = jnp.asarray(batch["ids"], jnp.int32), jnp.asarray(batch["mask"])
+        if ids.ndim != 3 or mask.shape != ids.shape:
+            raise ValueError(f"Trainer.step: expected ids and mask of shape [micro-batches, batch, tokens], "
+                             f"got {ids.shape} and {mask.shape}")
+        if ids.shape[-1] < (3 if self.use_mtp else 2):
+            raise ValueError(f"Trainer.step: sequences of {ids.shape[-1]} tokens are too short to have targets")
+        self.state, metrics = self.program.train_step(self.state, self.frozen, {"ids": ids, "mask": mask})
+        return metrics
+
+    def evaluate(self, batches) -> dict[str, float]:
+        """Mean held-out next-token (and MTP) cross-entropy over `(ids [b, t], mask [b, t])` batches."""
+        sums = {"main": 0.0, "mtp": 0.0, "n_main": 0.0, "n_mtp": 0.0}
+        for ids, mask in batches:
+            out = self.program.eval_step(self.state.params, self.state.buffers, self.frozen, jnp.asarray(ids, jnp.int32),
+                                  jnp.asarray(mask))
+            sums = {k: sums[k] + float(out[k]) for k in sums}
+        if sums["n_main"] == 0:
+            raise ValueError("Trainer.evaluate: the held-out batches contain no targets")
+        result = {"eval_loss": sums["main"] / sums["n_main"]}
+        if self.use_mtp and sums["n_mtp"] > 0:
+            result["eval_mtp_loss"] = sums["mtp"] / sums["n_mtp"]
+        return result
+
+    def model(self) -> nnx.Module:
+        """The current model, its trained weights cast back to the storage dtypes it came with."""
+        params = jax.tree.map(lambda x, dt: x.astype(dt), self.state.params, self._storage_dtypes)
+        return nnx.merge(self.program.graphdef, params, self.state.buffers, self.frozen)

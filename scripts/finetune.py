@@ -1,0 +1,152 @@
+"""Fine-tune MODEL1 with optax: full or LoRA, AdamW or Muon, MTP loss, aux-loss-free MoE balancing.
+
+    python scripts/finetune.py          # a small MODEL1-shaped model on the Python standard library's
+                                        # sources (bytes), a few minutes on a CPU, checkpoint in ./finetune_run
+    python scripts/finetune.py --model DIR --data train.jsonl --tokenizer DIR/tokenizer.json \\
+        --lora-rank 16 --optimizer muon --steps 2000 --checkpoint-dir run1
+    python scripts/finetune.py ... --checkpoint-dir run1 --resume      # continue a killed run exactly
+
+Data: text files (one document each) or JSONL lines {"text": ...} / {"messages": [{"role", "content"}]}
+(only assistant turns are targets). Without --tokenizer, text is tokenized as UTF-8 bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import model1_jax as m1
+from model1_jax import data as mdata
+from model1_jax.balance import BalanceConfig
+from model1_jax.finetune import TrainCheckpointer, fit, tokens_per_second
+from model1_jax.lora import PRESETS, LoRAConfig, apply_lora, save_adapters
+from model1_jax.optim import OPTIMIZERS, OptimizerConfig
+from model1_jax.summary import human
+from model1_jax.training import TrainConfig, Trainer
+
+
+def default_config() -> m1.Config:
+    """`Config.tiny()`: every attention and MLP type, byte vocabulary, a sliding window of 32."""
+    return m1.Config.tiny().replace(sliding_window=32)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", help="HF-format checkpoint directory (default: a small random-init config)")
+    g.add_argument("--data", nargs="+", help="text or .jsonl files (default: the Python standard library sources)")
+    g.add_argument("--tokenizer", help="tokenizer.json (default: UTF-8 bytes)")
+    g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--eval-fraction", type=float, default=0.02)
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="compute dtype (default: bfloat16 on GPU, float32 on CPU); trained weights stay float32")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--optimizer", default="adamw", help=f"one of {OPTIMIZERS}")
+    g.add_argument("--steps", type=int, default=300)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--accum-steps", type=int, default=1)
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--warmup-steps", type=int, default=30)
+    g.add_argument("--min-lr-ratio", type=float, default=0.1)
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--clip-norm", type=float, default=1.0)
+    g.add_argument("--mtp-weight", type=float, default=0.3)
+    g.add_argument("--bias-rate", type=float, default=1e-3, help="aux-loss-free router bias step γ")
+    g.add_argument("--seq-balance-weight", type=float, default=0.0, help="sequence-wise balance loss α")
+    g.add_argument("--no-remat", action="store_true", help="keep decoder-layer activations (more memory)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning")
+    g.add_argument("--lora-alpha", type=float, default=16.0)
+    g.add_argument("--lora-targets", nargs="+", default=["attention"],
+                   help=f"presets {sorted(PRESETS)} or regular expressions over module paths")
+    g = p.add_argument_group("run")
+    g.add_argument("--checkpoint-dir", default="finetune_run")
+    g.add_argument("--checkpoint-every", type=int, default=100)
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
+    g.add_argument("--log-every", type=int, default=20)
+    g.add_argument("--eval-every", type=int, default=100)
+    g.add_argument("--eval-batches", type=int, default=16, help="held-out batches per evaluation (at most)")
+    g.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    try:
+        run(parse_args(argv))
+    except (ValueError, FileNotFoundError) as e:  # configuration and data errors: the message says it all
+        sys.exit(f"finetune.py: error: {e}")
+
+
+def run(args: argparse.Namespace) -> None:
+    on_gpu = jax.default_backend() == "gpu"
+    dtype = jnp.dtype(args.dtype or ("bfloat16" if on_gpu else "float32"))
+    # Every argument is checked before any model is built.
+    optimizer = OptimizerConfig(name=args.optimizer, learning_rate=args.lr, warmup_steps=args.warmup_steps,
+                                total_steps=args.steps, min_lr_ratio=args.min_lr_ratio,
+                                weight_decay=args.weight_decay, clip_norm=args.clip_norm or None)
+    train_config = TrainConfig(mtp_weight=args.mtp_weight, remat=not args.no_remat,
+                               balance=BalanceConfig(args.bias_rate, args.seq_balance_weight))
+    lora = LoRAConfig(args.lora_rank, args.lora_alpha, tuple(args.lora_targets)) if args.lora_rank else None
+    config = m1.Config.from_hf(args.model) if args.model else default_config()
+    if args.seq_len > config.max_position_embeddings:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
+                         f"({config.max_position_embeddings})")
+
+    tokenizer = mdata.HFTokenizer(args.tokenizer) if args.tokenizer else mdata.ByteTokenizer()
+    files = args.data or mdata.default_corpus()
+    eos = config.eos_token_ids[0] if config.eos_token_ids else None
+    t0 = time.perf_counter()
+    dataset = mdata.build_dataset(files, tokenizer, seq_len=args.seq_len, eos_id=eos, vocab_size=config.vocab_size,
+                                  eval_fraction=args.eval_fraction)
+    print(f"data    {len(files)} file(s), tokenizer {tokenizer.name}: {dataset.train_ids.shape[0]} training and "
+          f"{dataset.eval_ids.shape[0]} held-out sequences of {args.seq_len} tokens ({time.perf_counter() - t0:.1f} s)")
+
+    if args.model:
+        model = m1.from_pretrained(args.model, dtype=dtype)
+        where = args.model
+    else:
+        model = m1.Model1(config, rngs=nnx.Rngs(args.seed), dtype=dtype)
+        where = f"random init (seed {args.seed})"
+    if lora:
+        paths = apply_lora(model, lora, rngs=nnx.Rngs(args.seed + 1))
+        print(f"lora    rank {lora.rank}, alpha {lora.alpha} on {len(paths)} projections ({', '.join(lora.targets)})")
+    trainer = Trainer(model, optimizer, train_config, lora=lora is not None)
+    n_train = sum(x.size for x in jax.tree.leaves(trainer.state.params))
+    print(f"model   {where}: {config.num_hidden_layers} layers {list(config.layer_types)}, hidden "
+          f"{config.hidden_size}, {config.n_routed_experts} experts; {human(n_train)} trainable parameters, "
+          f"compute {dtype.name}, {args.optimizer}")
+
+    batches = mdata.Batches(dataset, args.batch_size, args.accum_steps, seed=args.seed)
+    checkpointer = TrainCheckpointer(args.checkpoint_dir, every=args.checkpoint_every)
+    record = {"data_fingerprint": dataset.fingerprint(), "data_seed": args.seed, "batch_size": args.batch_size,
+              "accum_steps": args.accum_steps, "seq_len": args.seq_len, "optimizer": dataclasses.asdict(optimizer),
+              "lora": dataclasses.asdict(lora) if lora else None}
+    if args.resume:
+        json_record = json.loads(json.dumps(record))  # tuples → lists, as stored
+        checkpointer.restore(trainer, expect=json_record)
+        print(f"resume  from step {int(trainer.state.step)} in {checkpointer.directory}")
+    elif checkpointer.latest_step() is not None:
+        raise ValueError(f"{checkpointer.directory} already holds checkpoints; pass --resume or another "
+                         "--checkpoint-dir")
+
+    history = fit(trainer, batches, args.steps, checkpointer=checkpointer, meta=record, eval_data=dataset,
+                  eval_every=args.eval_every, eval_batches_max=args.eval_batches, log_every=args.log_every, progress=not args.no_progress)
+    checkpointer.close()
+    print(f"done    {int(trainer.state.step)} steps, {tokens_per_second(history):,.0f} tokens/s "
+          f"({jax.devices()[0].platform}); training checkpoint in {checkpointer.directory}")
+    if lora:
+        out = save_adapters(trainer.model(), os.path.join(checkpointer.directory, "adapters"), lora)
+        print(f"saved   LoRA adapters alone in {out}")
+
+
+if __name__ == "__main__":
+    main()
