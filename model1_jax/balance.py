@@ -76,11 +76,11 @@ def update_bias(buffers: nnx.State, loads: dict[Path, jax.Array], rate: float) -
     """The aux-loss-free step: every router bias moves by `rate` towards its step's mean load.
 
     `loads` maps router paths to per-expert token counts; routers without a bias (hash layers)
-    are ignored, and every biased router must have a load.
+    are ignored, and so are biased routers that did not run (the MTP block when its loss is off).
     """
     flat = []
     for path, value in nnx.to_flat_state(buffers):
-        if path[-1] == BIAS:
+        if path[-1] == BIAS and tuple(path[:-1]) in loads:
             load_e = loads[tuple(path[:-1])]
             value = value + rate * jnp.sign(jnp.mean(load_e) - load_e).astype(value.dtype)
         flat.append((path, value))

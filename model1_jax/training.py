@@ -15,14 +15,16 @@ accumulating a micro-batches gives the gradient of the large batch.
 
 Precision: trainable parameters are kept in float32 (master weights, and so is the optimizer state)
 whatever the model's storage dtype; the model computes in its own `dtype` (bf16 for training), with
-the fp32 weights cast at each read (`layers.weight`). Decoder layers are rematerialised.
+the fp32 weights cast at each read (`layers.weight`). `remat` recomputes each decoder layer in the
+backward pass instead of storing its activations (long sequences).
 
 What trains (`trainable_filter`): every `nnx.Param` except (a) the lightning indexers, which receive
 no gradient from the LM loss — they return integer picks (spec §4.6 item 7, §10.15); training them
 needs their own objective (DeepSeek-V3.2 distils the main attention with a KL loss; V4's is not
 published), and AdamW's decoupled weight decay would otherwise shrink them with zero gradient —
 and (b) the MTP block when its loss weight is 0. Router biases are `Buffer`s moved by `balance`,
-hash tables never change. With LoRA (`lora=True`) only the adapters train.
+hash tables never change. With LoRA (`lora=True`) only the adapters train and the whole base,
+router biases included, stays bit-identical.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from flax import nnx, struct
 from model1_jax import balance
 from model1_jax.balance import BalanceConfig
 from model1_jax.layers import Buffer
-from model1_jax.moe import RoutingDecision
+from model1_jax.moe import Router, RoutingDecision
 from model1_jax.optim import OptimizerConfig, build_optimizer, learning_rate_schedule
 
 F32 = jnp.float32
@@ -47,7 +49,7 @@ F32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     mtp_weight: float = 0.3
-    remat: bool = True
+    remat: bool = False  # recompute decoder layers in the backward pass: long sequences, less memory
     balance: BalanceConfig = BalanceConfig()
 
     def __post_init__(self):
@@ -114,9 +116,12 @@ class _Program:
     """
 
     def __init__(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: TrainConfig,
-                 schedule: optax.Schedule, use_mtp: bool, num_experts: int, biased: frozenset):
+                 schedule: optax.Schedule, use_mtp: bool, num_experts: int, routers: tuple, biased: frozenset, *,
+                 update_bias: bool):
         self.graphdef, self.tx, self.config, self.schedule = graphdef, tx, config, schedule
-        self.use_mtp, self.num_experts, self.biased = use_mtp, num_experts, biased
+        self.use_mtp, self.num_experts, self.routers, self.biased = use_mtp, num_experts, routers, biased
+        # A LoRA base stays frozen, router biases included.
+        self.update_bias = update_bias and config.balance.bias_rate > 0 and bool(biased)
         self.train_step = jax.jit(self._step_fn, donate_argnums=0)
         self.eval_step = jax.jit(self._eval_fn)
 
@@ -142,22 +147,23 @@ class _Program:
             (_, aux), g = grad_fn(state.params, state.buffers, frozen, xs[0], xs[1], n_main, n_mtp, accum)
             return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, aux_sum, aux)), None
 
-        aux_shape = jax.eval_shape(lambda: grad_fn(state.params, state.buffers, frozen, ids_abt[0], mask_abt[0],
-                                                   n_main, n_mtp, accum)[0][1])
-        zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
-        (grads, aux), _ = jax.lax.scan(micro, (zeros(state.params), zeros(aux_shape)), (ids_abt, mask_abt))
+        zero = jnp.zeros((), F32)
+        aux0 = {"main": zero, "mtp": zero, "balance_loss": zero,
+                "loads": {p: jnp.zeros((self.num_experts,), F32) for p in self.routers}}
+        grads0 = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, aux), _ = jax.lax.scan(micro, (grads0, aux0), (ids_abt, mask_abt))
 
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         buffers = state.buffers
-        if self.config.balance.bias_rate > 0 and self.biased:
+        if self.update_bias:
             buffers = balance.update_bias(buffers, aux["loads"], self.config.balance.bias_rate)
         main, mtp = aux["main"] / n_main, aux["mtp"] / n_mtp
         alpha = self.config.balance.sequence_loss_weight
         metrics = {
             "loss": main + self.config.mtp_weight * mtp + alpha * aux["balance_loss"],
             "main_loss": main, "mtp_loss": mtp, "balance_loss": aux["balance_loss"],
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "grads_finite": jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])),
             "learning_rate": self.schedule(state.step),
             "loads": aux["loads"],
@@ -189,17 +195,22 @@ class Trainer:
         params = jax.tree.map(lambda x: x.astype(F32), params)  # fp32 master weights
         self.frozen = nnx.as_pure(frozen)
         buffers = nnx.as_pure(buffers)
+        self.max_len = model.config.max_position_embeddings
         key = (graphdef, optimizer, config, lora)
         if key not in _PROGRAMS:
             use_mtp = getattr(model, "mtp", None) is not None and config.mtp_weight > 0
+            routers = tuple(path for path, m in nnx.iter_modules(model) if isinstance(m, Router)
+                            and (use_mtp or path[0] != "mtp"))
             _PROGRAMS[key] = _Program(graphdef, build_optimizer(optimizer, model, wrt), config,
                                       learning_rate_schedule(optimizer), use_mtp, model.config.n_routed_experts,
-                                      frozenset(balance.bias_paths(buffers)))
+                                      routers, frozenset(balance.bias_paths(buffers)), update_bias=not lora)
         self.program = _PROGRAMS[key]
         self.use_mtp = self.program.use_mtp
         self.biased_paths = self.program.biased
-        self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params, buffers=buffers,
-                                opt_state=self.program.tx.init(params))
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, buffers=buffers,
+                           opt_state=self.program.tx.init(params))
+        # Committed to their devices, like a restored checkpoint's arrays, so both share one compilation.
+        self.state = jax.tree.map(lambda x: jax.device_put(x, x.sharding), state)
 
     # -- host API -----------------------------------------------------------------------------------
 
@@ -211,6 +222,9 @@ class Trainer:
                              f"got {ids.shape} and {mask.shape}")
         if ids.shape[-1] < (3 if self.use_mtp else 2):
             raise ValueError(f"Trainer.step: sequences of {ids.shape[-1]} tokens are too short to have targets")
+        if ids.shape[-1] > self.max_len:
+            raise ValueError(f"Trainer.step: sequences of {ids.shape[-1]} tokens exceed the model's "
+                             f"max_position_embeddings ({self.max_len})")
         self.state, metrics = self.program.train_step(self.state, self.frozen, {"ids": ids, "mask": mask})
         return metrics
 

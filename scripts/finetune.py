@@ -1,7 +1,7 @@
 """Fine-tune MODEL1 with optax: full or LoRA, AdamW or Muon, MTP loss, aux-loss-free MoE balancing.
 
     python scripts/finetune.py          # a small MODEL1-shaped model on the Python standard library's
-                                        # sources (bytes), a few minutes on a CPU, checkpoint in ./finetune_run
+                                        # sources (bytes), a few minutes on a CPU, checkpoint in runs/finetune
     python scripts/finetune.py --model DIR --data train.jsonl --tokenizer DIR/tokenizer.json \\
         --lora-rank 16 --optimizer muon --steps 2000 --checkpoint-dir run1
     python scripts/finetune.py ... --checkpoint-dir run1 --resume      # continue a killed run exactly
@@ -27,15 +27,15 @@ import model1_jax as m1
 from model1_jax import data as mdata
 from model1_jax.balance import BalanceConfig
 from model1_jax.finetune import TrainCheckpointer, fit, tokens_per_second
-from model1_jax.lora import PRESETS, LoRAConfig, apply_lora, save_adapters
+from model1_jax.lora import PRESETS, LoRAConfig, apply_lora, find_targets, save_adapters
 from model1_jax.optim import OPTIMIZERS, OptimizerConfig
 from model1_jax.summary import human
 from model1_jax.training import TrainConfig, Trainer
 
 
 def default_config() -> m1.Config:
-    """`Config.tiny()`: every attention and MLP type, byte vocabulary, a sliding window of 32."""
-    return m1.Config.tiny().replace(sliding_window=32)
+    """`Config.tiny()`: every attention and MLP type at toy width, byte vocabulary."""
+    return m1.Config.tiny()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--mtp-weight", type=float, default=0.3)
     g.add_argument("--bias-rate", type=float, default=1e-3, help="aux-loss-free router bias step γ")
     g.add_argument("--seq-balance-weight", type=float, default=0.0, help="sequence-wise balance loss α")
-    g.add_argument("--no-remat", action="store_true", help="keep decoder-layer activations (more memory)")
+    g.add_argument("--remat", action="store_true", help="recompute decoder layers in the backward pass (less memory)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning")
@@ -69,9 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lora-targets", nargs="+", default=["attention"],
                    help=f"presets {sorted(PRESETS)} or regular expressions over module paths")
     g = p.add_argument_group("run")
-    g.add_argument("--checkpoint-dir", default="finetune_run")
+    g.add_argument("--checkpoint-dir", default="runs/finetune")
     g.add_argument("--checkpoint-every", type=int, default=100)
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
+    g.add_argument("--stop-after", type=int, help="checkpoint and exit after this step (a time-limited job); "
+                   "--resume continues the same schedule")
     g.add_argument("--log-every", type=int, default=20)
     g.add_argument("--eval-every", type=int, default=100)
     g.add_argument("--eval-batches", type=int, default=16, help="held-out batches per evaluation (at most)")
@@ -86,14 +88,15 @@ def main(argv=None) -> None:
         sys.exit(f"finetune.py: error: {e}")
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
+    """The whole run; returns the trainer (final state) and the logged loss curve."""
     on_gpu = jax.default_backend() == "gpu"
     dtype = jnp.dtype(args.dtype or ("bfloat16" if on_gpu else "float32"))
     # Every argument is checked before any model is built.
     optimizer = OptimizerConfig(name=args.optimizer, learning_rate=args.lr, warmup_steps=args.warmup_steps,
                                 total_steps=args.steps, min_lr_ratio=args.min_lr_ratio,
                                 weight_decay=args.weight_decay, clip_norm=args.clip_norm or None)
-    train_config = TrainConfig(mtp_weight=args.mtp_weight, remat=not args.no_remat,
+    train_config = TrainConfig(mtp_weight=args.mtp_weight, remat=args.remat,
                                balance=BalanceConfig(args.bias_rate, args.seq_balance_weight))
     lora = LoRAConfig(args.lora_rank, args.lora_alpha, tuple(args.lora_targets)) if args.lora_rank else None
     config = m1.Config.from_hf(args.model) if args.model else default_config()
@@ -101,6 +104,8 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
                          f"({config.max_position_embeddings})")
 
+    if lora:  # targets are checked on the abstract model, before any data is read or weight built
+        find_targets(nnx.eval_shape(lambda: m1.Model1(config, rngs=nnx.Rngs(0))), lora.targets)
     tokenizer = mdata.HFTokenizer(args.tokenizer) if args.tokenizer else mdata.ByteTokenizer()
     files = args.data or mdata.default_corpus()
     eos = config.eos_token_ids[0] if config.eos_token_ids else None
@@ -139,13 +144,15 @@ def run(args: argparse.Namespace) -> None:
                          "--checkpoint-dir")
 
     history = fit(trainer, batches, args.steps, checkpointer=checkpointer, meta=record, eval_data=dataset,
-                  eval_every=args.eval_every, eval_batches_max=args.eval_batches, log_every=args.log_every, progress=not args.no_progress)
+                  eval_every=args.eval_every, eval_batches_max=args.eval_batches, log_every=args.log_every, progress=not args.no_progress,
+                  stop_after=args.stop_after)
     checkpointer.close()
     print(f"done    {int(trainer.state.step)} steps, {tokens_per_second(history):,.0f} tokens/s "
           f"({jax.devices()[0].platform}); training checkpoint in {checkpointer.directory}")
     if lora:
         out = save_adapters(trainer.model(), os.path.join(checkpointer.directory, "adapters"), lora)
         print(f"saved   LoRA adapters alone in {out}")
+    return trainer, history
 
 
 if __name__ == "__main__":

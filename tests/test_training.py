@@ -1,0 +1,151 @@
+"""Training step: overfitting with AdamW and Muon, MTP target alignment, accumulation, optimizer groups, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from optax.contrib import MuonDimensionNumbers
+
+import model1_jax as m1
+from model1_jax.optim import OptimizerConfig, einsum_dims, matrix_dims, param_groups
+from model1_jax.training import TrainConfig, Trainer
+from tests.util import forward_with_mtp, random_model
+
+TEXT = b"MODEL1 learns this line by heart."
+
+
+def text_batch(n: int = 32) -> dict[str, np.ndarray]:
+    ids = np.frombuffer(TEXT[:n], np.uint8).astype(np.int32)
+    ids = np.stack([ids, np.roll(ids, 5)])[None]  # [accum 1, batch 2, n]
+    return {"ids": ids, "mask": np.ones_like(ids, bool)}
+
+
+def flat(state) -> dict[tuple, np.ndarray]:
+    return {tuple(p): np.asarray(v) for p, v in nnx.to_flat_state(state)}
+
+
+def overfit(model, optimizer: OptimizerConfig, steps: int):
+    before = flat(nnx.state(model))
+    trainer = Trainer(model, optimizer, TrainConfig(mtp_weight=0.3, remat=False))
+    batch = text_batch()
+    history = [trainer.step(batch) for _ in range(steps)]
+    return trainer, before, jax.device_get(history)
+
+
+def check_trained(trainer: Trainer, before: dict, history: list):
+    last = history[-1]
+    assert all(bool(m["grads_finite"]) for m in history)
+    assert history[0]["main_loss"] > 3 and last["main_loss"] < 0.05 and last["mtp_loss"] < 0.1, last
+    trained = flat(trainer.state.params)
+    for path, value in flat(nnx.state(trainer.model())).items():
+        name = "/".join(map(str, path))
+        if path in trained:
+            assert not np.array_equal(value, before[path]), f"{name} did not change"
+        elif "indexer" in path or path[-1] == "tid2eid":
+            np.testing.assert_array_equal(value, before[path], err_msg=f"{name} is frozen and must not change")
+        elif path[-1] == "e_score_correction_bias":
+            assert not np.array_equal(value, before[path]), f"{name}: the balance update did not move it"
+        else:
+            raise AssertionError(f"{name} is neither trained nor deliberately frozen")
+    # Every router reports its load: k = 2 picks for each of the 2·32 tokens (2·31 in the MTP block).
+    assert {p: v.sum() for p, v in last["loads"].items()} == {
+        **{("layers", i, "mlp", "gate"): 2 * 2 * 32 for i in range(4)}, ("mtp", "layer", "mlp", "gate"): 2 * 2 * 31}
+
+
+@pytest.fixture(scope="module")
+def config():
+    return m1.Config.tiny()
+
+
+def test_muon_overfits_and_trains_every_module(config):
+    """AdamW's overfit runs through scripts/finetune.py (test_finetune.py); this is Muon's."""
+    model = random_model(config, seed=2, std=0.05)
+    trainer, before, history = overfit(model, OptimizerConfig("muon", learning_rate=1e-2, weight_decay=0.0), 80)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainer.state.opt_state) if x.ndim)
+    check_trained(trainer, before, history)
+    # The indexers exist, and are deliberately outside the trained set (no LM-loss gradient reaches them).
+    indexer = [p for p in before if "indexer" in p]
+    assert len(indexer) == 2 * 6 and not set(indexer) & set(flat(trainer.state.params))
+
+
+def hand_cross_entropy(logits_btv: np.ndarray, ids: np.ndarray, mask: np.ndarray, shift: int) -> float:
+    """Σ over rows t with mask[t + shift] of −log softmax(logits[t])[ids[t + shift]], in float64."""
+    total = 0.0
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1] - shift):
+            if mask[b, t + shift]:
+                row = logits_btv[b, t].astype(np.float64)
+                total += np.log(np.sum(np.exp(row - row.max()))) + row.max() - row[ids[b, t + shift]]
+    return total
+
+
+def test_mtp_targets_accumulation_and_remat():
+    """One step of a 1-layer model with MTP, three ways: (a) its reported losses equal a hand computation
+    from `forward_with_mtp` — main row t scores ids[t+1], MTP row t scores ids[t+2], masked targets
+    skipped, both normalised by the whole batch's target counts; (b) two micro-batches of 1 with remat
+    give the gradients of one batch of 2 without.
+
+    AdamW with eps = 1 and lr = 1 makes the first update −g/(|g| + 1), smooth in g, so the parameter
+    change compares the gradients themselves (with eps ≈ 0 it would be ≈ sign(g) for tiny g).
+    """
+    cfg = m1.Config.tiny().replace(num_hidden_layers=1, layer_types=(m1.SLIDING,), mlp_layer_types=(m1.MOE,))
+    batch = text_batch()
+    batch["mask"][0, 1, :10] = False  # unequal target counts per micro-batch: normalisation is global
+    batch["mask"][0, 0, 7] = False
+    ids, mask = batch["ids"][0], batch["mask"][0]
+    logits, mtp_logits = (np.asarray(x) for x in forward_with_mtp(random_model(cfg, seed=4), ids))
+    main = hand_cross_entropy(logits, ids, mask, 1) / mask[:, 1:].sum()
+    mtp = hand_cross_entropy(mtp_logits, ids, mask, 2) / mask[:, 2:].sum()
+    wrong = hand_cross_entropy(mtp_logits, ids, mask, 1) / mask[:, 1:].sum()
+    assert abs(wrong - mtp) > 0.1  # a one-token shift would be a clearly different loss
+
+    opt = OptimizerConfig("adamw", learning_rate=1.0, eps=1.0, weight_decay=0.0, clip_norm=None)
+    results = []
+    for remat, split in ((True, True), (False, False)):
+        model = random_model(cfg, seed=4)
+        before = flat(nnx.state(model, nnx.Param))
+        trainer = Trainer(model, opt, TrainConfig(mtp_weight=0.5, remat=remat))
+        metrics = jax.device_get(trainer.step({k: v.reshape(2, 1, -1) if split else v for k, v in batch.items()}))
+        np.testing.assert_allclose(metrics["main_loss"], main, rtol=2e-5)
+        np.testing.assert_allclose(metrics["mtp_loss"], mtp, rtol=2e-5)
+        np.testing.assert_allclose(metrics["loss"], main + 0.5 * mtp, rtol=2e-5)
+        after = flat(trainer.state.params)
+        results.append(({k: after[k] - before[k] for k in after}, flat(trainer.state.buffers), metrics))
+    (d1, b1, m1_), (d2, b2, m2_) = results
+    scale = max(np.abs(d).max() for d in d2.values())
+    for k in d1:
+        np.testing.assert_allclose(d1[k], d2[k], rtol=1e-4, atol=1e-5 * scale, err_msg=str(k))
+    for k in b1:
+        np.testing.assert_array_equal(b1[k], b2[k])
+    np.testing.assert_allclose(m1_["grad_norm"], m2_["grad_norm"], rtol=1e-5)
+
+
+def test_optimizer_groups_and_matrix_views(config):
+    model = nnx.eval_shape(lambda: m1.Model1(config, rngs=nnx.Rngs(0)))
+    groups = param_groups(model)
+    vectors = ("weight", "base", "scale", "hc_base", "hc_scale", "sinks", "position_bias")
+    for path, group in groups.items():
+        want = "adamw" if path[0] in ("embed_tokens", "lm_head") or path[-1] in vectors else "muon"
+        assert group == want, "/".join(map(str, path))
+    dims = matrix_dims(model)
+    attn = ("layers", 1, "self_attn")
+    assert dims[(*attn, "q_b_proj", "kernel")] == MuonDimensionNumbers((0,), (1, 2))            # q → n·h
+    assert dims[(*attn, "o_a_proj", "kernel")] == MuonDimensionNumbers((1, 2), (3,))            # per group g
+    assert dims[(*attn, "compressor", "kv_proj", "kernel")] == MuonDimensionNumbers((0,), (1, 2))
+    assert dims[("layers", 2, "mlp", "experts", "down_proj")] == MuonDimensionNumbers(1, 2)   # per expert
+    assert einsum_dims("btcd,de->btce") == MuonDimensionNumbers((0,), (1,))
+
+
+def test_bad_input_is_refused_before_compute(config):
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        OptimizerConfig("sgd")
+    with pytest.raises(ValueError, match="total_steps"):
+        OptimizerConfig(warmup_steps=10, total_steps=5)
+    with pytest.raises(ValueError, match="mtp_weight"):
+        TrainConfig(mtp_weight=-1)
+    trainer = Trainer(random_model(config.replace(max_position_embeddings=16)), OptimizerConfig())
+    with pytest.raises(ValueError, match="exceed the model's max_position_embeddings"):
+        trainer.step(text_batch(32))
+    with pytest.raises(ValueError, match=r"\[micro-batches, batch, tokens\]"):
+        trainer.step({"ids": np.zeros((2, 8), np.int32), "mask": np.ones((2, 8), bool)})
