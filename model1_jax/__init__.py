@@ -3,12 +3,16 @@
     import model1_jax as m1
     model = m1.Model1(m1.Config.tiny(), rngs=nnx.Rngs(0))
     logits = model(input_ids)                       # int32 [b, t] -> float32 [b, t, vocab]
-    model = m1.from_pretrained("dir", dtype=jnp.float32)
+    model = m1.from_pretrained("dir", dtype=jnp.float32)   # HF-format (dense or FP8/FP4) or Orbax
+    m1.save(model, "ckpt")                          # Orbax, atomic
+    model = m1.load("ckpt", dtype=jnp.bfloat16, mesh=mesh, shardings=...)
 """
 
+from model1_jax.checkpoint import load, save
 from model1_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING, Config, RopeScaling
 from model1_jax.loading import CheckpointError, from_pretrained
 from model1_jax.model import Model1
+from model1_jax.quant import BlockQuantized
 
-__all__ = ["CSA", "HASH_MOE", "HCA", "MOE", "SLIDING", "CheckpointError", "Config", "Model1", "RopeScaling",
-           "from_pretrained"]
+__all__ = ["CSA", "HASH_MOE", "HCA", "MOE", "SLIDING", "BlockQuantized", "CheckpointError", "Config", "Model1",
+           "RopeScaling", "from_pretrained", "load", "save"]

@@ -51,11 +51,6 @@ _RENAMES: tuple[tuple[str, str], ...] = (
 )
 _RENAMES_RE = tuple((re.compile(p), r) for p, r in _RENAMES)
 
-# FP8/FP4 storage (spec §8): block scales ride next to their weight, as `X.scale` (DeepSeek) or
-# `X.weight_scale_inv` (HF's FP8 quantizer; a multiplier despite the name).
-QUANT_SCALE_SUFFIXES = (".scale", ".weight_scale_inv")
-
-
 def canonical_name(name: str) -> str:
     """Any of the three schemes → HF module names without the `model.` prefix; `mtp.0.` → `mtp.`."""
     if name.startswith("model."):
@@ -65,6 +60,23 @@ def canonical_name(name: str) -> str:
     for pattern, replacement in _RENAMES_RE:
         name = pattern.sub(replacement, name)
     return name
+
+
+def scale_owner(name: str) -> str | None:
+    """The weight a block-scale name belongs to (same naming scheme), or None if it is not one.
+
+    FP8/FP4 block scales (spec §8) ride next to their weight as `X.scale` (DeepSeek), `X.weight_scale_inv`
+    (HF's FP8 quantizer; a multiplier despite the name), or `mlp.experts.gate_up_proj_scale_inv` for HF's
+    merged expert tensors, which have no `.weight` suffix.
+
+    `X.scale` is ambiguous: mHC parameters are also called `scale`, so the caller must check that the
+    returned weight exists (`X.weight`) before treating `X.scale` as a block scale.
+    """
+    if name.endswith("_scale_inv"):  # `X.weight_scale_inv` → `X.weight`; `…_proj_scale_inv` → `…_proj`
+        return name[: -len("_scale_inv")]
+    if name.endswith(".scale"):
+        return name[: -len(".scale")] + ".weight"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +186,7 @@ def slots_for(name: str) -> list[Slot]:
 
 
 def source_shape(slot: Slot, target_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The checkpoint tensor shape that fills `target_shape` through `slot`."""
+    """The checkpoint tensor shape that fills `target_shape` through `slot` (dense, unpacked)."""
     shape = target_shape[1:] if slot.expert is not None else target_shape
     if slot.kind in ("copy", "index"):
         return shape
@@ -213,3 +225,61 @@ def to_model_layout(slot: Slot, array: np.ndarray, target_shape: tuple[int, ...]
         half = array[:, :f] if slot.kind == "gate" else array[:, f:]
         return half.transpose(0, 2, 1)
     raise ValueError(f"unknown slot kind {slot.kind!r}")
+
+
+# -- block-quantized tensors ------------------------------------------------------------------------
+#
+# A block of a checkpoint tensor covers `bo` output × `bi` input elements of HF's [out, in]. The model
+# splits those flattened axes into several (e.g. q_b: out = n·h → [q, n, h]); a block still maps onto a
+# box in the model layout as long as it tiles the split axes: `_split_block` gives the box size per axis.
+# Values and scales then go through `to_model_layout` like any dense tensor.
+
+def _split_block(block: int, dims: tuple[int, ...]) -> tuple[int, ...]:
+    """Per-axis sizes of a block of `block` consecutive elements of the row-major flattening of `dims`."""
+    sizes = []
+    for i in range(len(dims) - 1, -1, -1):
+        d, outer = dims[i], math.prod(dims[:i])
+        if block == 1 or outer == 1:  # the outermost axis in play: ceil-blocks at its edge are fine
+            sizes.append(block)
+            block = 1
+        elif block % d == 0:
+            sizes.append(d)
+            block //= d
+        elif d % block == 0:
+            sizes.append(block)
+            block = 1
+        else:
+            raise ValueError(f"a block of {block} elements does not tile the axes {list(dims[:i + 1])}")
+    return tuple(reversed(sizes))
+
+
+def quant_layout(slot: Slot, target_shape: tuple[int, ...], hf_block: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+    """(block per model axis, model axis of the checkpoint's input axis) for a block-quantized tensor.
+
+    `hf_block` is the block on the checkpoint tensor's axes: (bo, bi), or (1, bo, bi) for HF's stacked
+    expert tensors. The input axis is where FP4 codes are packed: the innermost model input axis.
+    Raises ValueError when the blocks cannot be expressed in the model layout.
+    """
+    shape = target_shape[1:] if slot.expert is not None else target_shape
+    if slot.kind == "linear":
+        bo, bi = hf_block
+        block = _split_block(bi, shape[:slot.n_in]) + _split_block(bo, shape[slot.n_in:])
+        pack_axis = slot.n_in - 1
+    elif slot.kind == "grouped":
+        bo, bi = hf_block
+        g, m, h, o = shape
+        (bg, bo2), (bm, bh) = _split_block(bo, (g, o)), _split_block(bi, (m, h))
+        block, pack_axis = (bg, bm, bh, bo2), 2
+    elif slot.kind in ("experts", "gate", "up"):
+        be, bo, bi = hf_block
+        if be != 1:
+            raise ValueError(f"blocks span {be} experts (expected one scale grid per expert)")
+        if slot.kind != "experts" and shape[2] % bo:
+            raise ValueError(f"the merged gate_up_proj cannot be split in halves of {shape[2]} rows with "
+                             f"blocks of {bo} rows")
+        block, pack_axis = (1, bi, bo), 1
+    else:
+        raise ValueError(f"{'.'.join(map(str, slot.path))} ({slot.kind}) is never stored block-quantized")
+    if slot.expert is not None:
+        block, pack_axis = (1, *block), pack_axis + 1
+    return block, pack_axis

@@ -1,9 +1,12 @@
-"""`from_pretrained`: a Hugging Face-format directory (config.json + safetensors) → `Model1`.
+"""Hugging Face-format checkpoints (config.json + safetensors, dense or FP8/FP4) → model parameters.
 
-The checkpoint is checked completely before any tensor is read: every tensor must map onto a
-parameter with the right shape and a usable dtype, and every parameter must be covered. All
-problems are reported together in one `CheckpointError`. The model is built abstractly
-(`nnx.eval_shape`), so no random weights are ever materialised.
+`plan_checkpoint` checks a directory completely before any tensor data is read: every tensor must
+map onto a parameter with the right shape and a usable dtype, every FP8/FP4 weight must come with a
+block scale of the right shape and dtype, and every parameter must be covered. All problems are
+reported together in one `CheckpointError`. `read_unit` then builds parameters one at a time (a
+"unit" is the parameters filled from one set of tensors; each tensor is read exactly once), either
+dequantized exactly to a dense dtype or kept as `BlockQuantized` in the model's layout. Both
+`from_pretrained` (all in memory) and the streaming converter (`model1_jax.convert`) run on this.
 """
 
 from __future__ import annotations
@@ -18,17 +21,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 
+from model1_jax import quant
 from model1_jax.config import Config
-from model1_jax.hf_names import QUANT_SCALE_SUFFIXES, Slot, slots_for, source_shape, to_model_layout
+from model1_jax.hf_names import (Slot, canonical_name, quant_layout, scale_owner, slots_for, source_shape,
+                                 to_model_layout)
 from model1_jax.model import Model1
+from model1_jax.safetensors_io import SafetensorsError, TensorInfo, read_header, read_tensor
 
 logger = logging.getLogger(__name__)
 
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _INT_DTYPES = {"I64", "I32", "I16", "U8", "I8", "U16", "U32", "U64"}
-_QUANT_DTYPES = {"F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F8_E4M3FN"}
+_FP4_DTYPES = {"I8", "U8"}  # packed e2m1 pairs
+# Block of one FP8 scale on HF's [out, in] when config.json does not say (`weight_block_size`).
+DEFAULT_FP8_BLOCK = (128, 128)
+
+__all__ = ["Assignment", "CheckpointError", "CheckpointPlan", "TensorInfo", "Unit", "abstract_model",
+           "from_pretrained", "plan", "plan_checkpoint", "read_unit", "units"]
 
 
 class CheckpointError(ValueError):
@@ -42,11 +52,31 @@ class CheckpointError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    file: str
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
+class Assignment:
+    """One checkpoint tensor filling one model slot; with its block scale when stored FP8/FP4.
+
+    `hf_block` is the block of one scale on the tensor's own (unpacked) axes.
+    """
+
+    info: TensorInfo
+    slot: Slot
+    scale: TensorInfo | None = None
+    fmt: str | None = None
+    hf_block: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """Parameters filled from one set of tensors, so each tensor is read once (HF's merged
+    `gate_up_proj` fills two parameters; everything else fills one)."""
+
+    paths: tuple[tuple, ...]
+    assignments: tuple[Assignment, ...]
+
+    @property
+    def source_bytes(self) -> int:
+        tensors = {a.info for a in self.assignments} | {a.scale for a in self.assignments if a.scale}
+        return sum(t.nbytes for t in tensors)
 
 
 def safetensors_files(path: str) -> list[str]:
@@ -69,64 +99,129 @@ def safetensors_files(path: str) -> list[str]:
 
 
 def read_headers(files: list[str]) -> list[TensorInfo]:
-    """Names, dtypes and shapes of every tensor, without reading data."""
+    """Names, dtypes, shapes and byte ranges of every tensor, without reading data."""
     infos, problems = [], []
     for file in files:
         try:
-            with safe_open(file, framework="numpy") as f:
-                for name in f.keys():
-                    view = f.get_slice(name)
-                    infos.append(TensorInfo(file, name, view.get_dtype(), tuple(view.get_shape())))
-        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+            infos.extend(read_header(file))
+        except SafetensorsError as e:
+            problems.extend(f"{os.path.basename(file)}: unreadable safetensors file ({p})" for p in e.problems)
+        except OSError as e:
             problems.append(f"{os.path.basename(file)}: unreadable safetensors file ({e})")
     if problems:
         raise CheckpointError(os.path.dirname(files[0]), problems)
     return infos
 
 
-def plan(infos: list[TensorInfo], targets: dict[tuple, jax.ShapeDtypeStruct], source: str
-         ) -> list[tuple[TensorInfo, Slot]]:
-    """Matches tensors to parameters; raises `CheckpointError` with every mismatch."""
-    names = {i.name for i in infos}
+def fp8_block_size(raw_config: dict) -> tuple[int, int]:
+    """`quantization_config.weight_block_size` of a released config.json (spec §8), default 128×128."""
+    block = (raw_config.get("quantization_config") or {}).get("weight_block_size") or DEFAULT_FP8_BLOCK
+    if len(block) != 2 or not all(isinstance(b, int) and b >= 1 for b in block):
+        raise ValueError(f"config.json: quantization_config.weight_block_size must be two positive ints, got {block}")
+    return tuple(block)
+
+
+def _quant_format(info: TensorInfo, scale: TensorInfo | None, fp8_block: tuple[int, int]
+                  ) -> tuple[str | None, tuple[int, ...] | None, str | None]:
+    """(format, block on the tensor's axes, problem) of a weight and its optional scale."""
+    if scale is None:
+        if info.dtype.startswith("F8"):
+            return None, None, (f"{info.name}: {info.dtype} weight without its block scale "
+                                "(`.scale` / `.weight_scale_inv`)")
+        return None, None, None
+    if info.dtype == "F8_E4M3":
+        fmt, block = quant.FP8, fp8_block
+    elif info.dtype in _FP4_DTYPES:
+        fmt, block = quant.FP4, quant.FP4_BLOCK
+    else:
+        return None, None, (f"{info.name}: has a block scale but dtype {info.dtype} (FP8 weights are F8_E4M3, "
+                            "FP4 weights packed I8/U8)")
+    if scale.dtype != "F8_E8M0":
+        return None, None, f"{scale.name}: scale dtype {scale.dtype}, expected F8_E8M0 (UE8M0 powers of two)"
+    return fmt, (1,) * (len(info.shape) - 2) + tuple(block), None
+
+
+def plan(infos: list[TensorInfo], targets: dict[tuple, jax.ShapeDtypeStruct], source: str, *,
+         fp8_block: tuple[int, int] = DEFAULT_FP8_BLOCK) -> list[Assignment]:
+    """Matches tensors (and block scales) to parameters; raises `CheckpointError` with every mismatch."""
     problems: list[str] = []
-    assignments: list[tuple[TensorInfo, Slot]] = []
+    canonical = {canonical_name(i.name): i for i in infos}
+    scales: dict[str, TensorInfo] = {}
+    weights: list[TensorInfo] = []
+    for info in infos:
+        owner = scale_owner(canonical_name(info.name))
+        if owner is not None and owner in canonical:
+            scales[owner] = info
+        elif owner is not None and slots_for(owner):  # looks like the scale of a model weight that is absent
+            problems.append(f"block scale {info.name!r} has no weight")
+        else:
+            weights.append(info)
+
+    assignments: list[Assignment] = []
     covered: dict[tuple, set] = defaultdict(set)
     seen: dict[tuple, str] = {}
-    quantized = [i.name for i in infos if is_quant_scale(i.name, names) or i.dtype in _QUANT_DTYPES]
-    if quantized:
-        raise CheckpointError(source, [
-            f"quantized (FP8/FP4) tensors are not supported by from_pretrained yet, e.g. {quantized[:3]}; "
-            "dequantize the checkpoint to bf16/fp32 first"])
-    for info in infos:
+    for info in weights:
         slots = slots_for(info.name)
         if not slots:
             problems.append(f"unexpected tensor {info.name!r} {list(info.shape)} (no such parameter)")
             continue
+        scale = scales.get(canonical_name(info.name))
+        fmt, hf_block, problem = _quant_format(info, scale, fp8_block)
+        for slot in slots:  # present, even if unusable below: report it once, not also as missing
+            if slot.path in targets:
+                covered[slot.path].add("all" if slot.expert is None else slot.expert)
+        if problem:
+            problems.append(problem)
+            continue
         for slot in slots:
             target = targets.get(slot.path)
             part = "all" if slot.expert is None else slot.expert
-            if target is not None:  # present, even if unusable below: report it once, not also as missing
-                covered[slot.path].add(part)
+            where = ".".join(map(str, slot.path))
             if target is None:
-                problems.append(f"unexpected tensor {info.name!r}: the model has no parameter "
-                                f"{'.'.join(map(str, slot.path))} (check layer_types / config)")
+                problems.append(f"unexpected tensor {info.name!r}: the model has no parameter {where} "
+                                "(check layer_types / config)")
                 continue
             want = source_shape(slot, target.shape)
-            if info.shape != want:
-                problems.append(f"{info.name}: shape {list(info.shape)}, expected {list(want)} "
-                                f"for {'.'.join(map(str, slot.path))}")
+            stored = want[:-1] + (want[-1] // 2,) if fmt == quant.FP4 else want
+            if info.shape != stored or (fmt == quant.FP4 and want[-1] % 2):
+                packed = " (FP4: two codes per byte)" if fmt == quant.FP4 else ""
+                problems.append(f"{info.name}: shape {list(info.shape)}, expected {list(stored)}{packed} for {where}")
                 continue
-            integer_target = jnp.issubdtype(target.dtype, jnp.integer)
-            if (info.dtype not in _INT_DTYPES) if integer_target else (info.dtype not in _FLOAT_DTYPES):
-                problems.append(f"{info.name}: dtype {info.dtype} cannot fill {'.'.join(map(str, slot.path))} "
-                                f"({target.dtype})")
-                continue
+            if fmt is not None:
+                want_scale = quant.scale_shape(want, hf_block)
+                if scale.shape != want_scale:
+                    problems.append(f"{scale.name}: shape {list(scale.shape)}, expected {list(want_scale)} "
+                                    f"(one scale per {'x'.join(map(str, hf_block))} block of {info.name} {list(want)})")
+                    continue
+                if not jnp.issubdtype(target.dtype, jnp.floating):
+                    problems.append(f"{info.name}: block-quantized tensor cannot fill {where} ({target.dtype})")
+                    continue
+                try:
+                    quant_layout(slot, target.shape, hf_block)
+                except ValueError as e:
+                    problems.append(f"{info.name}: {e} (model parameter {where} {list(target.shape)})")
+                    continue
+            else:
+                integer_target = jnp.issubdtype(target.dtype, jnp.integer)
+                if (info.dtype not in _INT_DTYPES) if integer_target else (info.dtype not in _FLOAT_DTYPES):
+                    hint = " (packed FP4 without its block scale?)" if info.dtype in _FP4_DTYPES else ""
+                    problems.append(f"{info.name}: dtype {info.dtype} cannot fill {where} ({target.dtype}){hint}")
+                    continue
             key = (slot.path, part, slot.kind)
             if key in seen:
                 problems.append(f"{info.name}: duplicate of {seen[key]}")
                 continue
             seen[key] = info.name
-            assignments.append((info, slot))
+            assignments.append(Assignment(info, slot, scale, fmt, hf_block))
+
+    formats: dict[tuple, set] = defaultdict(set)
+    for a in assignments:
+        layout = quant_layout(a.slot, targets[a.slot.path].shape, a.hf_block) if a.fmt else None
+        formats[a.slot.path].add((a.fmt, layout))
+    for path, found in formats.items():
+        if len(found) > 1:
+            problems.append(f"{'.'.join(map(str, path))}: its tensors are stored in different formats "
+                            f"{sorted(str(f) for f, _ in found)}")
     for path, target in targets.items():
         parts = covered.get(path, set())
         n_experts = target.shape[0] if len(target.shape) == 3 and path[-2:-1] == ("experts",) else None
@@ -142,62 +237,205 @@ def plan(infos: list[TensorInfo], targets: dict[tuple, jax.ShapeDtypeStruct], so
     return assignments
 
 
-def is_quant_scale(name: str, names: set[str]) -> bool:
-    """A block scale of an FP8/FP4 weight: `X.weight_scale_inv`, or `X.scale` next to `X.weight`.
+def units(assignments: list[Assignment]) -> list[Unit]:
+    """Groups assignments into units (connected by shared tensors), in checkpoint file order."""
+    by_path: dict[tuple, list[Assignment]] = defaultdict(list)
+    for a in assignments:
+        by_path[a.slot.path].append(a)
+    paths_of_tensor: dict[TensorInfo, set] = defaultdict(set)
+    for a in assignments:
+        paths_of_tensor[a.info].add(a.slot.path)
+    done, result = set(), []
+    for path in by_path:
+        if path in done:
+            continue
+        group, todo = set(), [path]
+        while todo:  # parameters reachable through shared tensors
+            p = todo.pop()
+            if p not in group:
+                group.add(p)
+                todo.extend(q for a in by_path[p] for q in paths_of_tensor[a.info])
+        done |= group
+        members = sorted(group, key=lambda p: [str(x) for x in p])
+        parts = [a for p in members for a in sorted(by_path[p], key=lambda a: -1 if a.slot.expert is None
+                                                     else a.slot.expert)]
+        result.append(Unit(tuple(members), tuple(parts)))
+    return sorted(result, key=lambda u: min((a.info.file, a.info.offset) for a in u.assignments))
 
-    (mHC parameters are also called `scale`, so the suffix alone proves nothing.)
+
+def output_layout(assignment: Assignment, target_shape: tuple[int, ...]
+                  ) -> tuple[tuple[int, ...], tuple[int, ...], int | None]:
+    """(values shape, scales shape, pack axis) of a parameter kept block-quantized."""
+    block, pack_axis = quant_layout(assignment.slot, target_shape, assignment.hf_block)
+    if assignment.fmt == quant.FP4:
+        return quant.packed_shape(target_shape, pack_axis), quant.scale_shape(target_shape, block), pack_axis
+    return tuple(target_shape), quant.scale_shape(target_shape, block), None
+
+
+def unit_output_bytes(unit: Unit, targets: dict, keep_quantized: bool) -> int:
+    """Host bytes of a unit's parameters once built."""
+    total = 0
+    for path in unit.paths:
+        first = next(a for a in unit.assignments if a.slot.path == path)
+        shape = targets[path].shape
+        if keep_quantized and first.fmt:
+            values, scales, _ = output_layout(first, shape)
+            total += int(np.prod(values)) + int(np.prod(scales))  # one byte per FP8 value / FP4 pair / scale
+        else:
+            total += int(np.prod(shape)) * np.dtype(targets[path].dtype).itemsize
+    return total
+
+
+def read_unit(unit: Unit, targets: dict[tuple, jax.ShapeDtypeStruct], *, keep_quantized: bool
+              ) -> dict[tuple, np.ndarray | quant.BlockQuantized]:
+    """Reads a unit's tensors (each once) and builds its parameters in the model layout, on the host.
+
+    Dense parameters get the target dtype (FP8/FP4 dequantized exactly first); with `keep_quantized`,
+    FP8/FP4 tensors stay `BlockQuantized` (values and scales rearranged like the dense weight).
     """
-    for suffix in QUANT_SCALE_SUFFIXES:
-        if name.endswith(suffix):
-            stem = name[: -len(suffix)]
-            return suffix == ".weight_scale_inv" or f"{stem}.weight" in names
-    return False
+    out: dict[tuple, np.ndarray | quant.BlockQuantized] = {}
+    by_tensor: dict[TensorInfo, list[Assignment]] = defaultdict(list)
+    for a in unit.assignments:
+        by_tensor[a.info].append(a)
+    for info, assigned in by_tensor.items():
+        first = assigned[0]
+        raw = read_tensor(info)
+        scale = read_tensor(first.scale) if first.scale is not None else None
+        if first.fmt == quant.FP4:
+            raw = raw.view(np.uint8)
+        for a in assigned:
+            target = targets[a.slot.path]
+            shape, dtype = tuple(target.shape), np.dtype(target.dtype)
+            if first.fmt is None:
+                _fill(out, a.slot, raw, shape, dtype)
+            elif keep_quantized:
+                _fill_quantized(out, a, raw, scale, shape)
+            elif raw.ndim == 3:  # HF's stacked experts: one expert at a time bounds the float32 temporary
+                for e in range(raw.shape[0]):
+                    rows = _dequantize(first, raw[e], scale[e])[_expert_rows(a.slot, shape)]
+                    _fill(out, _expert_row(a.slot, e), rows, shape, dtype)
+            else:
+                _fill(out, a.slot, _dequantize(first, raw, scale), shape, dtype)
+        del raw, scale
+    return out
 
 
-def _abstract_model(config: Config, dtype) -> tuple[nnx.GraphDef, list]:
+def _dequantize(a: Assignment, raw: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Exact float32 value of a checkpoint tensor (or one expert of a stacked one), in its own layout."""
+    block = a.hf_block[len(a.hf_block) - raw.ndim:]
+    pack_axis = raw.ndim - 1 if a.fmt == quant.FP4 else None
+    return quant.BlockQuantized(raw, scale, a.fmt, block, pack_axis).dequantize(np.float32)
+
+
+def _expert_row(slot: Slot, expert: int) -> Slot:
+    """One expert's [out, in] slice of a stacked slot is an ordinary per-expert linear slot."""
+    return Slot(slot.path, "linear", 1, expert)
+
+
+def _expert_rows(slot: Slot, shape: tuple[int, ...]) -> slice:
+    """Rows of one expert's [out, in] slice that a stacked slot takes (gate/up: halves of gate_up_proj)."""
+    f = shape[2]
+    return {"gate": slice(0, f), "up": slice(f, 2 * f)}.get(slot.kind, slice(None))
+
+
+def _fill(out: dict, slot: Slot, array: np.ndarray, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Writes one tensor's contribution to a dense parameter: cast (while contiguous: much faster for
+    bfloat16), then rearrange into place."""
+    if slot.expert is None:
+        out[slot.path] = dest = np.empty(shape, dtype)
+    else:
+        if slot.path not in out:
+            out[slot.path] = np.empty(shape, dtype)
+        dest = out[slot.path][slot.expert]
+    np.copyto(dest, to_model_layout(slot, array.astype(dtype, copy=False), shape))
+
+
+def _fill_quantized(out: dict, a: Assignment, raw: np.ndarray, scale: np.ndarray, shape: tuple[int, ...]) -> None:
+    values_shape, scales_shape, pack_axis = output_layout(a, shape)
+    block, _ = quant_layout(a.slot, shape, a.hf_block)
+    values = to_model_layout(a.slot, raw, values_shape)
+    scales = to_model_layout(a.slot, scale, scales_shape)
+    if a.slot.expert is None:
+        out[a.slot.path] = quant.BlockQuantized(np.ascontiguousarray(values), np.ascontiguousarray(scales), a.fmt,
+                                                block, pack_axis)
+        return
+    if a.slot.path not in out:
+        out[a.slot.path] = quant.BlockQuantized(np.empty(values_shape, raw.dtype), np.empty(scales_shape, quant.E8M0),
+                                                a.fmt, block, pack_axis)
+    q = out[a.slot.path]
+    q.values[a.slot.expert] = values
+    q.scales[a.slot.expert] = scales
+
+
+def abstract_model(config: Config, dtype) -> tuple[nnx.GraphDef, list]:
+    """The model's graph and flat state of abstract (shape-only) variables; nothing is allocated."""
     abstract = nnx.eval_shape(lambda: Model1(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
     graphdef, state = nnx.split(abstract)
     return graphdef, list(nnx.to_flat_state(state))
 
 
-def from_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16) -> Model1:
-    """Loads an HF-format DeepSeek-V4 directory (single-file or sharded safetensors, HF or DeepSeek names).
+@dataclasses.dataclass(frozen=True)
+class CheckpointPlan:
+    """A checked HF-format checkpoint: what to read, and what it becomes."""
 
-    `dtype` is the dtype of the weights and of compute; the parameters the reference keeps in float32
-    (norms, mHC, sinks, position biases, router bias) stay float32.
-    """
+    path: str
+    config: Config
+    files: tuple[str, ...]
+    graphdef: nnx.GraphDef
+    flat: list
+    targets: dict
+    units: list[Unit]
+
+    @property
+    def quantized(self) -> bool:
+        return any(a.fmt for u in self.units for a in u.assignments)
+
+
+def plan_checkpoint(path: str | os.PathLike, *, dtype=jnp.bfloat16) -> CheckpointPlan:
+    """Reads config.json and every safetensors header, and matches them to the model (no tensor data read)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"from_pretrained: {path!r} is not a directory")
+        raise FileNotFoundError(f"{path!r} is not a directory")
     config = Config.from_hf(path)
     with open(os.path.join(path, "config.json")) as f:
         raw_config = json.load(f)
-    if raw_config.get("quantization_config"):
-        raise CheckpointError(path, [
-            "config.json declares quantization_config (FP8/FP4 checkpoint); quantized checkpoints are not "
-            "supported by from_pretrained yet — dequantize to bf16/fp32 first"])
-    infos = read_headers(safetensors_files(path))
+    files = safetensors_files(path)
+    infos = read_headers(files)
     if config.num_nextn_predict_layers and not any(s.path[0] == "mtp" for i in infos for s in slots_for(i.name)):
         # HF drops `mtp.*` when it loads or saves, so HF-saved checkpoints carry no MTP block.
         logger.info("%s: no MTP tensors in the checkpoint; loading without the MTP block", path)
         config = config.replace(num_nextn_predict_layers=0)
-    graphdef, flat = _abstract_model(config, dtype)
+    graphdef, flat = abstract_model(config, dtype)
     targets = {p: v.get_value() for p, v in flat}
-    assignments = plan(infos, targets, path)
+    assignments = plan(infos, targets, path, fp8_block=fp8_block_size(raw_config))
+    return CheckpointPlan(path, config, tuple(files), graphdef, flat, targets, units(assignments))
 
-    host: dict[tuple, np.ndarray] = {}
-    by_file: dict[str, list[tuple[TensorInfo, Slot]]] = defaultdict(list)
-    for info, slot in assignments:
-        by_file[info.file].append((info, slot))
-    for file, items in by_file.items():
-        with safe_open(file, framework="numpy") as f:
-            for info, slot in items:
-                target = targets[slot.path]
-                np_dtype = np.dtype(target.dtype)
-                value = to_model_layout(slot, f.get_tensor(info.name), target.shape).astype(np_dtype)
-                if slot.expert is None:
-                    host[slot.path] = value
-                else:  # one expert's row of a stacked parameter
-                    host.setdefault(slot.path, np.empty(target.shape, np_dtype))[slot.expert] = value
-    state = nnx.from_flat_state([(p, v.replace(jnp.asarray(host[p]))) for p, v in flat])
-    return nnx.merge(graphdef, state)
+
+def merge(graphdef: nnx.GraphDef, flat: list, values: dict) -> Model1:
+    """The model from its graph, abstract flat state and a value (array or BlockQuantized) per path."""
+    return nnx.merge(graphdef, nnx.from_flat_state([(p, v.replace(values[p])) for p, v in flat]))
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, quantized: bool = False) -> Model1:
+    """Loads a DeepSeek-V4 checkpoint directory into memory.
+
+    Accepts an HF-format directory (single-file or sharded safetensors; HF, transformers-saved or
+    DeepSeek names; dense or the released FP8/FP4 storage) or an Orbax checkpoint written by
+    `model1_jax.save` / the converter. `dtype` is the dtype of the weights and of compute; the
+    parameters the reference keeps in float32 stay float32. FP8/FP4 tensors are dequantized exactly,
+    or kept block-quantized (dequantized on the fly in each layer) with `quantized=True`. For
+    checkpoints larger than host memory, convert to Orbax first (scripts/convert_checkpoint.py).
+    """
+    from model1_jax import checkpoint  # noqa: PLC0415  (checkpoint imports this module)
+
+    path = os.fspath(path)
+    if checkpoint.is_checkpoint(path):
+        return checkpoint.load(path, dtype=dtype)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"from_pretrained: {path!r} is not a directory")
+    p = plan_checkpoint(path, dtype=dtype)
+    values = {}
+    for unit in p.units:
+        for key, value in read_unit(unit, p.targets, keep_quantized=quantized).items():
+            values[key] = jax.tree.map(jnp.asarray, value)
+    return merge(p.graphdef, p.flat, values)

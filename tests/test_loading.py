@@ -159,16 +159,17 @@ def test_missing_shard_listed_in_index(saved, tmp_path):
         m1.from_pretrained(tmp_path, dtype=jnp.float32)
 
 
-def test_quantized_checkpoints_are_refused_clearly(saved, tmp_path):
-    _, path, _ = saved
+def test_block_scale_beside_a_dense_weight(saved, tmp_path):
+    """FP8/FP4 checkpoints load (tests/test_convert.py); a scale next to a BF16/F32 weight is an error, and a
+    dense checkpoint whose config.json still declares quantization_config loads as dense."""
+    _, path, baseline = saved
     tensors = tensors_of(path)
-    tensors["model.layers.0.attn.wq_a.scale"] = torch.ones(1, 1)  # FP8 block scale beside its weight
+    tensors["model.layers.0.attn.wq_a.scale"] = torch.ones(1, 1)
     write_checkpoint(tmp_path / "a", path, tensors)
-    with pytest.raises(m1.CheckpointError, match="quantized"):
+    with pytest.raises(m1.CheckpointError, match="wq_a.weight: has a block scale but dtype F32"):
         m1.from_pretrained(tmp_path / "a", dtype=jnp.float32)
     write_checkpoint(tmp_path / "b", path, tensors_of(path), {"quantization_config": {"quant_method": "fp8"}})
-    with pytest.raises(m1.CheckpointError, match="quantized"):
-        m1.from_pretrained(tmp_path / "b", dtype=jnp.float32)
+    np.testing.assert_array_equal(logits_of(tmp_path / "b"), baseline)
 
 
 def test_not_a_directory(tmp_path):
