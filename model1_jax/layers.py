@@ -62,7 +62,7 @@ class Linear(nnx.Module):
         self.eqn = eqn
         self.dtype = dtype
         self.kernel = normal_param(rngs, shape, axes, std, param_dtype)
-        self.lora = None  # a low-rank adapter beside the kernel (model1_jax.lora), never merged into it here
+        self.lora = nnx.data(None)  # a low-rank adapter beside the kernel (model1_jax.lora), not merged here
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.einsum(self.eqn, x.astype(self.dtype), weight(self.kernel, self.dtype))

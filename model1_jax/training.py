@@ -190,6 +190,12 @@ class Trainer:
         self.lora = lora
         wrt = trainable_filter(model, config, lora=lora)
         graphdef, params, buffers, frozen = nnx.split(model, wrt, Buffer, ...)
+        quantized = [".".join(map(str, p)) for p, v in nnx.to_flat_state(params)
+                     if hasattr(v.get_value(), "dequantize")]
+        if quantized:
+            raise ValueError(f"Trainer: {len(quantized)} trainable parameters are FP8/FP4-quantized (e.g. "
+                             f"{quantized[0]}); full fine-tuning needs dense weights: load the model dequantized, "
+                             "or train LoRA adapters on the quantized base")
         params = nnx.as_pure(params)
         self._storage_dtypes = jax.tree.map(lambda x: x.dtype, params)
         params = jax.tree.map(lambda x: x.astype(F32), params)  # fp32 master weights

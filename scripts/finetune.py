@@ -1,7 +1,8 @@
 """Fine-tune MODEL1 with optax: full or LoRA, AdamW or Muon, MTP loss, aux-loss-free MoE balancing.
 
     python scripts/finetune.py          # a small MODEL1-shaped model on the Python standard library's
-                                        # sources (bytes), a few minutes on a CPU, checkpoint in runs/finetune
+                                        # sources (bytes), a few minutes on a CPU; training checkpoints
+                                        # in runs/finetune/train, the final model in runs/finetune/model
     python scripts/finetune.py --model DIR --data train.jsonl --tokenizer DIR/tokenizer.json \\
         --lora-rank 16 --optimizer muon --steps 2000 --checkpoint-dir run1
     python scripts/finetune.py ... --checkpoint-dir run1 --resume      # continue a killed run exactly
@@ -24,10 +25,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 import model1_jax as m1
+from model1_jax import checkpoint
 from model1_jax import data as mdata
 from model1_jax.balance import BalanceConfig
 from model1_jax.finetune import TrainCheckpointer, fit, tokens_per_second
-from model1_jax.lora import PRESETS, LoRAConfig, apply_lora, find_targets, save_adapters
+from model1_jax.lora import PRESETS, LoRAConfig, apply_lora, find_targets, merge_lora, save_adapters
 from model1_jax.optim import OPTIMIZERS, OptimizerConfig
 from model1_jax.summary import human
 from model1_jax.training import TrainConfig, Trainer
@@ -36,6 +38,11 @@ from model1_jax.training import TrainConfig, Trainer
 def default_config() -> m1.Config:
     """`Config.tiny()`: every attention and MLP type at toy width, byte vocabulary."""
     return m1.Config.tiny()
+
+
+def read_config(path: str) -> m1.Config:
+    """The config of an Orbax checkpoint (`m1.save`) or of an HF-format directory."""
+    return checkpoint.read_config(path) if checkpoint.is_checkpoint(path) else m1.Config.from_hf(path)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,7 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lora-targets", nargs="+", default=["attention"],
                    help=f"presets {sorted(PRESETS)} or regular expressions over module paths")
     g = p.add_argument_group("run")
-    g.add_argument("--checkpoint-dir", default="runs/finetune")
+    g.add_argument("--checkpoint-dir", default="runs/finetune",
+                   help="training checkpoints go to DIR/train, the final model to DIR/model (LoRA: DIR/adapters)")
     g.add_argument("--checkpoint-every", type=int, default=100)
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
     g.add_argument("--stop-after", type=int, help="checkpoint and exit after this step (a time-limited job); "
@@ -78,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--eval-every", type=int, default=100)
     g.add_argument("--eval-batches", type=int, default=16, help="held-out batches per evaluation (at most)")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-export", action="store_true",
+                   help="skip saving the final model (m1.save format, LoRA merged) to CHECKPOINT_DIR/model")
     return p.parse_args(argv)
 
 
@@ -99,7 +109,7 @@ def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
     train_config = TrainConfig(mtp_weight=args.mtp_weight, remat=args.remat,
                                balance=BalanceConfig(args.bias_rate, args.seq_balance_weight))
     lora = LoRAConfig(args.lora_rank, args.lora_alpha, tuple(args.lora_targets)) if args.lora_rank else None
-    config = m1.Config.from_hf(args.model) if args.model else default_config()
+    config = read_config(args.model) if args.model else default_config()
     if args.seq_len > config.max_position_embeddings:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
                          f"({config.max_position_embeddings})")
@@ -115,8 +125,8 @@ def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
     print(f"data    {len(files)} file(s), tokenizer {tokenizer.name}: {dataset.train_ids.shape[0]} training and "
           f"{dataset.eval_ids.shape[0]} held-out sequences of {args.seq_len} tokens ({time.perf_counter() - t0:.1f} s)")
 
-    if args.model:
-        model = m1.from_pretrained(args.model, dtype=dtype)
+    if args.model:  # a LoRA base may stay FP8/FP4 (dequantized on the fly); full fine-tuning needs dense weights
+        model = m1.from_pretrained(args.model, dtype=dtype, quantized=lora is not None)
         where = args.model
     else:
         model = m1.Model1(config, rngs=nnx.Rngs(args.seed), dtype=dtype)
@@ -131,7 +141,7 @@ def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
           f"compute {dtype.name}, {args.optimizer}")
 
     batches = mdata.Batches(dataset, args.batch_size, args.accum_steps, seed=args.seed)
-    checkpointer = TrainCheckpointer(args.checkpoint_dir, every=args.checkpoint_every)
+    checkpointer = TrainCheckpointer(os.path.join(args.checkpoint_dir, "train"), every=args.checkpoint_every)
     record = {"data_fingerprint": dataset.fingerprint(), "data_seed": args.seed, "batch_size": args.batch_size,
               "accum_steps": args.accum_steps, "seq_len": args.seq_len, "optimizer": dataclasses.asdict(optimizer),
               "lora": dataclasses.asdict(lora) if lora else None}
@@ -149,10 +159,24 @@ def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
     checkpointer.close()
     print(f"done    {int(trainer.state.step)} steps, {tokens_per_second(history):,.0f} tokens/s "
           f"({jax.devices()[0].platform}); training checkpoint in {checkpointer.directory}")
-    if lora:
-        out = save_adapters(trainer.model(), os.path.join(checkpointer.directory, "adapters"), lora)
-        print(f"saved   LoRA adapters alone in {out}")
+    if args.stop_after is None or int(trainer.state.step) >= args.steps:
+        export(trainer, lora, args.checkpoint_dir, args.no_export)
     return trainer, history
+
+
+def export(trainer: Trainer, lora: LoRAConfig | None, directory: str, skip_model: bool) -> None:
+    """The trained model as an `m1.save` checkpoint (`scripts/generate.py --model DIR/model`), LoRA
+    merged into it; LoRA adapters also alone."""
+    model = trainer.model()
+    if lora:
+        out = save_adapters(model, os.path.join(directory, "adapters"), lora)
+        print(f"saved   LoRA adapters alone in {out}")
+        if skip_model:
+            return
+        merge_lora(model)
+    if not skip_model:
+        out = m1.save(model, os.path.join(directory, "model"), overwrite=True)
+        print(f"saved   model in {out}")
 
 
 if __name__ == "__main__":

@@ -84,8 +84,19 @@ def test_overfits_in_bf16_and_every_trainable_parameter_changes(straight):
         path, changed = tuple(path), not np.array_equal(np.asarray(value), before[tuple(path)])
         frozen = "indexer" in path or path[-1] == "tid2eid"
         assert changed == (not frozen), ("/".join(map(str, path)), changed, path in trained)
-    checkpoints = sorted(int(p.name) for p in (tmp / "ckpt").iterdir() if p.name.isdigit())
+    checkpoints = sorted(int(p.name) for p in (tmp / "ckpt" / "train").iterdir() if p.name.isdigit())
     assert checkpoints == [60, 80]
+
+
+def test_final_model_loads_with_from_pretrained(straight):
+    tmp, trainer, _, _ = straight
+    loaded = m1.from_pretrained(tmp / "ckpt" / "model", dtype=np.float32)
+    assert loaded.config == trainer.model().config
+    want = {tuple(p): np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(trainer.model()))}
+    got = {tuple(p): np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(loaded))}
+    assert got.keys() == want.keys()
+    for path in want:
+        np.testing.assert_array_equal(got[path], want[path], err_msg=str(path))
 
 
 def test_stop_and_resume_reproduces_the_straight_run(straight, tmp_path, monkeypatch):

@@ -1,0 +1,133 @@
+"""LoRA: adapters train on a frozen bf16 or FP8/FP4 base that stays bit-identical; merging and saving."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import model1_jax as m1
+from model1_jax import quant
+from model1_jax.layers import Linear
+from model1_jax.lora import LoRAConfig, apply_lora, find_targets, load_adapters, merge_lora, save_adapters
+from model1_jax.optim import OptimizerConfig
+from model1_jax.training import TrainConfig, Trainer
+from tests.util import forward, random_model
+
+# One CSA layer (attention with compressor and indexer) and the MTP block: every attention projection kind.
+CFG = m1.Config.tiny().replace(num_hidden_layers=1, layer_types=(m1.CSA,), mlp_layer_types=(m1.MOE,))
+LORA = LoRAConfig(rank=4, alpha=8.0, targets=("attention", "shared_experts"))
+TEXT = b"Adapters learn this line; the base never moves."
+
+
+def flat(state):
+    return {tuple(p): v.get_value() for p, v in nnx.to_flat_state(state)}
+
+
+def quantize_base(model):
+    """Attention kernels to FP8 (16-wide blocks), shared-expert kernels to FP4 (two codes per byte along the
+    input axis), as the checkpoint issue stores them."""
+    for path, linear in nnx.iter_modules(model):
+        if not isinstance(linear, Linear) or "indexer" in path or "compressor" in path:
+            continue
+        w = np.asarray(linear.kernel.get_value(), np.float32)
+        if "shared_experts" in path:
+            q = quant.quantize(w, quant.FP4, (1,) * (w.ndim - 1) + (16,), pack_axis=0)
+        elif "self_attn" in path:
+            q = quant.quantize(w, quant.FP8, tuple(min(16, n) for n in w.shape))
+        else:
+            continue
+        linear.kernel.set_value(jax.tree.map(jnp.asarray, q))
+    return model
+
+
+def train_adapters(model, steps=40):
+    before = flat(nnx.state(model))
+    apply_lora(model, LORA, rngs=nnx.Rngs(1))
+    trainer = Trainer(model, OptimizerConfig("adamw", learning_rate=3e-2, weight_decay=0.0),
+                      TrainConfig(mtp_weight=0.3), lora=True)
+    ids = np.frombuffer(TEXT[:40], np.uint8).astype(np.int32)[None, None]
+    batch = {"ids": ids, "mask": np.ones_like(ids, bool)}
+    history = jax.device_get([trainer.step(batch) for _ in range(steps)])
+    return trainer, before, history
+
+
+@pytest.mark.parametrize("base", ["bf16", "fp8/fp4"])
+def test_adapters_train_and_the_base_stays_bit_identical(base):
+    model = random_model(CFG, seed=3, std=0.05, dtype=jnp.bfloat16)
+    if base == "fp8/fp4":
+        model = quantize_base(model)
+    trainer, before, history = train_adapters(model)
+    # The adapters learn (rank 4 on a frozen random base, so no memorisation to zero: a clear drop).
+    assert history[-1]["main_loss"] < 0.7 * history[0]["main_loss"], [h["main_loss"] for h in history]
+    trained = trainer.model()
+    adapters = flat(nnx.state(trained, nnx.LoRAParam))
+    assert adapters and all(p[-2] == "lora" for p in adapters)
+    assert all(np.abs(v).max() > 0 for p, v in adapters.items() if p[-1] == "b")  # B left zero: it trained
+    # Optimizer state exists for the adapters only (AdamW: two moments each).
+    n_adapter = sum(v.size for v in adapters.values())
+    n_state = sum(x.size for x in jax.tree.leaves(trainer.state.opt_state) if x.ndim)
+    assert n_state == 2 * n_adapter
+    after = flat(nnx.state(trained, nnx.Not(nnx.LoRAParam)))
+    assert after.keys() == before.keys()
+    for path, value in before.items():  # weights, quantized arrays, router biases, hash tables: untouched
+        for a, b in zip(jax.tree.leaves(after[path]), jax.tree.leaves(value)):
+            assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b)), path
+
+
+def test_merged_model_equals_base_plus_adapters():
+    model = random_model(CFG, seed=4)
+    apply_lora(model, LORA, rngs=nnx.Rngs(2))
+    rng = np.random.default_rng(0)
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):  # as if trained: B no longer zero
+        var.set_value(jnp.asarray(0.1 * rng.normal(size=var.shape), jnp.float32))
+    ids = rng.integers(0, 256, (2, 24)).astype(np.int32)
+    adapted = np.asarray(forward(model, ids))
+    merge_lora(model)
+    assert not nnx.state(model, nnx.LoRAParam)
+    merged = np.asarray(forward(model, ids))
+    np.testing.assert_allclose(merged, adapted, rtol=0, atol=1e-5 * np.abs(adapted).max())
+    plain = np.asarray(forward(random_model(CFG, seed=4), ids))
+    assert np.abs(plain - adapted).max() > 1e-2 * np.abs(adapted).max()  # the adapters did change the outputs
+
+
+def test_adapters_alone_save_and_load(tmp_path):
+    model = random_model(CFG, seed=5)
+    apply_lora(model, LORA, rngs=nnx.Rngs(3))
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+        var.set_value(var.get_value() + 0.05)
+    save_adapters(model, tmp_path / "ad", LORA)
+    from safetensors.numpy import load_file
+    names = load_file(str(tmp_path / "ad" / "adapters.safetensors")).keys()
+    assert names and all(n.endswith((".lora.a", ".lora.b")) for n in names)
+
+    fresh = random_model(CFG, seed=5)
+    assert load_adapters(fresh, tmp_path / "ad") == LORA
+    for (p1, a), (p2, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(fresh))):
+        assert p1 == p2 and np.array_equal(np.asarray(a.get_value()), np.asarray(b.get_value())), p1
+
+    other = random_model(CFG.replace(q_lora_rank=16), seed=5)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_adapters(other, tmp_path / "ad")
+    assert not nnx.state(other, nnx.LoRAParam)  # left as it was
+
+
+def test_targets():
+    model = nnx.eval_shape(lambda: m1.Model1(m1.Config.tiny(), rngs=nnx.Rngs(0)))
+    paths = [p for p, _ in find_targets(model, ("attention",))]
+    # q/kv/o of 4 layers and of the MTP block; never the compressors' or indexers' projections.
+    assert len(paths) == 5 * 5 and any(p.startswith("mtp.") for p in paths)
+    assert not any("compressor" in p or "indexer" in p for p in paths)
+    assert len(find_targets(model, (r"layers\.0\.self_attn\.q_a_proj",))) == 1
+    with pytest.raises(ValueError, match=r"\['nothing_here'\] match no projection"):
+        find_targets(model, ("attention", "nothing_here"))
+    with pytest.raises(ValueError, match="neither a preset"):
+        LoRAConfig(targets=("(",))
+    with pytest.raises(ValueError, match="rank"):
+        LoRAConfig(rank=0)
+
+
+def test_full_fine_tuning_refuses_a_quantized_model():
+    model = quantize_base(random_model(CFG, seed=6))
+    with pytest.raises(ValueError, match="FP8/FP4-quantized"):
+        Trainer(model, OptimizerConfig())
