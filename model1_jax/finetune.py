@@ -75,8 +75,8 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 def fit(trainer: Trainer, batches: Batches, steps: int, *, checkpointer: TrainCheckpointer | None = None,
         meta: dict[str, Any] | None = None, eval_data: PackedData | None = None, eval_every: int = 0,
-        eval_batches_max: int | None = None, log_every: int = 10, log: Callable[[str], None] = print, progress: bool = True,
-        stop_after: int | None = None) -> list[dict[str, float]]:
+        eval_batches_max: int | None = None, log_every: int = 10, log: Callable[[str], None] = print,
+        progress: bool = True, stop_after: int | None = None) -> list[dict[str, float]]:
     """Trains from the trainer's current step to `steps`; returns the logged records (the loss curve).
 
     Logs every `log_every` steps: losses, learning rate, tokens/s (first, compiling, step excluded),

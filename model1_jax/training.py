@@ -34,12 +34,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 
 from model1_jax import balance
 from model1_jax.balance import BalanceConfig
 from model1_jax.layers import Buffer
+from model1_jax.model import check_token_ids
 from model1_jax.moe import Router, RoutingDecision
 from model1_jax.optim import OptimizerConfig, build_optimizer, learning_rate_schedule
 
@@ -201,7 +203,7 @@ class Trainer:
         params = jax.tree.map(lambda x: x.astype(F32), params)  # fp32 master weights
         self.frozen = nnx.as_pure(frozen)
         buffers = nnx.as_pure(buffers)
-        self.max_len = model.config.max_position_embeddings
+        self.max_len, self.vocab_size = model.config.max_position_embeddings, model.config.vocab_size
         key = (graphdef, optimizer, config, lora)
         if key not in _PROGRAMS:
             use_mtp = getattr(model, "mtp", None) is not None and config.mtp_weight > 0
@@ -215,31 +217,35 @@ class Trainer:
         self.biased_paths = self.program.biased
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params, buffers=buffers,
                            opt_state=self.program.tx.init(params))
-        # Committed to their devices, like a restored checkpoint's arrays, so both share one compilation.
-        self.state = jax.tree.map(lambda x: jax.device_put(x, x.sharding), state)
+        # Own copies (each step donates the state, which must not delete the caller's arrays), committed to
+        # their devices like a restored checkpoint's arrays, so that both share one compilation.
+        self.state = jax.tree.map(lambda x: jax.device_put(jnp.array(x, copy=True), x.sharding), state)
 
     # -- host API -----------------------------------------------------------------------------------
 
     def step(self, batch: dict[str, jax.Array]) -> dict[str, Any]:
         """One optimizer step on `{"ids": int [a, b, t], "mask": [a, b, t]}` (a micro-batches accumulated)."""
-        ids, mask = jnp.asarray(batch["ids"], jnp.int32), jnp.asarray(batch["mask"])
+        ids, mask = np.asarray(batch["ids"]), np.asarray(batch["mask"])
         if ids.ndim != 3 or mask.shape != ids.shape:
             raise ValueError(f"Trainer.step: expected ids and mask of shape [micro-batches, batch, tokens], "
                              f"got {ids.shape} and {mask.shape}")
+        check_token_ids(ids.reshape(-1, ids.shape[-1]), self.vocab_size, "Trainer.step: ids")
         if ids.shape[-1] < (3 if self.use_mtp else 2):
             raise ValueError(f"Trainer.step: sequences of {ids.shape[-1]} tokens are too short to have targets")
         if ids.shape[-1] > self.max_len:
             raise ValueError(f"Trainer.step: sequences of {ids.shape[-1]} tokens exceed the model's "
                              f"max_position_embeddings ({self.max_len})")
-        self.state, metrics = self.program.train_step(self.state, self.frozen, {"ids": ids, "mask": mask})
+        batch = {"ids": jnp.asarray(ids, jnp.int32), "mask": jnp.asarray(mask)}
+        self.state, metrics = self.program.train_step(self.state, self.frozen, batch)
         return metrics
 
     def evaluate(self, batches) -> dict[str, float]:
         """Mean held-out next-token (and MTP) cross-entropy over `(ids [b, t], mask [b, t])` batches."""
         sums = {"main": 0.0, "mtp": 0.0, "n_main": 0.0, "n_mtp": 0.0}
         for ids, mask in batches:
-            out = self.program.eval_step(self.state.params, self.state.buffers, self.frozen, jnp.asarray(ids, jnp.int32),
-                                  jnp.asarray(mask))
+            check_token_ids(np.asarray(ids), self.vocab_size, "Trainer.evaluate: ids")
+            out = self.program.eval_step(self.state.params, self.state.buffers, self.frozen,
+                                         jnp.asarray(ids, jnp.int32), jnp.asarray(mask))
             sums = {k: sums[k] + float(out[k]) for k in sums}
         if sums["n_main"] == 0:
             raise ValueError("Trainer.evaluate: the held-out batches contain no targets")
@@ -249,6 +255,11 @@ class Trainer:
         return result
 
     def model(self) -> nnx.Module:
-        """The current model, its trained weights cast back to the storage dtypes it came with."""
-        params = jax.tree.map(lambda x, dt: x.astype(dt), self.state.params, self._storage_dtypes)
-        return nnx.merge(self.program.graphdef, params, self.state.buffers, self.frozen)
+        """A snapshot of the current model, trained weights cast back to the storage dtypes they came in.
+
+        Its arrays are copies: the next step donates (reuses) the training state's buffers.
+        """
+        params = jax.tree.map(lambda x, dt: jnp.array(x, dtype=dt, copy=True), self.state.params,
+                              self._storage_dtypes)
+        buffers = jax.tree.map(lambda x: jnp.array(x, copy=True), self.state.buffers)
+        return nnx.merge(self.program.graphdef, params, buffers, self.frozen)

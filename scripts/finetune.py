@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
         paths = apply_lora(model, lora, rngs=nnx.Rngs(args.seed + 1))
         print(f"lora    rank {lora.rank}, alpha {lora.alpha} on {len(paths)} projections ({', '.join(lora.targets)})")
     trainer = Trainer(model, optimizer, train_config, lora=lora is not None)
+    del model  # the trainer holds its own copy of what trains
     n_train = sum(x.size for x in jax.tree.leaves(trainer.state.params))
     print(f"model   {where}: {config.num_hidden_layers} layers {list(config.layer_types)}, hidden "
           f"{config.hidden_size}, {config.n_routed_experts} experts; {human(n_train)} trainable parameters, "
@@ -154,8 +155,8 @@ def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
                          "--checkpoint-dir")
 
     history = fit(trainer, batches, args.steps, checkpointer=checkpointer, meta=record, eval_data=dataset,
-                  eval_every=args.eval_every, eval_batches_max=args.eval_batches, log_every=args.log_every, progress=not args.no_progress,
-                  stop_after=args.stop_after)
+                  eval_every=args.eval_every, eval_batches_max=args.eval_batches, log_every=args.log_every,
+                  progress=not args.no_progress, stop_after=args.stop_after)
     checkpointer.close()
     print(f"done    {int(trainer.state.step)} steps, {tokens_per_second(history):,.0f} tokens/s "
           f"({jax.devices()[0].platform}); training checkpoint in {checkpointer.directory}")

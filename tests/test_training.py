@@ -147,5 +147,9 @@ def test_bad_input_is_refused_before_compute(config):
     trainer = Trainer(random_model(config.replace(max_position_embeddings=16)), OptimizerConfig())
     with pytest.raises(ValueError, match="exceed the model's max_position_embeddings"):
         trainer.step(text_batch(32))
+    bad = text_batch(8)
+    bad["ids"][0, 1, 3] = 300
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 256\); found \[300\]"):
+        trainer.step(bad)
     with pytest.raises(ValueError, match=r"\[micro-batches, batch, tokens\]"):
         trainer.step({"ids": np.zeros((2, 8), np.int32), "mask": np.ones((2, 8), bool)})
