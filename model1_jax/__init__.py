@@ -6,13 +6,21 @@
     model = m1.from_pretrained("dir", dtype=jnp.float32)   # HF-format (dense or FP8/FP4) or Orbax
     m1.save(model, "ckpt")                          # Orbax, atomic
     model = m1.load("ckpt", dtype=jnp.bfloat16, mesh=mesh, shardings=...)
+    trainer = m1.Trainer(model, m1.OptimizerConfig("muon"), m1.TrainConfig(mtp_weight=0.3))   # fine-tuning
+    metrics = trainer.step({"ids": ids_abt, "mask": mask_abt})
 """
 
+from model1_jax.balance import BalanceConfig
 from model1_jax.checkpoint import load, save
 from model1_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING, Config, RopeScaling
+from model1_jax.finetune import TrainCheckpointer, fit
 from model1_jax.loading import CheckpointError, from_pretrained
+from model1_jax.lora import LoRAConfig, apply_lora, load_adapters, merge_lora, save_adapters
 from model1_jax.model import Model1
+from model1_jax.optim import OptimizerConfig
 from model1_jax.quant import BlockQuantized
+from model1_jax.training import TrainConfig, Trainer
 
-__all__ = ["CSA", "HASH_MOE", "HCA", "MOE", "SLIDING", "BlockQuantized", "CheckpointError", "Config", "Model1",
-           "RopeScaling", "from_pretrained", "load", "save"]
+__all__ = ["CSA", "HASH_MOE", "HCA", "MOE", "SLIDING", "BalanceConfig", "BlockQuantized", "CheckpointError", "Config",
+           "LoRAConfig", "Model1", "OptimizerConfig", "RopeScaling", "TrainCheckpointer", "TrainConfig", "Trainer",
+           "apply_lora", "fit", "from_pretrained", "load", "load_adapters", "merge_lora", "save", "save_adapters"]

@@ -109,6 +109,20 @@ def default_corpus(max_bytes: int = 8_000_000) -> list[str]:
 
 # -- tokenizing ---------------------------------------------------------------------------------------
 
+def _byte_symbols() -> list[str]:
+    """The printable stand-in character of each byte in byte-level BPE vocabularies (GPT-2's table):
+    printable Latin-1 bytes stand for themselves, the others map to U+0100 onwards in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            symbols[b] = chr(b)
+        else:
+            symbols[b] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
+
+
 class ByteTokenizer:
     """UTF-8 bytes as token ids 0..255."""
 
@@ -117,6 +131,15 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """The same mapping as a `tokenizer.json` (byte-level BPE without merges), so tools that read
+        tokenizer.json (scripts/generate.py) encode and decode text exactly as training did."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        tok = Tokenizer(models.BPE(vocab={s: b for b, s in enumerate(_byte_symbols())}, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.save(os.fspath(path))
 
 
 class HFTokenizer:
@@ -135,6 +158,9 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def save(self, path: str | os.PathLike) -> None:
+        self.tokenizer.save(os.fspath(path))
 
 
 def tokenize(documents: Iterable[Document], tokenizer, eos_id: int | None) -> tuple[np.ndarray, np.ndarray]:

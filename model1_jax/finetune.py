@@ -97,11 +97,14 @@ def fit(trainer: Trainer, batches: Batches, steps: int, *, checkpointer: TrainCh
             window_start, window_steps = time.perf_counter(), 0
         else:
             window_steps += 1
-        if done % log_every == 0 or done == steps or done == stop_after:
+        last = done == steps or done == stop_after
+        saving = checkpointer is not None and (last or checkpointer.manager.should_save(done))
+        if done % log_every == 0 or last or saving:  # never log or save a state that went non-finite
             record = {"step": done, **_scalars(metrics)}
             if not math.isfinite(record["loss"]) or not record.pop("grads_finite"):
-                raise FloatingPointError(f"step {done}: non-finite loss or gradients ({record}); "
-                                         "the last checkpoint is the state before this")
+                raise FloatingPointError(f"step {done}: non-finite loss or gradients ({record}); the newest "
+                                         "checkpoint holds an earlier, finite state")
+        if done % log_every == 0 or last:
             elapsed = time.perf_counter() - window_start
             record["tokens_per_s"] = window_steps * tokens_per_step / elapsed if window_steps else float("nan")
             window_start, window_steps = time.perf_counter(), 0
@@ -113,9 +116,8 @@ def fit(trainer: Trainer, batches: Batches, steps: int, *, checkpointer: TrainCh
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",
                             lr=f"{record['learning_rate']:.1e}")
         bar.update(1)
-        if checkpointer is not None:
-            checkpointer.save(trainer, {**(meta or {}), "step": done, "data_position": done},
-                              force=done == steps or done == stop_after)
+        if saving and checkpointer.save(trainer, {**(meta or {}), "step": done, "data_position": done}, force=last):
+            window_start, window_steps = time.perf_counter(), 0  # saving is not training throughput
         if done == stop_after:
             break
     bar.close()

@@ -28,9 +28,9 @@ import optax
 from flax import nnx
 from optax.contrib import MuonDimensionNumbers
 
+from model1_jax.hyper import HyperConnection, HyperHead
 from model1_jax.layers import Linear
 from model1_jax.moe import Experts, Router
-from model1_jax.hyper import HyperConnection, HyperHead
 
 OPTIMIZERS = ("adamw", "muon")
 # Matrices that stay on AdamW although they are 2-D: lookup tables and the output head.

@@ -161,13 +161,13 @@ def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
     print(f"done    {int(trainer.state.step)} steps, {tokens_per_second(history):,.0f} tokens/s "
           f"({jax.devices()[0].platform}); training checkpoint in {checkpointer.directory}")
     if args.stop_after is None or int(trainer.state.step) >= args.steps:
-        export(trainer, lora, args.checkpoint_dir, args.no_export)
+        export(trainer, lora, tokenizer, args.checkpoint_dir, args.no_export)
     return trainer, history
 
 
-def export(trainer: Trainer, lora: LoRAConfig | None, directory: str, skip_model: bool) -> None:
-    """The trained model as an `m1.save` checkpoint (`scripts/generate.py --model DIR/model`), LoRA
-    merged into it; LoRA adapters also alone."""
+def export(trainer: Trainer, lora: LoRAConfig | None, tokenizer, directory: str, skip_model: bool) -> None:
+    """The trained model as an `m1.save` checkpoint with its tokenizer.json (`scripts/generate.py --model
+    DIR/model`), LoRA merged into it; LoRA adapters also alone."""
     model = trainer.model()
     if lora:
         out = save_adapters(model, os.path.join(directory, "adapters"), lora)
@@ -176,8 +176,11 @@ def export(trainer: Trainer, lora: LoRAConfig | None, directory: str, skip_model
             return
         merge_lora(model)
     if not skip_model:
-        out = m1.save(model, os.path.join(directory, "model"), overwrite=True)
-        print(f"saved   model in {out}")
+        # Absolute: Orbax refuses relative paths, and m1.save passes the directory through.
+        target = os.path.abspath(os.path.join(directory, "model"))
+        out = m1.save(model, target, overwrite=True)
+        tokenizer.save(os.path.join(target, "tokenizer.json"))
+        print(f"saved   model in {out}, tokenizer.json beside it")
 
 
 if __name__ == "__main__":

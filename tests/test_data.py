@@ -56,6 +56,14 @@ def test_missing_file(tmp_path):
         list(data.read_documents([tmp_path / "nope.txt"]))
 
 
+def test_byte_tokenizer_as_tokenizer_json(tmp_path):
+    data.ByteTokenizer().save(tmp_path / "tokenizer.json")
+    hf = data.HFTokenizer(tmp_path / "tokenizer.json")
+    text = "déjà vu\n\tdef f(): return '✓'\x00\x7f"
+    assert hf.vocab_size == 256 and hf.encode(text) == data.ByteTokenizer().encode(text)
+    assert hf.tokenizer.decode(hf.encode(text)) == text
+
+
 def test_hf_tokenizer(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     vocab = {"[UNK]": 0, "<eos>": 1, "hello": 2, "world": 3}

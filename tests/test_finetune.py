@@ -97,6 +97,8 @@ def test_final_model_loads_with_from_pretrained(straight):
     assert got.keys() == want.keys()
     for path in want:
         np.testing.assert_array_equal(got[path], want[path], err_msg=str(path))
+    tokenizer = mdata.HFTokenizer(tmp / "ckpt" / "model")  # what scripts/generate.py --model reads
+    assert tokenizer.encode(TEXT[:20]) == list(TEXT[:20].encode())
 
 
 def test_stop_and_resume_reproduces_the_straight_run(straight, tmp_path, monkeypatch):
@@ -143,3 +145,23 @@ def test_empty_dataset_fails_clearly(tmp_path):
     with pytest.raises(SystemExit, match="dataset is empty"):
         script.main(["--data", str(empty), "--checkpoint-dir", str(tmp_path / "c")])
     assert not (tmp_path / "c").exists()  # nothing written
+
+
+def test_a_non_finite_step_stops_the_run_before_it_is_saved(tmp_path):
+    """`fit` checks every step it logs or checkpoints; a NaN loss raises instead of being saved."""
+    from types import SimpleNamespace
+
+    from model1_jax.finetune import fit
+
+    class Exploding:
+        state = SimpleNamespace(step=np.int32(0))
+        biased_paths = frozenset()
+
+        def step(self, batch):
+            return {"loss": np.float32("nan"), "main_loss": np.float32("nan"), "mtp_loss": np.float32(0),
+                    "balance_loss": np.float32(0), "grad_norm": np.float32(1), "grads_finite": np.bool_(True),
+                    "learning_rate": np.float32(1e-3), "loads": {}}
+
+    packed = mdata.pack(np.arange(40, dtype=np.int32), np.ones(40, bool), seq_len=8)
+    with pytest.raises(FloatingPointError, match="step 3: non-finite loss"):
+        fit(Exploding(), mdata.Batches(packed, 1), 10, log_every=3, progress=False)
