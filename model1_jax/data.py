@@ -212,8 +212,7 @@ def pack(ids: np.ndarray, mask: np.ndarray, seq_len: int, eval_fraction: float =
     if n == 0:
         raise DataError(f"the dataset has {ids.size} tokens, fewer than one sequence of seq_len={seq_len}")
     ids, mask = ids[: n * seq_len].reshape(n, seq_len), mask[: n * seq_len].reshape(n, seq_len)
-    n_eval = int(round(n * eval_fraction)) if eval_fraction else 0
-    n_eval = max(n_eval, 1) if eval_fraction else 0
+    n_eval = max(1, round(n * eval_fraction)) if eval_fraction else 0  # a held-out set is never empty
     if n - n_eval < 1:
         raise DataError(f"the dataset has {n} sequences of {seq_len} tokens: too few to hold out "
                         f"{eval_fraction:.0%} and still train")

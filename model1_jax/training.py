@@ -191,6 +191,8 @@ class Trainer:
         self.optimizer_config = optimizer
         self.lora = lora
         wrt = trainable_filter(model, config, lora=lora)
+        if lora and not jax.tree.leaves(nnx.state(model, nnx.LoRAParam)):
+            raise ValueError("Trainer(lora=True): the model has no LoRA adapters (attach them with lora.apply_lora)")
         graphdef, params, buffers, frozen = nnx.split(model, wrt, Buffer, ...)
         quantized = [".".join(map(str, p)) for p, v in nnx.to_flat_state(params)
                      if hasattr(v.get_value(), "dequantize")]

@@ -130,7 +130,9 @@ def test_targets():
         LoRAConfig(rank=0)
 
 
-def test_full_fine_tuning_refuses_a_quantized_model():
+def test_trainer_refusals():
     model = quantize_base(random_model(CFG, seed=6))
     with pytest.raises(ValueError, match="FP8/FP4-quantized"):
         Trainer(model, OptimizerConfig())
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        Trainer(model, OptimizerConfig(), lora=True)
