@@ -136,3 +136,27 @@ def test_trainer_refusals():
         Trainer(model, OptimizerConfig())
     with pytest.raises(ValueError, match="no LoRA adapters"):
         Trainer(model, OptimizerConfig(), lora=True)
+
+
+def test_adapter_factors_are_muon_matrices():
+    """Muon sees A as fan-in → rank and B as rank → fan-out, with the kernel's batch axes (groups g) kept."""
+    from optax.contrib import MuonDimensionNumbers
+
+    from model1_jax.optim import matrix_dims, param_groups
+
+    def adapted_model():
+        model = m1.Model1(CFG, rngs=nnx.Rngs(0))
+        apply_lora(model, LORA, rngs=nnx.Rngs(1))
+        return model
+
+    model = nnx.eval_shape(adapted_model)  # shapes only
+    groups = param_groups(model, nnx.LoRAParam)
+    assert groups and set(groups.values()) == {"muon"}
+    dims = matrix_dims(model)
+    attn = ("layers", 0, "self_attn")
+    q_b, o_a = model.layers[0].self_attn.q_b_proj.lora, model.layers[0].self_attn.o_a_proj.lora
+    assert q_b.a.shape == (32, 4) and q_b.b.shape == (4, 4, 32)               # [q, l], [l, n, h]
+    assert dims[(*attn, "q_b_proj", "lora", "b")] == MuonDimensionNumbers(0, (1, 2))
+    assert o_a.a.shape == (2, 2, 32, 4) and o_a.b.shape == (2, 4, 16)         # [g, m, h, l], [g, l, o]
+    assert dims[(*attn, "o_a_proj", "lora", "a")] == MuonDimensionNumbers((1, 2), 3)
+    assert dims[(*attn, "o_a_proj", "lora", "b")] == MuonDimensionNumbers(1, (2,))
