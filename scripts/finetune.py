@@ -114,6 +114,13 @@ def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
                          f"({config.max_position_embeddings})")
 
+    train_dir = os.path.join(args.checkpoint_dir, "train")
+    existing = os.path.isdir(train_dir) and any(name.isdigit() for name in os.listdir(train_dir))
+    if args.resume and not existing:
+        raise FileNotFoundError(f"--resume: no checkpoint in {os.path.abspath(train_dir)}")
+    if existing and not args.resume:
+        raise ValueError(f"{os.path.abspath(train_dir)} already holds checkpoints; pass --resume or another "
+                         "--checkpoint-dir")
     if lora:  # targets are checked on the abstract model, before any data is read or weight built
         find_targets(nnx.eval_shape(lambda: m1.Model1(config, rngs=nnx.Rngs(0))), lora.targets)
     tokenizer = mdata.HFTokenizer(args.tokenizer) if args.tokenizer else mdata.ByteTokenizer()
@@ -142,7 +149,7 @@ def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
           f"compute {dtype.name}, {args.optimizer}")
 
     batches = mdata.Batches(dataset, args.batch_size, args.accum_steps, seed=args.seed)
-    checkpointer = TrainCheckpointer(os.path.join(args.checkpoint_dir, "train"), every=args.checkpoint_every)
+    checkpointer = TrainCheckpointer(train_dir, every=args.checkpoint_every)
     record = {"data_fingerprint": dataset.fingerprint(), "data_seed": args.seed, "batch_size": args.batch_size,
               "accum_steps": args.accum_steps, "seq_len": args.seq_len, "optimizer": dataclasses.asdict(optimizer),
               "lora": dataclasses.asdict(lora) if lora else None}
@@ -150,9 +157,6 @@ def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
         json_record = json.loads(json.dumps(record))  # tuples → lists, as stored
         checkpointer.restore(trainer, expect=json_record)
         print(f"resume  from step {int(trainer.state.step)} in {checkpointer.directory}")
-    elif checkpointer.latest_step() is not None:
-        raise ValueError(f"{checkpointer.directory} already holds checkpoints; pass --resume or another "
-                         "--checkpoint-dir")
 
     history = fit(trainer, batches, args.steps, checkpointer=checkpointer, meta=record, eval_data=dataset,
                   eval_every=args.eval_every, eval_batches_max=args.eval_batches, log_every=args.log_every,

@@ -130,6 +130,7 @@ def test_resume_refuses_a_different_run(straight, tmp_path):
     (["--optimizer", "sgd"], "unknown optimizer 'sgd'"),
     (["--seq-len", "5000"], "exceeds the model's max_position_embeddings"),
     (["--lora-rank", "4", "--lora-targets", "no_such_projection"], "match no projection"),
+    (["--resume"], "--resume: no checkpoint"),
 ])
 def test_bad_arguments_fail_clearly(argv, message, tmp_path, capsys):
     data = tmp_path / "text.txt"
