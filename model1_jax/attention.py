@@ -21,7 +21,7 @@ from model1_jax import rope
 from model1_jax.compressor import Compressor
 from model1_jax.config import CSA, HCA, SLIDING, Config
 from model1_jax.indexer import Indexer, visible_entries
-from model1_jax.layers import Linear, RMSNorm, const_param, rms_norm, weight
+from model1_jax.layers import Linear, RMSNorm, const_param, constrain, rms_norm, weight
 
 F32 = jnp.float32
 
@@ -56,6 +56,8 @@ def picks_visible(picks_btk: jax.Array, num_entries: int) -> jax.Array:
 
 
 class Attention(nnx.Module):
+    layout = None  # a `sharding.Layout` once attached: queries and outputs are then split over heads
+
     def __init__(self, config: Config, layer_type: str, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
         self.config = config
@@ -86,7 +88,8 @@ class Attention(nnx.Module):
     def queries(self, x_btd: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(q [b, t, n, h] rotated, q_lat [b, t, q_lora])."""
         q_lat_btq = self.q_a_norm(self.q_a_proj(x_btd))
-        q_btnh = rms_norm(self.q_b_proj(q_lat_btq), self.config.rms_norm_eps)
+        q_btnh = constrain(self.q_b_proj(q_lat_btq), self.layout, "batch", "seq", "heads", "head_dim")
+        q_btnh = rms_norm(q_btnh, self.config.rms_norm_eps)
         cos, sin = rope.cos_sin(self.config, self.rope_kind, positions_bt)
         return rope.apply_rope(q_btnh, cos[:, :, None], sin[:, :, None]), q_lat_btq
 
@@ -98,6 +101,7 @@ class Attention(nnx.Module):
     def output(self, o_btnh: jax.Array, positions_bt: jax.Array) -> jax.Array:
         """Undo the rope carried by the values, then the grouped low-rank projection: [b, t, d]."""
         cos, sin = rope.cos_sin(self.config, self.rope_kind, positions_bt)
+        o_btnh = constrain(o_btnh, self.layout, "batch", "seq", "heads", "head_dim")
         o_btnh = rope.apply_rope(o_btnh, cos[:, :, None], sin[:, :, None], inverse=True)
         b, t, n, h = o_btnh.shape
         g = self.config.o_groups

@@ -110,6 +110,11 @@ class Config:
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if isinstance(self.rope_scaling, Mapping):
+            # HF defaults a missing rope_type to "default" (no YaRN); here a dict without one is almost
+            # certainly a YaRN block written by hand, so require the type instead of dropping it silently.
+            if "rope_type" not in self.rope_scaling and "type" not in self.rope_scaling:
+                raise ValueError("Config.rope_scaling: a dict needs rope_type ('yarn' or 'default'); "
+                                 "or pass a RopeScaling")
             object.__setattr__(self, "rope_scaling", _rope_scaling_from_dict(dict(self.rope_scaling)))
         self.validate()
 
@@ -287,6 +292,10 @@ class Config:
         d["compress_rates"] = self.compress_rates
         d["partial_rotary_factor"] = self.partial_rotary_factor
         d["rope_parameters"] = self.rope_parameters
+        # HF has no field for the MTP block's attention type; released configs carry it as the extra last
+        # entry of the legacy `compress_ratios`, which HF ignores when `layer_types` is given.
+        ratio = {SLIDING: 0, CSA: 4, HCA: 128}
+        d["compress_ratios"] = [ratio[t] for t in (*self.layer_types, self.mtp_layer_type)]
         if isinstance(self.eos_token_id, tuple):
             d["eos_token_id"] = list(self.eos_token_id)
         return d

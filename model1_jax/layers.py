@@ -43,10 +43,20 @@ def weight(variable: nnx.Variable, dtype) -> jax.Array:
     Every weight read goes through here so that storage formats other than a plain array
     (block-quantized FP8/FP4 values with scales) can be expanded at the point of use.
     """
-    value = variable.get_value()
+    return dequantize(variable.get_value(), dtype)
+
+
+def dequantize(value, dtype) -> jax.Array:
+    """A stored weight value (an array, or a quantized pytree with `dequantize`) as an array of `dtype`."""
     if hasattr(value, "dequantize"):
         return value.dequantize(dtype)
     return value.astype(dtype)
+
+
+def constrain(x: jax.Array, layout, *logical_axes: str | None) -> jax.Array:
+    """Sharding constraint on an activation by logical axis names (`sharding.Layout.constrain`); a no-op
+    without a layout, so the single-device model carries no sharding code."""
+    return x if layout is None else layout.constrain(x, logical_axes)
 
 
 class Linear(nnx.Module):

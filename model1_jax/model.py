@@ -15,7 +15,7 @@ from flax import nnx
 from model1_jax.config import Config
 from model1_jax.decoder import DecoderLayer
 from model1_jax.hyper import HyperHead
-from model1_jax.layers import Embed, Linear, RMSNorm
+from model1_jax.layers import Embed, Linear, RMSNorm, constrain
 from model1_jax.mtp import MTPBlock
 
 F32 = jnp.float32
@@ -54,6 +54,8 @@ class Model1(nnx.Module):
     sinks, position biases and the router bias stay float32 as in the reference.
     """
 
+    layout = None  # a `sharding.Layout` once attached (`sharding.shard` / `sharding.create`)
+
     def __init__(self, config: Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         self.config = config
         self.dtype = dtype
@@ -73,12 +75,13 @@ class Model1(nnx.Module):
     def embed(self, ids_bt: jax.Array) -> jax.Array:
         """Token embeddings copied onto the c residual streams: [b, t, c, d]."""
         e_btd = self.embed_tokens(ids_bt)
-        return jnp.broadcast_to(e_btd[:, :, None, :], (*e_btd.shape[:2], self.config.hc_mult, e_btd.shape[-1]))
+        streams_btcd = jnp.broadcast_to(e_btd[:, :, None, :], (*e_btd.shape[:2], self.config.hc_mult, e_btd.shape[-1]))
+        return constrain(streams_btcd, self.layout, "batch", "seq", None, "act_embed")
 
     def logits(self, h_btd: jax.Array) -> jax.Array:
         """lm_head (or the tied embedding) on final hidden states, float32 [b, t, v]."""
         out = self.embed_tokens.attend(h_btd) if self.lm_head is None else self.lm_head(h_btd)
-        return out.astype(F32)
+        return constrain(out.astype(F32), self.layout, "batch", "seq", "act_vocab")
 
     def head(self, streams_btcd: jax.Array) -> jax.Array:
         return self.logits(self.norm(self.hc_head(streams_btcd)))
@@ -95,7 +98,8 @@ class Model1(nnx.Module):
         streams_btcd = self.embed(ids_bt)
         call = _remat_layer if remat else _call_layer
         for layer in self.layers:
-            streams_btcd = call(layer, streams_btcd, ids_bt, positions_bt)
+            streams_btcd = constrain(call(layer, streams_btcd, ids_bt, positions_bt), self.layout,
+                                     "batch", "seq", None, "act_embed")
         return streams_btcd
 
     # -- public forward ----------------------------------------------------------------------------

@@ -7,7 +7,8 @@ renormalised (+1e-20) and multiplied by routed_scaling_factor. Experts are SwiGL
 gate ≤ L and up ∈ [−L, L] (L = swiglu_limit), the same clamp for the shared expert.
 
 Routed experts run as a grouped matmul: assignments sorted by expert, then `lax.ragged_dot`
-(a grouped GEMM on GPU), then scattered back. No token is ever dropped.
+(a grouped GEMM on GPU), then scattered back. No token is ever dropped. With a sharding layout
+attached, the same function runs per device on its shard of the experts (`expert_parallel`).
 
 Training reads each router's decisions through `nnx.capture(RoutingDecision)` (see `balance.py`):
 per-expert load for the bias update and affinities for the sequence-wise balance loss.
@@ -19,8 +20,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model1_jax import expert_parallel
 from model1_jax.config import HASH_MOE, Config
-from model1_jax.layers import Buffer, Linear, normal_param, weight
+from model1_jax.layers import Buffer, Linear, dequantize, normal_param, weight
 
 F32 = jnp.float32
 
@@ -50,12 +52,14 @@ class Router(nnx.Module):
         self.is_hash = mlp_type == HASH_MOE
         e, k = config.n_routed_experts, config.num_experts_per_tok
         self.dtype = dtype
-        self.kernel = normal_param(rngs, (config.hidden_size, e), ("embed", "experts"), config.initializer_range,
-                                   param_dtype)
+        # Its own logical name for the expert axis: the router is small and read by every token, so
+        # layouts keep it whole even where the routed experts are split.
+        self.kernel = normal_param(rngs, (config.hidden_size, e), ("embed", "router_experts"),
+                                   config.initializer_range, param_dtype)
         if self.is_hash:
             self.tid2eid = Buffer(hash_table(rngs.params(), config.vocab_size, e, k), logical_axes=("vocab", None))
         else:
-            self.e_score_correction_bias = Buffer(jnp.zeros((e,), F32), logical_axes=("experts",))
+            self.e_score_correction_bias = Buffer(jnp.zeros((e,), F32), logical_axes=("router_experts",))
 
     def scores(self, x_td: jax.Array) -> jax.Array:
         """Router affinities σ [t, e] in fp32."""
@@ -83,8 +87,53 @@ class Router(nnx.Module):
         return weights_tk * self.config.routed_scaling_factor, experts_tk.astype(jnp.int32), scores_te
 
 
+def routed_ffn(x_td: jax.Array, experts_tk: jax.Array, weights_tk: jax.Array, gate_edf: jax.Array,
+               up_edf: jax.Array, down_efd: jax.Array, limit: float, *, first_expert: jax.Array | int = 0,
+               capacity: int | None = None) -> jax.Array:
+    """Σ_k weight · expert(x) over the assignments to experts first_expert .. first_expert + e − 1 (the e
+    experts of these weights); assignments to other experts contribute nothing. Float32 [t, d].
+
+    capacity=None: grouped matmul over every assignment (none dropped). Otherwise each expert takes at
+    most `capacity` assignments, in token order, into a dense [e, capacity, d] buffer; the rest are dropped.
+    """
+    e = gate_edf.shape[0]
+    t, k = experts_tk.shape
+    local_a = experts_tk.reshape(-1) - first_expert
+    mine_a = (local_a >= 0) & (local_a < e)
+    group_a = jnp.where(mine_a, local_a, e)  # other experts' assignments form a last group nobody computes
+    scale_a = jnp.where(mine_a, weights_tk.reshape(-1), 0.0)
+    order = jnp.argsort(group_a, stable=True)
+    if capacity is None:
+        token_of = order // k
+        group_sizes = jnp.bincount(group_a, length=e + 1)[:e].astype(jnp.int32)
+        x_ad = jnp.take(x_td, token_of, axis=0)  # one row per (token, pick), grouped by expert
+        gate_af = jax.lax.ragged_dot(x_ad, gate_edf, group_sizes, preferred_element_type=F32)
+        up_af = jax.lax.ragged_dot(x_ad, up_edf, group_sizes, preferred_element_type=F32)
+        h_af = swiglu(gate_af, up_af, limit).astype(x_td.dtype)
+        y_ad = jax.lax.ragged_dot(h_af, down_efd, group_sizes, preferred_element_type=F32)
+        y_ad = jnp.where(mine_a[order][:, None], y_ad * scale_a[order][:, None], 0.0)
+        return jnp.zeros((t, y_ad.shape[-1]), F32).at[token_of].add(y_ad)
+    # Rank of each assignment within its expert (token order), then a slot in the expert's buffer.
+    counts = jnp.bincount(group_a, length=e + 1)
+    rank_sorted = jnp.arange(t * k) - (jnp.cumsum(counts) - counts)[group_a[order]]
+    rank_a = jnp.zeros(t * k, jnp.int32).at[order].set(rank_sorted.astype(jnp.int32))
+    kept_a = mine_a & (rank_a < capacity)
+    slot_a = jnp.where(kept_a, group_a * capacity + rank_a, e * capacity)  # past the end: dropped
+    x_ad = jnp.take(x_td, jnp.arange(t * k) // k, axis=0)
+    x_ecd = jnp.zeros((e * capacity, x_td.shape[-1]), x_td.dtype).at[slot_a].set(x_ad, mode="drop")
+    x_ecd = x_ecd.reshape(e, capacity, -1)
+    gate_ecf = jnp.einsum("ecd,edf->ecf", x_ecd, gate_edf, preferred_element_type=F32)
+    up_ecf = jnp.einsum("ecd,edf->ecf", x_ecd, up_edf, preferred_element_type=F32)
+    h_ecf = swiglu(gate_ecf, up_ecf, limit).astype(x_td.dtype)
+    y_ed = jnp.einsum("ecf,efd->ecd", h_ecf, down_efd, preferred_element_type=F32).reshape(e * capacity, -1)
+    y_ad = jnp.take(y_ed, slot_a, axis=0, mode="fill", fill_value=0.0) * jnp.where(kept_a, scale_a, 0.0)[:, None]
+    return jnp.sum(y_ad.reshape(t, k, -1), axis=1)
+
+
 class Experts(nnx.Module):
     """Routed experts: gate_proj, up_proj [e, d, f], down_proj [e, f, d]."""
+
+    layout = None  # a `sharding.Layout` once attached: the experts then run expert-parallel
 
     def __init__(self, config: Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         e, d, f = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
@@ -96,19 +145,20 @@ class Experts(nnx.Module):
         self.up_proj = normal_param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, param_dtype)
         self.down_proj = normal_param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), std, param_dtype)
 
+    def ffn(self, x_td: jax.Array, experts_tk: jax.Array, weights_tk: jax.Array, stored: tuple, *,
+            first_expert: jax.Array | int = 0, capacity: int | None = None) -> jax.Array:
+        """`routed_ffn` on stored (possibly quantized) weight values, in the compute dtype."""
+        gate, up, down = (dequantize(v, self.dtype) for v in stored)
+        return routed_ffn(x_td.astype(self.dtype), experts_tk, weights_tk, gate, up, down, self.limit,
+                          first_expert=first_expert, capacity=capacity)
+
     def __call__(self, x_td: jax.Array, experts_tk: jax.Array, weights_tk: jax.Array) -> jax.Array:
-        t, k = experts_tk.shape
-        flat_experts = experts_tk.reshape(-1)
-        order = jnp.argsort(flat_experts, stable=True)
-        token_of = order // k
-        group_sizes = jnp.bincount(flat_experts, length=self.num_experts).astype(jnp.int32)
-        x_ad = jnp.take(x_td.astype(self.dtype), token_of, axis=0)  # one row per (token, pick), grouped by expert
-        gate_af = jax.lax.ragged_dot(x_ad, weight(self.gate_proj, self.dtype), group_sizes, preferred_element_type=F32)
-        up_af = jax.lax.ragged_dot(x_ad, weight(self.up_proj, self.dtype), group_sizes, preferred_element_type=F32)
-        h_af = swiglu(gate_af, up_af, self.limit).astype(self.dtype)
-        y_ad = jax.lax.ragged_dot(h_af, weight(self.down_proj, self.dtype), group_sizes, preferred_element_type=F32)
-        y_ad = y_ad * weights_tk.reshape(-1)[order][:, None]
-        return jnp.zeros((t, y_ad.shape[-1]), F32).at[token_of].add(y_ad).astype(x_td.dtype)
+        stored = tuple(v.get_value() for v in (self.gate_proj, self.up_proj, self.down_proj))
+        if self.layout is not None:
+            y_td = expert_parallel.routed_experts(self.layout, self.ffn, x_td, experts_tk, weights_tk, stored)
+        else:
+            y_td = self.ffn(x_td, experts_tk, weights_tk, stored)
+        return y_td.astype(x_td.dtype)
 
 
 class SharedExpert(nnx.Module):

@@ -2,8 +2,11 @@
 
 import os
 
-# Must be set before JAX initialises its CPU backend; harmless for single-device tests.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Must be set before JAX initialises its CPU backend; harmless for single-device tests. Appended, so
+# XLA_FLAGS the caller already set are kept.
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402
 

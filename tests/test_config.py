@@ -50,7 +50,8 @@ def _param_count(cfg) -> int:
     def count(make):
         return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(nnx.eval_shape(make), nnx.Param)))
 
-    one_layer = cfg.replace(num_hidden_layers=1, layer_types=cfg.layer_types[:1], mlp_layer_types=cfg.mlp_layer_types[:1])
+    one_layer = cfg.replace(num_hidden_layers=1, layer_types=cfg.layer_types[:1],
+                            mlp_layer_types=cfg.mlp_layer_types[:1])
     kinds = {k: count(lambda k=k: DecoderLayer(cfg, *k, rngs=nnx.Rngs(0)))
              for k in set(zip(cfg.layer_types, cfg.mlp_layer_types))}
     model_with_one_layer = count(lambda: m1.Model1(one_layer, rngs=nnx.Rngs(0)))
@@ -136,3 +137,15 @@ def test_from_hf_errors(raw, field):
 def test_missing_config_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         m1.Config.from_hf(tmp_path)
+
+
+def test_mtp_layer_type_survives_to_hf():
+    cfg = m1.Config.tiny().replace(mtp_layer_type=CSA)
+    assert m1.Config.from_hf(cfg.to_hf()) == cfg
+
+
+def test_rope_scaling_dict_needs_a_type():
+    assert m1.Config.tiny().replace(rope_scaling={"rope_type": "yarn", "factor": 4,
+                                                  "original_max_position_embeddings": 64}).rope_scaling.factor == 4
+    with pytest.raises(ValueError, match="Config.rope_scaling: a dict needs rope_type"):
+        m1.Config.tiny().replace(rope_scaling={"factor": 4, "original_max_position_embeddings": 64})

@@ -15,7 +15,8 @@ def model():
 
 
 def values(model, suffix):
-    return [np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model)) if "/".join(map(str, p)).endswith(suffix)]
+    return [np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))
+            if "/".join(map(str, p)).endswith(suffix)]
 
 
 def test_constant_inits(model):

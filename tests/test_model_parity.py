@@ -42,7 +42,8 @@ def test_logits_match_transformers(pair):
         assert got.shape == want.shape and got.dtype == np.float32
         err = np.abs(got - want).max(axis=-1) / np.abs(want).max()  # per position
         worst = max(worst, float(err.max()))
-        assert err.max() < TOL, f"{name} length {length}: max rel err {err.max():.2e} at {np.unravel_index(err.argmax(), err.shape)}"
+        where = np.unravel_index(err.argmax(), err.shape)
+        assert err.max() < TOL, f"{name} length {length}: max rel err {err.max():.2e} at [batch, position] {where}"
     print(f"\n{name}: max relative logit error {worst:.2e} over lengths {lengths(hf.config)}")
 
 

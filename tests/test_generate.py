@@ -1,0 +1,256 @@
+"""Generation: parity with transformers' greedy `generate()`, batch invariance, MTP speculative decoding,
+sampling, and input checks.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import model1_jax as m1
+from model1_jax import decode, generation, sampling
+from model1_jax.generation import CompileClock
+from tests import hf_reference as ref
+from tests.util import random_model
+
+NEW = 32
+
+
+# ------------------------------------------------------------------------------------------------------
+# transformers parity
+
+
+class GenerationTies:
+    """Records the indexer scores of every CSA layer during an HF generate() and counts exact ties at the
+    top-k boundary (ties make the pick arbitrary; torch and lax break them differently, spec §4.6)."""
+
+    def __init__(self, model):
+        self.records = []
+        self.handles = [
+            layer.self_attn.compressor.indexer.scorer.register_forward_hook(
+                lambda mod, args, out, idx=layer.self_attn.compressor.indexer: self.records.append(
+                    (idx.compress_rate, idx.index_topk, out.detach().numpy())))
+            for layer in model.model.layers
+            if layer.self_attn.compressor is not None and hasattr(layer.self_attn.compressor, "indexer")]
+
+    def count(self) -> int:
+        ties = 0
+        for rate, k, scores_bts in self.records:
+            _, t, s = scores_bts.shape
+            for ti in range(t):
+                # Prefill queries see entries w < (t+1)/rate; a decode query (t = 1) sees every entry.
+                n_visible = min((ti + 1) // rate, s) if t > 1 else s
+                if n_visible > k:
+                    top = -np.sort(-scores_bts[:, ti, :n_visible], axis=-1)
+                    ties += int(np.sum(top[:, k - 1] == top[:, k]))
+        return ties
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.fixture(scope="module", params=["csa_hca_hc4", "csa_m2_hc2"])
+def hf_pair(request, tmp_path_factory):
+    # 16 indexer heads: a score is exactly 0 (a tie with any other 0) only when all heads' ReLUs are 0.
+    hf = ref.make_model(request.param, seed=2, index_n_heads=16)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    return hf, m1.from_pretrained(path, dtype=jnp.float32)
+
+
+def test_greedy_matches_transformers(hf_pair):
+    hf, model = hf_pair
+    recorder = GenerationTies(hf)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only add overhead (and contention on a shared CPU)
+    try:
+        for seed in range(20):  # prompts whose HF prefill and generation are free of top-k ties
+            prompt = np.random.default_rng(seed).integers(0, hf.config.vocab_size, (2, 9))
+            recorder.records.clear()
+            with torch.no_grad():
+                want = hf.generate(torch.as_tensor(prompt), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                                   pad_token_id=0)[:, prompt.shape[1]:].tolist()
+            if recorder.count() == 0:
+                break
+        else:
+            pytest.fail("no tie-free prompt found")
+    finally:
+        recorder.close()
+        torch.set_num_threads(threads)
+    got = m1.generate(model, prompt, NEW, stop_tokens=(), cache_dtype="float32")
+    assert got.tokens == want
+
+
+# ------------------------------------------------------------------------------------------------------
+# Batch invariance and MTP (bf16 cache: the unquantized mode's storage dtype)
+
+# Window 8; a CSA layer (m=4, top 3 entries), an HCA layer (m'=8) and the MTP block (sliding window).
+TINY = m1.Config.tiny().replace(num_hidden_layers=2, layer_types=(m1.CSA, m1.HCA),
+                                mlp_layer_types=(m1.HASH_MOE, m1.MOE))
+PROMPTS = [[int(x) for x in np.random.default_rng(i).integers(0, TINY.vocab_size, n)] for i, n in
+           enumerate([6, 19, 1])]
+RUN = dict(max_batch=3, max_len=19 + NEW, cache_dtype="bf16", stop_tokens=(), chunk=8, page_size=16)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return random_model(TINY, seed=11)
+
+
+@pytest.fixture(scope="module")
+def greedy_batch(tiny):
+    return m1.generate(tiny, PROMPTS, NEW, **RUN)
+
+
+def test_batch_invariance(tiny, greedy_batch):
+    assert all(len(t) == NEW for t in greedy_batch.tokens)
+    for i, prompt in enumerate(PROMPTS):
+        alone = m1.generate(tiny, [prompt], NEW, **RUN)
+        assert alone.tokens[0] == greedy_batch.tokens[i], f"prompt {i}"
+
+
+def test_mtp_greedy_equals_plain_greedy(tiny, greedy_batch):
+    spec = m1.generate(tiny, PROMPTS, NEW, mtp=True, **RUN)
+    assert spec.tokens == greedy_batch.tokens
+    assert spec.stats.drafts > 0 and spec.stats.acceptance_rate is not None
+
+
+def test_mtp_accept_and_reject_with_oracle_drafts(tiny, greedy_batch):
+    """Drive the speculative step with drafts that are right on some steps and wrong on others: accepted
+    drafts must add the bonus token, rejected ones must be rolled back exactly (every later token still
+    equals plain greedy decoding)."""
+    want = greedy_batch.tokens
+    graphdef, params = nnx.split(tiny)
+    state = m1.init_state(TINY, max_batch=3, max_len=RUN["max_len"], cache_dtype="bf16", chunk=8, page_size=16,
+                          mtp=True)
+    ids = np.zeros((3, 19), np.int32)
+    for i, p in enumerate(PROMPTS):
+        ids[i, :len(p)] = p
+    logits, state = m1.prefill(tiny, state, ids, [len(p) for p in PROMPTS])
+    pending = jnp.argmax(logits, -1).astype(jnp.int32)
+    out = [[int(t)] for t in np.asarray(pending)]
+    assert [o[0] for o in out] == [w[0] for w in want]
+    rng = np.random.default_rng(0)
+    vocab = TINY.vocab_size
+    has_draft = np.zeros(3, bool)
+    accepted_total = rejected_total = 0
+    for step in range(14):
+        truth = np.array([w[len(o)] for w, o in zip(want, out)])
+        right = rng.random(3) < 0.6
+        draft = np.where(right, truth, (truth + 1 + rng.integers(0, vocab - 1, 3)) % vocab).astype(np.int32)
+        emitted, count, pending, _, _, accepted, state = generation._speculative_step(
+            graphdef, params, state, pending, jnp.asarray(draft), jax.nn.one_hot(draft, vocab),
+            jnp.asarray(has_draft), jnp.ones(3, bool), jax.random.key(step), sampling.Sampling().arrays())
+        accepted, count = np.asarray(accepted), np.asarray(count)
+        np.testing.assert_array_equal(accepted, has_draft & right)
+        np.testing.assert_array_equal(count, 1 + accepted)
+        for b in range(3):
+            out[b] += np.asarray(emitted)[b, :count[b]].tolist()
+        accepted_total += int(accepted.sum())
+        rejected_total += int((has_draft & ~right).sum())
+        has_draft = np.ones(3, bool)
+    assert accepted_total > 5 and rejected_total > 5
+    for b in range(3):
+        assert out[b] == want[b][:len(out[b])], f"row {b}"
+
+
+def test_sampling_is_seeded(tiny):
+    kw = dict(RUN, temperature=0.8, top_k=50, top_p=0.9, mtp=True)
+    a = m1.generate(tiny, PROMPTS, 12, seed=1, **kw)
+    b = m1.generate(tiny, PROMPTS, 12, seed=1, **kw)
+    c = m1.generate(tiny, PROMPTS, 12, seed=2, **kw)
+    assert a.tokens == b.tokens and a.tokens != c.tokens
+    assert all(0 <= t < TINY.vocab_size for row in a.tokens for t in row)
+
+
+def test_stop_tokens(tiny, greedy_batch):
+    stop = greedy_batch.tokens[1][5]
+    got = m1.generate(tiny, PROMPTS, NEW, **{**RUN, "stop_tokens": (stop,)})
+    for row, full in zip(got.tokens, greedy_batch.tokens):
+        cut = full.index(stop) + 1 if stop in full else NEW
+        assert row == full[:cut]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Sampling rules
+
+
+def test_probabilities_filters():
+    logits = jnp.log(jnp.array([[0.5, 0.25, 0.15, 0.1]]))
+    probs = jax.jit(sampling.probabilities)  # one compilation serves every setting
+
+    def p(**kw):
+        return probs(logits, sampling.Sampling(**kw).arrays())
+
+    np.testing.assert_array_equal(p(), [[1, 0, 0, 0]])  # greedy
+    np.testing.assert_allclose(p(temperature=1.0, top_k=2), [[2 / 3, 1 / 3, 0, 0]], rtol=1e-6)
+    np.testing.assert_allclose(p(temperature=1.0, top_p=0.7), [[2 / 3, 1 / 3, 0, 0]], rtol=1e-6)  # 0.5+0.25 ≥ 0.7
+    np.testing.assert_allclose(p(temperature=1.0, top_p=0.4), [[1, 0, 0, 0]], rtol=1e-6)  # the top token alone
+    # top-k first (0.5, 0.25, 0.15 renormalised), then top-p of what is left: 5/9 + 5/18 ≥ 0.8. In the other
+    # order 0.5 + 0.25 < 0.8 would keep three tokens.
+    np.testing.assert_allclose(p(temperature=1.0, top_k=3, top_p=0.8), [[2 / 3, 1 / 3, 0, 0]], rtol=1e-6)
+    np.testing.assert_allclose(p(temperature=2.0), jax.nn.softmax(logits / 2), rtol=1e-6)
+    with pytest.raises(ValueError, match="top_p"):
+        sampling.Sampling(top_p=1.5)
+
+
+def test_speculative_acceptance_keeps_the_target_distribution():
+    target = jnp.array([0.1, 0.4, 0.2, 0.3])
+    draft_dist = jnp.array([0.5, 0.1, 0.3, 0.1])
+    n = 40000
+    keys = jax.random.split(jax.random.key(0), n)
+
+    def one(key):
+        d_key, a_key = jax.random.split(key)
+        d = jax.random.categorical(d_key, jnp.log(draft_dist))[None].astype(jnp.int32)
+        _, tok = sampling.accept_draft(a_key, target[None], draft_dist[None], d)
+        return tok[0]
+
+    counts = np.bincount(np.asarray(jax.jit(jax.vmap(one))(keys)), minlength=4) / n
+    np.testing.assert_allclose(counts, target, atol=4 * np.sqrt(0.25 / n))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Bad input: a clear error before anything is allocated or compiled
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
+    (dict(prompts=[]), "non-empty list"),
+    (dict(prompts=[[1, 2, TINY.vocab_size]]), r"outside \[0, 256\)"),
+    (dict(prompts=[[-1]]), "outside"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=-3), "max_new_tokens"),
+    (dict(max_len=4), "prompt has 5 tokens, over max_len 4"),
+    (dict(max_len=10), r"\+ max_new_tokens \(8\) exceeds max_len 10"),
+    (dict(max_batch=1, prompts=[[1], [2]]), "2 prompts exceed max_batch 1"),
+    (dict(cache_dtype="fp8"), "head_dim 512"),
+    (dict(cache_dtype="int4"), "cache_dtype"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_k=-2), "top_k"),
+    (dict(stop_tokens=(TINY.vocab_size,)), "stop_tokens"),
+])
+def test_bad_input(tiny, kwargs, match):
+    args = dict(prompts=[[1, 2, 3, 4, 5]], max_new_tokens=8, cache_dtype="bf16")
+    args.update(kwargs)
+    with CompileClock() as clock, pytest.raises(ValueError, match=match):
+        m1.generate(tiny, args.pop("prompts"), args.pop("max_new_tokens"), **args)
+    assert clock.compiled == []
+
+
+def test_bad_input_low_level(tiny):
+    state = m1.init_state(TINY, max_batch=2, max_len=8, cache_dtype="bf16")
+    with pytest.raises(ValueError, match="batch 1"):
+        m1.prefill(tiny, state, np.zeros((1, 4), np.int32))
+    with pytest.raises(ValueError, match="over the state's max_len 8"):
+        m1.prefill(tiny, state, np.zeros((2, 9), np.int32))
+    with pytest.raises(ValueError, match="token ids must be in"):
+        m1.decode_step(tiny, state, np.array([0, 999]))
+    with pytest.raises(ValueError, match="mtp=True but the config has no MTP"):
+        m1.init_state(TINY.replace(num_nextn_predict_layers=0), max_batch=1, max_len=8, cache_dtype="bf16", mtp=True)
+    assert decode.check_state(tiny, state) is None
