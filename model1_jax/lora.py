@@ -96,11 +96,12 @@ class LoRA(nnx.Module):
         a_shape = [size[a] for a in self.a_spec[:-1]] + [rank]
         b_shape = [size[a] for a in batch] + [rank] + [size[a] for a in fan_out]
         std = float(np.prod([size[a] for a in fan_in])) ** -0.5
+        # The kernel's logical axes carry over, so a sharded base shards its adapters alike; the rank is
+        # small and never split (None).
         self.a = nnx.LoRAParam(std * jax.random.normal(rngs.params(), tuple(a_shape), F32),
-                               logical_axes=tuple(axis[a] for a in self.a_spec[:-1]) + ("lora_rank",))
+                               logical_axes=tuple(axis[a] for a in self.a_spec[:-1]) + (None,))
         self.b = nnx.LoRAParam(jnp.zeros(tuple(b_shape), F32),
-                               logical_axes=tuple(axis[a] for a in batch) + ("lora_rank",)
-                               + tuple(axis[a] for a in fan_out))
+                               logical_axes=tuple(axis[a] for a in batch) + (None,) + tuple(axis[a] for a in fan_out))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = jnp.einsum(f"{self.x_spec},{self.a_spec}->{self.hidden_spec}", x.astype(self.dtype),

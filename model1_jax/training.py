@@ -25,6 +25,10 @@ published), and AdamW's decoupled weight decay would otherwise shrink them with 
 and (b) the MTP block when its loss weight is 0. Router biases are `Buffer`s moved by `balance`,
 hash tables never change. With LoRA (`lora=True`) only the adapters train and the whole base,
 router biases included, stays bit-identical.
+
+Sharding: a model placed by `model1_jax.sharding` (`create` / `shard` / `load`, e.g. the `fsdp` or
+`data_parallel` presets) trains as it is laid out — parameters and optimizer moments keep their
+shardings, each batch is split over the layout's batch axes, and XLA inserts the collectives.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from model1_jax import balance
 from model1_jax.balance import BalanceConfig
@@ -218,10 +224,19 @@ class Trainer:
         self.use_mtp = self.program.use_mtp
         self.biased_paths = self.program.biased
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params, buffers=buffers,
-                           opt_state=self.program.tx.init(params))
+                           opt_state=self.program.tx.init(params))  # moments follow their parameters' shardings
+        # A sharded model (`sharding.create` / `shard` / `load`) carries its layout: the batch is split by it,
+        # and the state's scalars (step, optimizer counts) are replicated over its mesh.
+        self.layout = getattr(model, "layout", None)
+        home = None if self.layout is None else NamedSharding(self.layout.mesh, P())
+
+        def place(x):
+            sharding = x.sharding if home is None or isinstance(x.sharding, NamedSharding) else home
+            return jax.device_put(jnp.array(x, copy=True), sharding)
+
         # Own copies (each step donates the state, which must not delete the caller's arrays), committed to
         # their devices like a restored checkpoint's arrays, so that both share one compilation.
-        self.state = jax.tree.map(lambda x: jax.device_put(jnp.array(x, copy=True), x.sharding), state)
+        self.state = jax.tree.map(place, state)
 
     # -- host API -----------------------------------------------------------------------------------
 
@@ -237,17 +252,25 @@ class Trainer:
         if ids.shape[-1] > self.max_len:
             raise ValueError(f"Trainer.step: sequences of {ids.shape[-1]} tokens exceed the model's "
                              f"max_position_embeddings ({self.max_len})")
-        batch = {"ids": jnp.asarray(ids, jnp.int32), "mask": jnp.asarray(mask)}
+        batch = self._place({"ids": jnp.asarray(ids, jnp.int32), "mask": jnp.asarray(mask)}, leading=1)
         self.state, metrics = self.program.train_step(self.state, self.frozen, batch)
         return metrics
+
+    def _place(self, batch: dict[str, jax.Array], leading: int) -> dict[str, jax.Array]:
+        """Splits [(micro-batches,) batch, tokens] arrays over the layout's batch axes (no-op unsharded)."""
+        if self.layout is None:
+            return batch
+        shape = batch["ids"].shape
+        spec = P(*(None,) * leading, *self.layout.activation_spec(("batch", "seq"), shape[leading:]))
+        return jax.device_put(batch, NamedSharding(self.layout.mesh, spec))
 
     def evaluate(self, batches) -> dict[str, float]:
         """Mean held-out next-token (and MTP) cross-entropy over `(ids [b, t], mask [b, t])` batches."""
         sums = {"main": 0.0, "mtp": 0.0, "n_main": 0.0, "n_mtp": 0.0}
         for ids, mask in batches:
             check_token_ids(np.asarray(ids), self.vocab_size, "Trainer.evaluate: ids")
-            out = self.program.eval_step(self.state.params, self.state.buffers, self.frozen,
-                                         jnp.asarray(ids, jnp.int32), jnp.asarray(mask))
+            b = self._place({"ids": jnp.asarray(ids, jnp.int32), "mask": jnp.asarray(mask)}, leading=0)
+            out = self.program.eval_step(self.state.params, self.state.buffers, self.frozen, b["ids"], b["mask"])
             sums = {k: sums[k] + float(out[k]) for k in sums}
         if sums["n_main"] == 0:
             raise ValueError("Trainer.evaluate: the held-out batches contain no targets")

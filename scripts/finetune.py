@@ -6,6 +6,7 @@
     python scripts/finetune.py --model DIR --data train.jsonl --tokenizer DIR/tokenizer.json \\
         --lora-rank 16 --optimizer muon --steps 2000 --checkpoint-dir run1
     python scripts/finetune.py ... --checkpoint-dir run1 --resume      # continue a killed run exactly
+    python scripts/finetune.py --mesh data=2,tensor=4 --layout fsdp     # sharded over 8 devices
 
 Data: text files (one document each) or JSONL lines {"text": ...} / {"messages": [{"role", "content"}]}
 (only assistant turns are targets). Without --tokenizer, text is tokenized as UTF-8 bytes.
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import model1_jax as m1
-from model1_jax import checkpoint
+from model1_jax import checkpoint, sharding
 from model1_jax import data as mdata
 from model1_jax.balance import BalanceConfig
 from model1_jax.finetune import TrainCheckpointer, fit, tokens_per_second
@@ -88,6 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--no-export", action="store_true",
                    help="skip saving the final model (m1.save format, LoRA merged) to CHECKPOINT_DIR/model")
+    sharding.add_arguments(p)  # --mesh/--layout: e.g. --mesh data=8 --layout data_parallel, or --layout fsdp
     return p.parse_args(argv)
 
 
@@ -100,6 +102,7 @@ def main(argv=None) -> None:
 
 def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
     """The whole run; returns the trainer (final state) and the logged loss curve."""
+    layout = sharding.layout_from_args(args)
     on_gpu = jax.default_backend() == "gpu"
     dtype = jnp.dtype(args.dtype or ("bfloat16" if on_gpu else "float32"))
     # Every argument is checked before any model is built.
@@ -132,21 +135,19 @@ def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
     print(f"data    {len(files)} file(s), tokenizer {tokenizer.name}: {dataset.train_ids.shape[0]} training and "
           f"{dataset.eval_ids.shape[0]} held-out sequences of {args.seq_len} tokens ({time.perf_counter() - t0:.1f} s)")
 
-    if args.model:  # a LoRA base may stay FP8/FP4 (dequantized on the fly); full fine-tuning needs dense weights
-        model = m1.from_pretrained(args.model, dtype=dtype, quantized=lora is not None)
-        where = args.model
-    else:
-        model = m1.Model1(config, rngs=nnx.Rngs(args.seed), dtype=dtype)
-        where = f"random init (seed {args.seed})"
+    model, where = build_model(args, config, dtype, layout, quantized=lora is not None)
     if lora:
         paths = apply_lora(model, lora, rngs=nnx.Rngs(args.seed + 1))
+        if layout is not None:
+            sharding.shard(model, layout)  # the new adapters follow their kernels' shardings
         print(f"lora    rank {lora.rank}, alpha {lora.alpha} on {len(paths)} projections ({', '.join(lora.targets)})")
     trainer = Trainer(model, optimizer, train_config, lora=lora is not None)
     del model  # the trainer holds its own copy of what trains
     n_train = sum(x.size for x in jax.tree.leaves(trainer.state.params))
     print(f"model   {where}: {config.num_hidden_layers} layers {list(config.layer_types)}, hidden "
           f"{config.hidden_size}, {config.n_routed_experts} experts; {human(n_train)} trainable parameters, "
-          f"compute {dtype.name}, {args.optimizer}")
+          f"compute {dtype.name}, {args.optimizer}"
+          + ("" if layout is None else f"; mesh {sharding.describe(layout.mesh)}, layout {args.layout}"))
 
     batches = mdata.Batches(dataset, args.batch_size, args.accum_steps, seed=args.seed)
     checkpointer = TrainCheckpointer(train_dir, every=args.checkpoint_every)
@@ -167,6 +168,19 @@ def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
     if args.stop_after is None or int(trainer.state.step) >= args.steps:
         export(trainer, lora, tokenizer, args.checkpoint_dir, args.no_export)
     return trainer, history
+
+
+def build_model(args: argparse.Namespace, config: m1.Config, dtype, layout, *, quantized: bool):
+    """(model, description): from --model or a seeded init, placed by the layout when --mesh is given.
+
+    A LoRA base may stay FP8/FP4 (dequantized on the fly); full fine-tuning needs dense weights."""
+    if args.model:
+        if layout is not None and checkpoint.is_checkpoint(args.model):
+            return sharding.load(args.model, layout, dtype=dtype), args.model  # straight into the shards
+        model = m1.from_pretrained(args.model, dtype=dtype, quantized=quantized)
+        return (model if layout is None else sharding.shard(model, layout)), args.model
+    make = lambda: m1.Model1(config, rngs=nnx.Rngs(args.seed), dtype=dtype)  # noqa: E731
+    return (make() if layout is None else sharding.create(make, layout)), f"random init (seed {args.seed})"
 
 
 def export(trainer: Trainer, lora: LoRAConfig | None, tokenizer, directory: str, skip_model: bool) -> None:

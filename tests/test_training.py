@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 from optax.contrib import MuonDimensionNumbers
 
 import model1_jax as m1
@@ -85,45 +86,77 @@ def hand_cross_entropy(logits_btv: np.ndarray, ids: np.ndarray, mask: np.ndarray
     return total
 
 
-def test_mtp_targets_accumulation_and_remat():
-    """One step of a 1-layer model with MTP, three ways: (a) its reported losses equal a hand computation
-    from `forward_with_mtp` — main row t scores ids[t+1], MTP row t scores ids[t+2], masked targets
-    skipped, both normalised by the whole batch's target counts; (b) two micro-batches of 1 with remat
-    give the gradients of one batch of 2 without.
+# One step of a 1-layer model with MTP (hand-checkable losses), in several ways that must agree. AdamW with
+# eps = 1 and lr = 1 makes the first update −g/(|g| + 1), smooth in g, so parameter changes compare the
+# gradients themselves (with eps ≈ 0 it would be ≈ sign(g) for tiny g).
+STEP_CFG = m1.Config.tiny().replace(num_hidden_layers=1, layer_types=(m1.SLIDING,), mlp_layer_types=(m1.MOE,))
+STEP_OPT = OptimizerConfig("adamw", learning_rate=1.0, eps=1.0, weight_decay=0.0, clip_norm=None)
 
-    AdamW with eps = 1 and lr = 1 makes the first update −g/(|g| + 1), smooth in g, so the parameter
-    change compares the gradients themselves (with eps ≈ 0 it would be ≈ sign(g) for tiny g).
-    """
-    cfg = m1.Config.tiny().replace(num_hidden_layers=1, layer_types=(m1.SLIDING,), mlp_layer_types=(m1.MOE,))
+
+def step_batch():
     batch = text_batch()
     batch["mask"][0, 1, :10] = False  # unequal target counts per micro-batch: normalisation is global
     batch["mask"][0, 0, 7] = False
-    ids, mask = batch["ids"][0], batch["mask"][0]
-    logits, mtp_logits = (np.asarray(x) for x in forward_with_mtp(random_model(cfg, seed=4), ids))
-    main = hand_cross_entropy(logits, ids, mask, 1) / mask[:, 1:].sum()
-    mtp = hand_cross_entropy(mtp_logits, ids, mask, 2) / mask[:, 2:].sum()
-    wrong = hand_cross_entropy(mtp_logits, ids, mask, 1) / mask[:, 1:].sum()
-    assert abs(wrong - mtp) > 0.1  # a one-token shift would be a clearly different loss
+    return batch
 
-    opt = OptimizerConfig("adamw", learning_rate=1.0, eps=1.0, weight_decay=0.0, clip_norm=None)
-    results = []
-    for remat, split in ((True, True), (False, False)):
-        model = random_model(cfg, seed=4)
-        before = flat(nnx.state(model, nnx.Param))
-        trainer = Trainer(model, opt, TrainConfig(mtp_weight=0.5, remat=remat))
-        metrics = jax.device_get(trainer.step({k: v.reshape(2, 1, -1) if split else v for k, v in batch.items()}))
-        np.testing.assert_allclose(metrics["main_loss"], main, rtol=2e-5)
-        np.testing.assert_allclose(metrics["mtp_loss"], mtp, rtol=2e-5)
-        np.testing.assert_allclose(metrics["loss"], main + 0.5 * mtp, rtol=2e-5)
-        after = flat(trainer.state.params)
-        results.append(({k: after[k] - before[k] for k in after}, flat(trainer.state.buffers), metrics))
-    (d1, b1, m1_), (d2, b2, m2_) = results
+
+def one_step(model, *, remat=False, split=False):
+    """(parameter changes, buffers, metrics, trainer) of one step."""
+    before = flat(nnx.state(model, nnx.Param))
+    trainer = Trainer(model, STEP_OPT, TrainConfig(mtp_weight=0.5, remat=remat))
+    metrics = jax.device_get(trainer.step({k: v.reshape(2, 1, -1) if split else v for k, v in step_batch().items()}))
+    after = flat(trainer.state.params)
+    return {k: after[k] - before[k] for k in after}, flat(trainer.state.buffers), metrics, trainer
+
+
+def assert_same_step(got, want):
+    (d1, b1, m1_, _), (d2, b2, m2_, _) = got, want
     scale = max(np.abs(d).max() for d in d2.values())
     for k in d1:
         np.testing.assert_allclose(d1[k], d2[k], rtol=1e-4, atol=1e-5 * scale, err_msg=str(k))
     for k in b1:
         np.testing.assert_array_equal(b1[k], b2[k])
-    np.testing.assert_allclose(m1_["grad_norm"], m2_["grad_norm"], rtol=1e-5)
+    for k in ("loss", "main_loss", "mtp_loss", "grad_norm"):
+        np.testing.assert_allclose(m1_[k], m2_[k], rtol=1e-5, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference_step():
+    return one_step(random_model(STEP_CFG, seed=4))
+
+
+def test_mtp_targets(reference_step):
+    """The step's losses equal a hand computation from `forward_with_mtp`: main row t scores ids[t+1], MTP
+    row t scores ids[t+2], masked targets skipped, each normalised by the batch's target count."""
+    ids, mask = step_batch()["ids"][0], step_batch()["mask"][0]
+    logits, mtp_logits = (np.asarray(x) for x in forward_with_mtp(random_model(STEP_CFG, seed=4), ids))
+    main = hand_cross_entropy(logits, ids, mask, 1) / mask[:, 1:].sum()
+    mtp = hand_cross_entropy(mtp_logits, ids, mask, 2) / mask[:, 2:].sum()
+    wrong = hand_cross_entropy(mtp_logits, ids, mask, 1) / mask[:, 1:].sum()
+    assert abs(wrong - mtp) > 0.1  # a one-token shift would be a clearly different loss
+    metrics = reference_step[2]
+    np.testing.assert_allclose(metrics["main_loss"], main, rtol=2e-5)
+    np.testing.assert_allclose(metrics["mtp_loss"], mtp, rtol=2e-5)
+    np.testing.assert_allclose(metrics["loss"], main + 0.5 * mtp, rtol=2e-5)
+
+
+def test_accumulation_and_remat_match_one_large_batch(reference_step):
+    """Two micro-batches of 1 with remat == one batch of 2 without: same gradients, loads, metrics."""
+    assert_same_step(one_step(random_model(STEP_CFG, seed=4), remat=True, split=True), reference_step)
+
+
+def test_sharded_step_matches_one_device(reference_step):
+    """FSDP + tensor parallel over 4 devices (batch split over `data`, hidden over `data`, heads over
+    `tensor`): the same step as on one device, with the state kept in its shardings."""
+    layout = m1.Layout.build("data=2,tensor=2", "fsdp", devices=jax.devices()[:4])
+    model = m1.sharding.create(lambda: random_model(STEP_CFG, seed=4), layout)
+    result = one_step(model)
+    assert_same_step(result, reference_step)
+    state = result[3].state
+    specs = {tuple(p): x.sharding.spec for p, x in nnx.to_flat_state(state.params)}
+    assert specs[("layers", 0, "self_attn", "q_b_proj", "kernel")] == P(None, "tensor")       # [q, n, h]: heads
+    assert specs[("embed_tokens", "embedding")] == P("tensor", "data")                       # [v, d]: FSDP
+    assert all(len(x.sharding.device_set) == 4 for x in jax.tree.leaves(state))
 
 
 def test_optimizer_groups_and_matrix_views(config):
