@@ -49,7 +49,9 @@ def read_config(path: str) -> m1.Config:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", help="HF-format checkpoint directory (default: a small random-init config)")
+    g.add_argument("--model", help="checkpoint directory, HF-format or Orbax (default: a small random-init model)")
+    g.add_argument("--config", help="train from a random init of this HF config.json instead (default: "
+                                    "Config.tiny())")
     g.add_argument("--data", nargs="+", help="text or .jsonl files (default: the Python standard library sources)")
     g.add_argument("--tokenizer", help="tokenizer.json (default: UTF-8 bytes)")
     g.add_argument("--seq-len", type=int, default=128)
@@ -112,7 +114,10 @@ def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
     train_config = TrainConfig(mtp_weight=args.mtp_weight, remat=args.remat,
                                balance=BalanceConfig(args.bias_rate, args.seq_balance_weight))
     lora = LoRAConfig(args.lora_rank, args.lora_alpha, tuple(args.lora_targets)) if args.lora_rank else None
-    config = read_config(args.model) if args.model else default_config()
+    if args.model and args.config:
+        raise ValueError("--model and --config exclude each other (a checkpoint brings its own config)")
+    config = read_config(args.model) if args.model else (m1.Config.from_hf(args.config) if args.config
+                                                         else default_config())
     if args.seq_len > config.max_position_embeddings:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
                          f"({config.max_position_embeddings})")

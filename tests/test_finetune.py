@@ -5,6 +5,7 @@ All runs share one configuration, so the step compiles once for the module.
 """
 
 import importlib.util
+import json
 import pathlib
 
 import jax
@@ -22,6 +23,10 @@ _spec.loader.exec_module(script)
 
 STEPS = 80
 TEXT = "MODEL1 fine-tunes on this short text until it knows every byte of it by heart. " * 2
+# Two layers that still hold every module kind (CSA + hash routing, HCA + biased routing, the MTP block's
+# sliding attention): Config.tiny() minus its first and last layer, to keep the compilation short.
+CONFIG = m1.Config.tiny().replace(num_hidden_layers=2, layer_types=(m1.CSA, m1.HCA),
+                                  mlp_layer_types=(m1.HASH_MOE, m1.MOE))
 
 
 class OrderRecorder:
@@ -46,8 +51,10 @@ def run(tmp_path, ckpt: str, *extra: str):
     """One in-process script run on the short text."""
     data = tmp_path / "text.txt"
     data.write_text(TEXT)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(CONFIG.to_hf()))
     args = script.parse_args([
-        "--data", str(data), "--seq-len", "32", "--batch-size", "2", "--eval-fraction", "0.2",
+        "--config", str(config), "--data", str(data), "--seq-len", "32", "--batch-size", "2", "--eval-fraction", "0.2",
         "--steps", str(STEPS), "--lr", "1e-2", "--warmup-steps", "5", "--min-lr-ratio", "0.5",
         "--weight-decay", "0", "--dtype", "bfloat16", "--log-every", "20", "--eval-every", "40",
         "--eval-batches", "1", "--checkpoint-every", "20", "--checkpoint-dir", str(tmp_path / ckpt),
@@ -77,7 +84,7 @@ def test_overfits_in_bf16_and_every_trainable_parameter_changes(straight):
     model = trainer.model()
     assert model.layers[0].self_attn.q_a_proj.kernel.dtype == np.float32       # storage as built
     assert model.layers[0].self_attn.q_a_proj.dtype == np.dtype("bfloat16")    # compute
-    init = m1.Model1(script.default_config(), rngs=nnx.Rngs(0))               # the script's seed-0 init
+    init = m1.Model1(CONFIG, rngs=nnx.Rngs(0))                               # the script's seed-0 init
     before = {tuple(p): np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(init))}
     trained = {tuple(p) for p, _ in nnx.to_flat_state(trainer.state.params)}
     for path, value in nnx.to_flat_state(nnx.state(model)):
@@ -119,7 +126,8 @@ def test_stop_and_resume_reproduces_the_straight_run(straight, tmp_path, monkeyp
 def test_resume_refuses_a_different_run(straight, tmp_path):
     run(tmp_path, "ckpt", "--stop-after", "20")
     with pytest.raises(ValueError, match="batch_size: checkpoint 2, now 4"):
-        script.run(script.parse_args(["--data", str(tmp_path / "text.txt"), "--seq-len", "32", "--batch-size", "4",
+        script.run(script.parse_args(["--config", str(tmp_path / "config.json"), "--data", str(tmp_path / "text.txt"),
+                                      "--seq-len", "32", "--batch-size", "4",
                                       "--steps", str(STEPS), "--checkpoint-dir", str(tmp_path / "ckpt"), "--resume",
                                       "--eval-fraction", "0.2", "--lr", "1e-2", "--warmup-steps", "5"]))
     with pytest.raises(ValueError, match="already holds checkpoints"):
