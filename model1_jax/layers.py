@@ -8,6 +8,7 @@ Letter vocabulary used in shape suffixes and einsum strings across the project:
   c hc streams (mHC)     x mHC mix width ((2+c)·c)        v vocabulary
   i indexer heads        j indexer head dim               m slots of a compression window
   w compressed windows   p series of a CSA window (Ca/Cb)
+  l LoRA adapter rank
 
 Every parameter carries its logical axis names as `logical_axes` metadata; `model1_jax.sharding`
 maps them to mesh axes. Flax's own `out_sharding` metadata is not used because it requires a mesh
@@ -71,9 +72,13 @@ class Linear(nnx.Module):
         self.eqn = eqn
         self.dtype = dtype
         self.kernel = normal_param(rngs, shape, axes, std, param_dtype)
+        self.lora = nnx.data(None)  # a low-rank adapter beside the kernel (model1_jax.lora), not merged here
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum(self.eqn, x.astype(self.dtype), weight(self.kernel, self.dtype))
+        y = jnp.einsum(self.eqn, x.astype(self.dtype), weight(self.kernel, self.dtype))
+        if self.lora is not None:
+            y = y + self.lora(x)
+        return y
 
 
 def rms_norm(x: jax.Array, eps: float) -> jax.Array:

@@ -39,6 +39,14 @@ def check_token_ids(input_ids, vocab_size: int, name: str = "input_ids") -> None
                          f"at [batch, position] {where}")
 
 
+def _call_layer(layer: DecoderLayer, streams_btcd: jax.Array, ids_bt: jax.Array, positions_bt: jax.Array
+                ) -> jax.Array:
+    return layer(streams_btcd, ids_bt, positions_bt)
+
+
+_remat_layer = nnx.remat(_call_layer)
+
+
 class Model1(nnx.Module):
     """DeepSeek MODEL1 / V4 causal LM.
 
@@ -78,14 +86,19 @@ class Model1(nnx.Module):
     def head(self, streams_btcd: jax.Array) -> jax.Array:
         return self.logits(self.norm(self.hc_head(streams_btcd)))
 
-    def streams(self, input_ids: jax.Array) -> jax.Array:
-        """Residual streams after the last layer, before the head: [b, t, c, d]."""
+    def streams(self, input_ids: jax.Array, *, remat: bool = False) -> jax.Array:
+        """Residual streams after the last layer, before the head: [b, t, c, d].
+
+        `remat=True` recomputes each decoder layer in the backward pass instead of keeping its
+        activations (training memory); the values are identical.
+        """
         check_token_ids(input_ids, self.config.vocab_size)
         ids_bt = jnp.asarray(input_ids, jnp.int32)
         positions_bt = jnp.broadcast_to(jnp.arange(ids_bt.shape[1], dtype=jnp.int32), ids_bt.shape)
         streams_btcd = self.embed(ids_bt)
+        call = _remat_layer if remat else _call_layer
         for layer in self.layers:
-            streams_btcd = constrain(layer(streams_btcd, ids_bt, positions_bt), self.layout,
+            streams_btcd = constrain(call(layer, streams_btcd, ids_bt, positions_bt), self.layout,
                                      "batch", "seq", None, "act_embed")
         return streams_btcd
 

@@ -9,6 +9,9 @@ gate ≤ L and up ∈ [−L, L] (L = swiglu_limit), the same clamp for the share
 Routed experts run as a grouped matmul: assignments sorted by expert, then `lax.ragged_dot`
 (a grouped GEMM on GPU), then scattered back. No token is ever dropped. With a sharding layout
 attached, the same function runs per device on its shard of the experts (`expert_parallel`).
+
+Training reads each router's decisions through `nnx.capture(RoutingDecision)` (see `balance.py`):
+per-expert load for the bias update and affinities for the sequence-wise balance loss.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ def hash_table(key: jax.Array, vocab_size: int, num_experts: int, k: int) -> jax
     """A random tid2eid: k distinct experts per token id (HF initialises it to zeros, which is degenerate)."""
     _, experts_vk = jax.lax.top_k(jax.random.uniform(key, (vocab_size, num_experts)), k)
     return experts_vk.astype(jnp.int32)
+
+
+class RoutingDecision(nnx.Intermediate):
+    """One router call's (expert ids [t, k] int32, affinities σ [t, e] fp32), sown under `nnx.capture`."""
 
 
 class Router(nnx.Module):
@@ -71,6 +78,10 @@ class Router(nnx.Module):
         else:
             biased_te = scores_te + self.e_score_correction_bias.get_value()
             _, experts_tk = jax.lax.top_k(biased_te, self.config.num_experts_per_tok)
+        # Outside `nnx.capture`, `sow` would attach new state to the module (deprecated in flax), so inference
+        # records nothing and keeps its state and outputs unchanged.
+        if hasattr(self, "__captures__"):
+            self.sow(RoutingDecision, "routing", (experts_tk.astype(jnp.int32), scores_te))
         picked_tk = jnp.take_along_axis(scores_te, experts_tk, axis=-1)
         weights_tk = picked_tk / (jnp.sum(picked_tk, axis=-1, keepdims=True) + 1e-20)
         return weights_tk * self.config.routed_scaling_factor, experts_tk.astype(jnp.int32), scores_te

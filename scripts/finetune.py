@@ -1,0 +1,210 @@
+"""Fine-tune MODEL1 with optax: full or LoRA, AdamW or Muon, MTP loss, aux-loss-free MoE balancing.
+
+    python scripts/finetune.py          # a small MODEL1-shaped model on the Python standard library's
+                                        # sources (bytes), a few minutes on a CPU; training checkpoints
+                                        # in runs/finetune/train, the final model in runs/finetune/model
+    python scripts/finetune.py --model DIR --data train.jsonl --tokenizer DIR/tokenizer.json \\
+        --lora-rank 16 --optimizer muon --steps 2000 --checkpoint-dir run1
+    python scripts/finetune.py ... --checkpoint-dir run1 --resume      # continue a killed run exactly
+    python scripts/finetune.py --mesh data=2,tensor=4 --layout fsdp     # sharded over 8 devices
+
+Data: text files (one document each) or JSONL lines {"text": ...} / {"messages": [{"role", "content"}]}
+(only assistant turns are targets). Without --tokenizer, text is tokenized as UTF-8 bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import model1_jax as m1
+from model1_jax import checkpoint, sharding
+from model1_jax import data as mdata
+from model1_jax.balance import BalanceConfig
+from model1_jax.finetune import TrainCheckpointer, fit, tokens_per_second
+from model1_jax.lora import PRESETS, LoRAConfig, apply_lora, find_targets, merge_lora, save_adapters
+from model1_jax.optim import OPTIMIZERS, OptimizerConfig
+from model1_jax.summary import human
+from model1_jax.training import TrainConfig, Trainer
+
+
+def default_config() -> m1.Config:
+    """`Config.tiny()`: every attention and MLP type at toy width, byte vocabulary."""
+    return m1.Config.tiny()
+
+
+def read_config(path: str) -> m1.Config:
+    """The config of an Orbax checkpoint (`m1.save`) or of an HF-format directory."""
+    return checkpoint.read_config(path) if checkpoint.is_checkpoint(path) else m1.Config.from_hf(path)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", help="checkpoint directory, HF-format or Orbax (default: a small random-init model)")
+    g.add_argument("--config", help="train from a random init of this HF config.json instead (default: "
+                                    "Config.tiny())")
+    g.add_argument("--data", nargs="+", help="text or .jsonl files (default: the Python standard library sources)")
+    g.add_argument("--tokenizer", help="tokenizer.json (default: UTF-8 bytes)")
+    g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--eval-fraction", type=float, default=0.02)
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="compute dtype (default: bfloat16 on GPU, float32 on CPU); trained weights stay float32")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--optimizer", default="adamw", help=f"one of {OPTIMIZERS}")
+    g.add_argument("--steps", type=int, default=300)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--accum-steps", type=int, default=1)
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--warmup-steps", type=int, default=30)
+    g.add_argument("--min-lr-ratio", type=float, default=0.1)
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--clip-norm", type=float, default=1.0)
+    g.add_argument("--mtp-weight", type=float, default=0.3)
+    g.add_argument("--bias-rate", type=float, default=1e-3, help="aux-loss-free router bias step γ")
+    g.add_argument("--seq-balance-weight", type=float, default=0.0, help="sequence-wise balance loss α")
+    g.add_argument("--remat", action="store_true", help="recompute decoder layers in the backward pass (less memory)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning")
+    g.add_argument("--lora-alpha", type=float, default=16.0)
+    g.add_argument("--lora-targets", nargs="+", default=["attention"],
+                   help=f"presets {sorted(PRESETS)} or regular expressions over module paths")
+    g = p.add_argument_group("run")
+    g.add_argument("--checkpoint-dir", default="runs/finetune",
+                   help="training checkpoints go to DIR/train, the final model to DIR/model (LoRA: DIR/adapters)")
+    g.add_argument("--checkpoint-every", type=int, default=100)
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
+    g.add_argument("--stop-after", type=int, help="checkpoint and exit after this step (a time-limited job); "
+                   "--resume continues the same schedule")
+    g.add_argument("--log-every", type=int, default=20)
+    g.add_argument("--eval-every", type=int, default=100)
+    g.add_argument("--eval-batches", type=int, default=16, help="held-out batches per evaluation (at most)")
+    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-export", action="store_true",
+                   help="skip saving the final model (m1.save format, LoRA merged) to CHECKPOINT_DIR/model")
+    sharding.add_arguments(p)  # --mesh/--layout: e.g. --mesh data=8 --layout data_parallel, or --layout fsdp
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    try:
+        run(parse_args(argv))
+    except (ValueError, FileNotFoundError) as e:  # configuration and data errors: the message says it all
+        sys.exit(f"finetune.py: error: {e}")
+
+
+def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
+    """The whole run; returns the trainer (final state) and the logged loss curve."""
+    layout = sharding.layout_from_args(args)
+    on_gpu = jax.default_backend() == "gpu"
+    dtype = jnp.dtype(args.dtype or ("bfloat16" if on_gpu else "float32"))
+    # Every argument is checked before any model is built.
+    optimizer = OptimizerConfig(name=args.optimizer, learning_rate=args.lr, warmup_steps=args.warmup_steps,
+                                total_steps=args.steps, min_lr_ratio=args.min_lr_ratio,
+                                weight_decay=args.weight_decay, clip_norm=args.clip_norm or None)
+    train_config = TrainConfig(mtp_weight=args.mtp_weight, remat=args.remat,
+                               balance=BalanceConfig(args.bias_rate, args.seq_balance_weight))
+    lora = LoRAConfig(args.lora_rank, args.lora_alpha, tuple(args.lora_targets)) if args.lora_rank else None
+    if args.model and args.config:
+        raise ValueError("--model and --config exclude each other (a checkpoint brings its own config)")
+    config = read_config(args.model) if args.model else (m1.Config.from_hf(args.config) if args.config
+                                                         else default_config())
+    if args.seq_len > config.max_position_embeddings:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
+                         f"({config.max_position_embeddings})")
+
+    train_dir = os.path.join(args.checkpoint_dir, "train")
+    existing = os.path.isdir(train_dir) and any(name.isdigit() for name in os.listdir(train_dir))
+    if args.resume and not existing:
+        raise FileNotFoundError(f"--resume: no checkpoint in {os.path.abspath(train_dir)}")
+    if existing and not args.resume:
+        raise ValueError(f"{os.path.abspath(train_dir)} already holds checkpoints; pass --resume or another "
+                         "--checkpoint-dir")
+    if lora:  # targets are checked on the abstract model, before any data is read or weight built
+        find_targets(nnx.eval_shape(lambda: m1.Model1(config, rngs=nnx.Rngs(0))), lora.targets)
+    tokenizer = mdata.HFTokenizer(args.tokenizer) if args.tokenizer else mdata.ByteTokenizer()
+    files = args.data or mdata.default_corpus()
+    eos = config.eos_token_ids[0] if config.eos_token_ids else None
+    t0 = time.perf_counter()
+    dataset = mdata.build_dataset(files, tokenizer, seq_len=args.seq_len, eos_id=eos, vocab_size=config.vocab_size,
+                                  eval_fraction=args.eval_fraction)
+    print(f"data    {len(files)} file(s), tokenizer {tokenizer.name}: {dataset.train_ids.shape[0]} training and "
+          f"{dataset.eval_ids.shape[0]} held-out sequences of {args.seq_len} tokens ({time.perf_counter() - t0:.1f} s)")
+
+    model, where = build_model(args, config, dtype, layout, quantized=lora is not None)
+    if lora:
+        paths = apply_lora(model, lora, rngs=nnx.Rngs(args.seed + 1))
+        if layout is not None:
+            sharding.shard(model, layout)  # the new adapters follow their kernels' shardings
+        print(f"lora    rank {lora.rank}, alpha {lora.alpha} on {len(paths)} projections ({', '.join(lora.targets)})")
+    trainer = Trainer(model, optimizer, train_config, lora=lora is not None)
+    del model  # the trainer holds its own copy of what trains
+    n_train = sum(x.size for x in jax.tree.leaves(trainer.state.params))
+    print(f"model   {where}: {config.num_hidden_layers} layers {list(config.layer_types)}, hidden "
+          f"{config.hidden_size}, {config.n_routed_experts} experts; {human(n_train)} trainable parameters, "
+          f"compute {dtype.name}, {args.optimizer}"
+          + ("" if layout is None else f"; mesh {sharding.describe(layout.mesh)}, layout {args.layout}"))
+
+    batches = mdata.Batches(dataset, args.batch_size, args.accum_steps, seed=args.seed)
+    checkpointer = TrainCheckpointer(train_dir, every=args.checkpoint_every)
+    record = {"data_fingerprint": dataset.fingerprint(), "data_seed": args.seed, "batch_size": args.batch_size,
+              "accum_steps": args.accum_steps, "seq_len": args.seq_len, "optimizer": dataclasses.asdict(optimizer),
+              "lora": dataclasses.asdict(lora) if lora else None}
+    if args.resume:
+        json_record = json.loads(json.dumps(record))  # tuples → lists, as stored
+        checkpointer.restore(trainer, expect=json_record)
+        print(f"resume  from step {int(trainer.state.step)} in {checkpointer.directory}")
+
+    history = fit(trainer, batches, args.steps, checkpointer=checkpointer, meta=record, eval_data=dataset,
+                  eval_every=args.eval_every, eval_batches_max=args.eval_batches, log_every=args.log_every,
+                  progress=not args.no_progress, stop_after=args.stop_after)
+    checkpointer.close()
+    print(f"done    {int(trainer.state.step)} steps, {tokens_per_second(history):,.0f} tokens/s "
+          f"({jax.devices()[0].platform}); training checkpoint in {checkpointer.directory}")
+    if args.stop_after is None or int(trainer.state.step) >= args.steps:
+        export(trainer, lora, tokenizer, args.checkpoint_dir, args.no_export)
+    return trainer, history
+
+
+def build_model(args: argparse.Namespace, config: m1.Config, dtype, layout, *, quantized: bool):
+    """(model, description): from --model or a seeded init, placed by the layout when --mesh is given.
+
+    A LoRA base may stay FP8/FP4 (dequantized on the fly); full fine-tuning needs dense weights."""
+    if args.model:
+        if layout is not None and checkpoint.is_checkpoint(args.model):
+            return sharding.load(args.model, layout, dtype=dtype), args.model  # straight into the shards
+        model = m1.from_pretrained(args.model, dtype=dtype, quantized=quantized)
+        return (model if layout is None else sharding.shard(model, layout)), args.model
+    make = lambda: m1.Model1(config, rngs=nnx.Rngs(args.seed), dtype=dtype)  # noqa: E731
+    return (make() if layout is None else sharding.create(make, layout)), f"random init (seed {args.seed})"
+
+
+def export(trainer: Trainer, lora: LoRAConfig | None, tokenizer, directory: str, skip_model: bool) -> None:
+    """The trained model as an `m1.save` checkpoint with its tokenizer.json (`scripts/generate.py --model
+    DIR/model`), LoRA merged into it; LoRA adapters also alone."""
+    model = trainer.model()
+    if lora:
+        out = save_adapters(model, os.path.join(directory, "adapters"), lora)
+        print(f"saved   LoRA adapters alone in {out}")
+        if skip_model:
+            return
+        merge_lora(model)
+    if not skip_model:
+        # Absolute: Orbax refuses relative paths, and m1.save passes the directory through.
+        target = os.path.abspath(os.path.join(directory, "model"))
+        out = m1.save(model, target, overwrite=True)
+        tokenizer.save(os.path.join(target, "tokenizer.json"))
+        print(f"saved   model in {out}, tokenizer.json beside it")
+
+
+if __name__ == "__main__":
+    main()
