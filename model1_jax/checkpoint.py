@@ -79,8 +79,10 @@ def _versions(directory: str) -> list[tuple[int, str]]:
 
 
 def _resolve(directory: str | os.PathLike) -> str:
-    """The committed checkpoint a path refers to: DIR/checkpoint-N (latest) or a checkpoint-N itself."""
-    directory = os.fspath(directory)
+    """The committed checkpoint a path refers to: DIR/checkpoint-N (latest) or a checkpoint-N itself.
+
+    Absolute, because Orbax refuses relative paths."""
+    directory = os.path.abspath(os.fspath(directory))
     if os.path.isfile(os.path.join(directory, MANIFEST)):
         return directory
     versions = _versions(directory)
@@ -184,7 +186,7 @@ class Writer:
                  budget_bytes: int | None = None):
         if jax.process_count() > 1:
             raise NotImplementedError("model1_jax.checkpoint supports single-process saves only")
-        self.directory = directory = os.fspath(directory)
+        self.directory = directory = os.path.abspath(os.fspath(directory))  # Orbax refuses relative paths
         self.config = config
         self.budget_bytes = budget_bytes
         check_destination(directory, overwrite=overwrite)

@@ -199,8 +199,7 @@ def export(trainer: Trainer, lora: LoRAConfig | None, tokenizer, directory: str,
             return
         merge_lora(model)
     if not skip_model:
-        # Absolute: Orbax refuses relative paths, and m1.save passes the directory through.
-        target = os.path.abspath(os.path.join(directory, "model"))
+        target = os.path.join(directory, "model")
         out = m1.save(model, target, overwrite=True)
         tokenizer.save(os.path.join(target, "tokenizer.json"))
         print(f"saved   model in {out}, tokenizer.json beside it")

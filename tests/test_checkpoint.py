@@ -141,6 +141,14 @@ def test_load_casts_dense_weights_only(quantized, tmp_path):
             assert got[key] == want[key], key  # block-quantized and float32-kept parameters are untouched
 
 
+def test_relative_paths(dense, tmp_path, monkeypatch):
+    """Orbax needs absolute paths; `save` and `load` take relative ones like any file API."""
+    monkeypatch.chdir(tmp_path)
+    assert m1.save(dense, "ckpt") == str(tmp_path / "ckpt" / "checkpoint-000001")
+    assert arrays(m1.load("ckpt", dtype=jnp.float32)) == arrays(dense)
+    assert arrays(m1.load(os.path.join("ckpt", "checkpoint-000001"), dtype=jnp.float32)) == arrays(dense)
+
+
 def test_overwrite_rules(dense, quantized, tmp_path):
     target = tmp_path / "ckpt"
     m1.save(dense, target)
