@@ -92,7 +92,8 @@ def logits(model: DeepseekV4ForCausalLM, ids: np.ndarray) -> np.ndarray:
 
 
 class IndexerScores:
-    """Records the indexer scores of every CSA layer during HF forwards (to detect top-k ties)."""
+    """Records the indexer scores of every CSA layer during HF forwards or generate() (to detect top-k ties:
+    the pick is then arbitrary, and torch and lax break ties differently, spec §4.6)."""
 
     def __init__(self, model: DeepseekV4ForCausalLM):
         self.records: list[tuple[int, np.ndarray]] = []
@@ -110,11 +111,12 @@ class IndexerScores:
         for rate, k, scores_bts in self.records:
             b, t, s = scores_bts.shape
             for ti in range(t):
-                n_visible = min((ti + 1) // rate, s)
-                if n_visible <= k:
-                    continue
-                top = -np.sort(-scores_bts[:, ti, :n_visible], axis=-1)
-                ties += int(np.sum(top[:, k - 1] == top[:, k]))
+                # A forward's query t sees entries w < (t+1)/rate; a one-token forward is either a one-token
+                # prompt (no entries) or a cached generation step, which sees every entry.
+                n_visible = min((ti + 1) // rate, s) if t > 1 else s
+                if n_visible > k:
+                    top = -np.sort(-scores_bts[:, ti, :n_visible], axis=-1)
+                    ties += int(np.sum(top[:, k - 1] == top[:, k]))
         return ties
 
     def close(self):

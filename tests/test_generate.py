@@ -23,36 +23,6 @@ NEW = 32
 # transformers parity
 
 
-class GenerationTies:
-    """Records the indexer scores of every CSA layer during an HF generate() and counts exact ties at the
-    top-k boundary (ties make the pick arbitrary; torch and lax break them differently, spec §4.6)."""
-
-    def __init__(self, model):
-        self.records = []
-        self.handles = [
-            layer.self_attn.compressor.indexer.scorer.register_forward_hook(
-                lambda mod, args, out, idx=layer.self_attn.compressor.indexer: self.records.append(
-                    (idx.compress_rate, idx.index_topk, out.detach().numpy())))
-            for layer in model.model.layers
-            if layer.self_attn.compressor is not None and hasattr(layer.self_attn.compressor, "indexer")]
-
-    def count(self) -> int:
-        ties = 0
-        for rate, k, scores_bts in self.records:
-            _, t, s = scores_bts.shape
-            for ti in range(t):
-                # Prefill queries see entries w < (t+1)/rate; a decode query (t = 1) sees every entry.
-                n_visible = min((ti + 1) // rate, s) if t > 1 else s
-                if n_visible > k:
-                    top = -np.sort(-scores_bts[:, ti, :n_visible], axis=-1)
-                    ties += int(np.sum(top[:, k - 1] == top[:, k]))
-        return ties
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
-
-
 @pytest.fixture(scope="module", params=["csa_hca_hc4", "csa_m2_hc2"])
 def hf_pair(request, tmp_path_factory):
     # 16 indexer heads: a score is exactly 0 (a tie with any other 0) only when all heads' ReLUs are 0.
@@ -64,7 +34,7 @@ def hf_pair(request, tmp_path_factory):
 
 def test_greedy_matches_transformers(hf_pair):
     hf, model = hf_pair
-    recorder = GenerationTies(hf)
+    recorder = ref.IndexerScores(hf)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead (and contention on a shared CPU)
     try:
@@ -74,7 +44,7 @@ def test_greedy_matches_transformers(hf_pair):
             with torch.no_grad():
                 want = hf.generate(torch.as_tensor(prompt), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
                                    pad_token_id=0)[:, prompt.shape[1]:].tolist()
-            if recorder.count() == 0:
+            if recorder.boundary_ties() == 0:
                 break
         else:
             pytest.fail("no tie-free prompt found")

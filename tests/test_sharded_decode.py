@@ -27,6 +27,7 @@ from model1_jax import sharding as sh
 from tests.test_sharding import CFG, expert_weight_gathers, layout_of
 from tests.util import forward, random_model
 
+pytestmark = pytest.mark.usefixtures("eight_devices")  # tests/conftest.py
 B, H, PAGE = 4, 8, 64
 MAIN_PAGES, EXTRA_PAGES = 2, 1  # per sequence
 LAYOUTS = {
@@ -34,20 +35,6 @@ LAYOUTS = {
     "1x2x4-tensor_parallel": ("expert=2,tensor=4", "tensor_parallel"),
     "8x1x1-data_parallel": ("data=8", "data_parallel"),  # 4 sequences do not split 8 ways: replicated
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def eight_devices():
-    """8 devices, and XLA's cheap compilation mode: these tests compile many small multi-device programs and
-    run each a few times (LLVM's expensive passes only change speed, not IEEE results)."""
-    if jax.device_count() < 8:
-        pytest.fail(f"these tests need 8 devices, found {jax.device_count()}: run with "
-                    "XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py sets it unless XLA_FLAGS "
-                    "is already set)")
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def make_case(kv_layout, s_q: int, seed: int = 0):

@@ -22,6 +22,7 @@ from model1_jax import distributed, moe, quant
 from model1_jax import sharding as sh
 from tests.util import random_model
 
+pytestmark = pytest.mark.usefixtures("eight_devices")  # tests/conftest.py
 TOL = 1e-5  # max |Δlogit| / max |logit|; sharding only reorders fp32 sums
 # CSA + hash routing, HCA + learned routing, and the MTP block (a sliding-window layer).
 CFG = m1.Config.tiny().replace(
@@ -36,20 +37,6 @@ LAYOUTS = {
     "2x2x2-tensor_parallel": ("data=2,expert=2,tensor=2", "tensor_parallel"),
     "2x2x2-fsdp": ("data=2,expert=2,tensor=2", "fsdp"),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def eight_devices():
-    """8 devices, and XLA's cheap compilation mode: these tests compile many small multi-device programs and
-    run each a few times (LLVM's expensive passes only change speed, not IEEE results)."""
-    if jax.device_count() < 8:
-        pytest.fail(f"these tests need 8 devices, found {jax.device_count()}: run with "
-                    "XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py sets it unless XLA_FLAGS "
-                    "is already set)")
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def layout_of(name: str, **kw) -> sh.Layout:
