@@ -98,7 +98,8 @@ def run_jax(model, prompts, new_tokens: int, chunk: int) -> dict:
     m1.generate(model, prompts, new_tokens, **kw)  # compiles
     stats = m1.generate(model, prompts, new_tokens, **kw).stats
     return dict(prefill_tokens_per_s=stats.prefill_tokens_per_s,
-                decode_ms_per_step=stats.decode_s / stats.decode_steps * 1e3, decode_tokens_per_s=stats.decode_tokens_per_s, cache_bytes=stats.cache_bytes,
+                decode_ms_per_step=stats.decode_s / stats.decode_steps * 1e3,
+                decode_tokens_per_s=stats.decode_tokens_per_s, cache_bytes=stats.cache_bytes,
                 compile_s_second_run=stats.compile_s)
 
 

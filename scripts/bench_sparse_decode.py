@@ -135,8 +135,9 @@ def run_case(name: str, cfg: Config, b: int, args_ns) -> dict:
     record = dict(config=name, b=b, s_q=S_Q, h_q=cfg.h_q, d_qk=d_qk, layout=cfg.layout,
                   main=dataclasses.asdict(cfg.main), extra=cfg.extra and dataclasses.asdict(cfg.extra),
                   varlen_extra=cfg.varlen_extra, gflop=flop / 1e9, mbytes=nbytes / 1e6,
-                  cache_mbytes=sum(cache_bytes(args[k].shape[0], args[p], cfg.layout) for k, p in
-                                   [("kv_cache", "page_size"), ("extra_kv_cache", "extra_page_size")] if k in args) / 1e6,
+                  cache_mbytes=sum(cache_bytes(args[k].shape[0], args[p], cfg.layout)
+                                   for k, p in [("kv_cache", "page_size"), ("extra_kv_cache", "extra_page_size")]
+                                   if k in args) / 1e6,
                   num_splits=choose_num_splits(b * S_Q, max(cfg.h_q // 64, 1), work_tiles, num_sms()),
                   roofline_us=peak and roofline_seconds(flop, nbytes, peak) * 1e6)
     outputs = {}

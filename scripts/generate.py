@@ -39,13 +39,14 @@ DEMO = m1.Config(
 
 
 def load_model(path: str, dtype, layout: sh.Layout | None) -> m1.Model1:
+    """An HF-format directory (config.json + safetensors) or an Orbax checkpoint (`m1.save`, the converter,
+    scripts/finetune.py), read straight into its shards under a layout."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--model {path}: no such directory")
     if os.path.isfile(os.path.join(path, "config.json")) and glob.glob(os.path.join(path, "*.safetensors")):
         model = m1.from_pretrained(path, dtype=dtype)
         return model if layout is None else sh.shard(model, layout)
-    if hasattr(m1, "load"):  # Orbax checkpoints (model1_jax's checkpoint module), read straight into the shards
-        return m1.load(path, dtype=dtype) if layout is None else sh.load(path, layout, dtype=dtype)
-    sys.exit(f"error: {path} is not a Hugging Face checkpoint (config.json + *.safetensors), and this build has "
-             "no Orbax loader (m1.load)")
+    return m1.load(path, dtype=dtype) if layout is None else sh.load(path, layout, dtype=dtype)
 
 
 def main() -> None:
@@ -85,7 +86,7 @@ def main() -> None:
     if args.model:
         try:
             model = load_model(args.model, dtype, layout)
-        except ValueError as e:  # includes a layout that does not divide the model
+        except (ValueError, FileNotFoundError) as e:  # a bad checkpoint, or a layout that does not divide it
             sys.exit(f"error: {e}")
         tok_path = os.path.join(args.model, "tokenizer.json")
         if os.path.isfile(tok_path):

@@ -20,6 +20,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("finetune_script", ROOT / "scripts" / "finetune.py")
 script = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(script)
+_spec = importlib.util.spec_from_file_location("generate_script", ROOT / "scripts" / "generate.py")
+generate_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(generate_script)
 
 STEPS = 80
 TEXT = "MODEL1 fine-tunes on this short text until it knows every byte of it by heart. " * 2
@@ -106,6 +109,17 @@ def test_final_model_loads_with_from_pretrained(straight):
         np.testing.assert_array_equal(got[path], want[path], err_msg=str(path))
     tokenizer = mdata.HFTokenizer(tmp / "ckpt" / "model")  # what scripts/generate.py --model reads
     assert tokenizer.encode(TEXT[:20]) == list(TEXT[:20].encode())
+
+
+def test_generate_script_loads_the_export_by_a_relative_path(straight, monkeypatch):
+    tmp, trainer, _, _ = straight
+    monkeypatch.chdir(tmp)
+    loaded = generate_script.load_model(str(pathlib.Path("ckpt") / "model"), np.float32, None)
+    assert loaded.config == trainer.model().config
+    want = trainer.model().lm_head.kernel[...]
+    np.testing.assert_array_equal(np.asarray(loaded.lm_head.kernel[...]), np.asarray(want))
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        generate_script.load_model("no-such-model", np.float32, None)
 
 
 def test_stop_and_resume_reproduces_the_straight_run(straight, tmp_path, monkeypatch):

@@ -30,8 +30,9 @@ def _sampled_ref_cases():
     for i, (layout, main) in enumerate(itertools.product(["model1", "v32"], SCOPES)):
         extra = SCOPES[(3 * i + 1) % len(SCOPES)] if i % 3 != 2 else None
         cases.append(Case(layout, b=(1, 3, 7)[i % 3], s_q=(1, 2, 3)[(i // 3) % 3], h_q=(64, 128)[(i // 2) % 2],
-                          main=main, extra=extra, topk_length=i % 2 == 0, extra_topk_length=extra is not None and i % 4 < 2,
-                          sink=i % 5 != 4, duplicates=i % 4 == 3, seed=i))
+                          main=main, extra=extra, topk_length=i % 2 == 0,
+                          extra_topk_length=extra is not None and i % 4 < 2, sink=i % 5 != 4, duplicates=i % 4 == 3,
+                          seed=i))
     return cases
 
 
