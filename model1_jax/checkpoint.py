@@ -126,20 +126,14 @@ def _nest(flat: dict[tuple, Any]) -> dict:
 # -- Orbax items ------------------------------------------------------------------------------------
 
 def _handler() -> ocp.PyTreeCheckpointHandler:
-    """PyTree handler whose NumPy leaves are written without the defensive host copy (when the
-    installed Orbax allows it: the copy would double the converter's buffer while it is written)."""
-    try:
-        numpy_handler = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
-    except TypeError:  # older Orbax: always copies
-        numpy_handler = ocp.type_handlers.NumpyHandler()
+    """PyTree handler whose NumPy leaves are written without the defensive host copy (the copy would
+    double the converter's buffer while it is written)."""
+    numpy_handler = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
     registry = ocp.type_handlers.create_type_handler_registry(
         (np.ndarray, numpy_handler), (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
     # Uncompressed: zstd costs more time than it saves on FP8/FP4 codes and bf16 mantissas, and its
     # output buffers would add a copy of each item to the converter's peak memory.
-    try:
-        return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
-    except TypeError:  # Orbax before use_compression existed
-        return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
 
 
 _bitcast = jax.jit(jax.lax.bitcast_convert_type, static_argnums=1)  # keeps the input's sharding
