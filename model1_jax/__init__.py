@@ -6,42 +6,76 @@
     model = m1.from_pretrained("dir", dtype=jnp.float32)   # HF-format (dense or FP8/FP4) or Orbax
     gen = m1.generate(model, [[1, 2, 3]], max_new_tokens=32)   # gen.tokens, gen.stats
     m1.save(model, "ckpt")                          # Orbax, atomic
-    model = m1.load("ckpt", dtype=jnp.bfloat16, mesh=mesh, shardings=...)
-    layout = m1.Layout.build("data=2,expert=4", "tensor_parallel")       # sharded over 8 devices
-    model = m1.sharding.load("ckpt", layout, dtype=jnp.bfloat16)       # or sharding.create / sharding.shard
+    layout = m1.Layout.build("data=2,expert=4", "tensor_parallel")    # sharded over 8 devices
+    model = m1.load("ckpt", dtype=jnp.bfloat16, layout=layout)       # straight into the shards
     trainer = m1.Trainer(model, m1.OptimizerConfig("muon"), m1.TrainConfig(mtp_weight=0.3))   # fine-tuning
-    metrics = trainer.step({"ids": ids_abt, "mask": mask_abt})
+
+The package is layered (imports flow one way, `tests/test_layering.py` checks it):
+  config, common, text  ←  parallel  ←  model  ←  io, inference  ←  train  ←  cli
+Names below are loaded on first use, so `import model1_jax` pulls in neither optax, Orbax nor Pallas.
 """
 
-from model1_jax import distributed, sharding
-from model1_jax.balance import BalanceConfig
-from model1_jax.checkpoint import load, save
-from model1_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING, Config, RopeScaling
-from model1_jax.decode import decode_step, prefill
-from model1_jax.decode_state import (
-    CACHE_DTYPES,
-    CacheSpec,
-    DecodeState,
-    MemoryReport,
-    init_state,
-    make_spec,
-    max_len_for_budget,
-    memory_report,
-)
-from model1_jax.finetune import TrainCheckpointer, fit
-from model1_jax.generation import Generation, GenerationStats, generate
-from model1_jax.loading import CheckpointError, from_pretrained
-from model1_jax.lora import LoRAConfig, apply_lora, load_adapters, merge_lora, save_adapters
-from model1_jax.model import Model1
-from model1_jax.optim import OptimizerConfig
-from model1_jax.quant import BlockQuantized
-from model1_jax.sampling import Sampling
-from model1_jax.sharding import Layout, Rules, make_mesh
-from model1_jax.training import TrainConfig, Trainer
+import importlib
 
-__all__ = ["CACHE_DTYPES", "CSA", "HASH_MOE", "HCA", "MOE", "SLIDING", "BalanceConfig", "BlockQuantized", "CacheSpec",
-           "CheckpointError", "Config", "DecodeState", "Generation", "GenerationStats", "Layout", "LoRAConfig",
-           "MemoryReport", "Model1", "OptimizerConfig", "RopeScaling", "Rules", "Sampling", "TrainCheckpointer",
-           "TrainConfig", "Trainer", "apply_lora", "decode_step", "distributed", "fit", "from_pretrained", "generate",
-           "init_state", "load", "load_adapters", "make_mesh", "make_spec", "max_len_for_budget", "memory_report",
-           "merge_lora", "prefill", "save", "save_adapters", "sharding"]
+from model1_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING, Config, RopeScaling
+
+# public name -> module that defines it
+_LAZY = {
+    "Model1": "model1_jax.model.transformer",
+    "BlockQuantized": "model1_jax.model.quant",
+    "Layout": "model1_jax.parallel.layout",
+    "Rules": "model1_jax.parallel.rules",
+    "make_mesh": "model1_jax.parallel.mesh",
+    "CheckpointError": "model1_jax.io.hf",
+    "ATTENTION_BACKENDS": "model1_jax.inference.state",
+    "from_pretrained": "model1_jax.io.pretrained",
+    "load": "model1_jax.io.pretrained",
+    "save": "model1_jax.io.orbax",
+    "CACHE_DTYPES": "model1_jax.inference.state",
+    "CacheSpec": "model1_jax.inference.state",
+    "DecodeState": "model1_jax.inference.state",
+    "MemoryReport": "model1_jax.inference.state",
+    "init_state": "model1_jax.inference.state",
+    "make_spec": "model1_jax.inference.state",
+    "max_len_for_budget": "model1_jax.inference.state",
+    "memory_report": "model1_jax.inference.state",
+    "prefill": "model1_jax.inference.steps",
+    "decode_step": "model1_jax.inference.steps",
+    "Sampling": "model1_jax.inference.sampling",
+    "Generation": "model1_jax.inference.generation",
+    "GenerationStats": "model1_jax.inference.generation",
+    "generate": "model1_jax.inference.generation",
+    "BalanceConfig": "model1_jax.train.balance",
+    "OptimizerConfig": "model1_jax.train.optim",
+    "TrainConfig": "model1_jax.train.trainer",
+    "Trainer": "model1_jax.train.trainer",
+    "TrainCheckpointer": "model1_jax.train.loop",
+    "fit": "model1_jax.train.loop",
+    "LoRAConfig": "model1_jax.train.lora",
+    "apply_lora": "model1_jax.train.lora",
+    "load_adapters": "model1_jax.train.lora",
+    "merge_lora": "model1_jax.train.lora",
+    "save_adapters": "model1_jax.train.lora",
+}
+_SUBPACKAGES = ("model", "parallel", "io", "inference", "train", "text", "cli", "common", "config")
+
+__all__ = ["ATTENTION_BACKENDS", "BalanceConfig", "BlockQuantized", "CACHE_DTYPES", "CSA", "CacheSpec",
+           "CheckpointError", "Config", "DecodeState", "Generation", "GenerationStats", "HASH_MOE", "HCA", "Layout",
+           "LoRAConfig", "MOE", "MemoryReport", "Model1", "OptimizerConfig", "RopeScaling", "Rules", "SLIDING",
+           "Sampling", "TrainCheckpointer", "TrainConfig", "Trainer", "apply_lora", "decode_step", "fit",
+           "from_pretrained", "generate", "init_state", "load", "load_adapters", "make_mesh", "make_spec",
+           "max_len_for_budget", "memory_report", "merge_lora", "prefill", "save", "save_adapters"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this hook
+        return value
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"model1_jax.{name}")
+    raise AttributeError(f"module 'model1_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY, *_SUBPACKAGES])

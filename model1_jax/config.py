@@ -81,13 +81,10 @@ class Config:
     num_nextn_predict_layers: int = 1
     # Attention type of the MTP block (`compress_ratios[num_hidden_layers]` in released configs).
     mtp_layer_type: str = SLIDING
-    output_router_logits: bool = False
-    router_aux_loss_coef: float = 0.001
     router_jitter_noise: float = 0.0
     hidden_act: str = "silu"
     initializer_range: float = 0.02
     rms_norm_eps: float = 1e-6
-    use_cache: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = 0
     eos_token_id: int | tuple[int, ...] | None = 1
@@ -95,6 +92,10 @@ class Config:
     attention_bias: bool = False
     mlp_bias: bool = False
     attention_dropout: float = 0.0
+    # config.json keys that do not change the model (HF's training and serving switches, the checkpoint's
+    # metadata): kept only so that `to_hf()` writes them back. Sorted (key, JSON text) pairs; `hf_extras`.
+    # Not compared: two configs that differ only here describe the same model.
+    hf_extra: tuple[tuple[str, str], ...] = dataclasses.field(default=(), compare=False)
 
     def __post_init__(self):
         # Normalise list inputs so the config stays hashable (it is a static argument under jit).
@@ -107,6 +108,8 @@ class Config:
         if not self.mlp_layer_types:
             object.__setattr__(self, "mlp_layer_types", _default_mlp_types(self.num_hidden_layers, 3))
         object.__setattr__(self, "mlp_layer_types", tuple(self.mlp_layer_types))
+        if isinstance(self.hf_extra, Mapping):
+            object.__setattr__(self, "hf_extra", _freeze(self.hf_extra))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if isinstance(self.rope_scaling, Mapping):
@@ -156,6 +159,11 @@ class Config:
         if isinstance(self.eos_token_id, int):
             return (self.eos_token_id,)
         return tuple(self.eos_token_id)
+
+    @property
+    def hf_extras(self) -> dict[str, Any]:
+        """The pass-through config.json keys (see `hf_extra`) as a dict."""
+        return {k: json.loads(v) for k, v in self.hf_extra}
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -207,6 +215,16 @@ class Config:
         need(not self.attention_bias, "attention_bias", "False (the architecture has no biases)",
              self.attention_bias)
         need(not self.mlp_bias, "mlp_bias", "False (released checkpoints have no MLP biases)", self.mlp_bias)
+        # HF declares these but the architecture has one behaviour; another value would be a different model.
+        need(self.norm_topk_prob is True, "norm_topk_prob",
+             "True (the routing weights of the k picks are always renormalised)", self.norm_topk_prob)
+        need(self.router_jitter_noise == 0, "router_jitter_noise", "0 (no router noise is implemented)",
+             self.router_jitter_noise)
+        need(self.attention_dropout == 0, "attention_dropout", "0 (no attention dropout is implemented)",
+             self.attention_dropout)
+        need(self.tie_word_embeddings in (True, False), "tie_word_embeddings", "a bool", self.tie_word_embeddings)
+        bad = [k for k, _ in self.hf_extra if k in _FIELD_NAMES or k in _CONSUMED_HF_KEYS]
+        need(not bad, "hf_extra", "keys that are not Config fields or keys from_hf reads", bad)
         if self.rope_scaling is not None:
             need(self.rope_scaling.factor >= 1.0, "rope_scaling.factor", "a factor >= 1", self.rope_scaling.factor)
             need(self.rope_scaling.original_max_position_embeddings >= 1,
@@ -258,6 +276,18 @@ class Config:
             index_n_heads=2, index_head_dim=16, index_topk=3,
         )
 
+    @classmethod
+    def demo(cls) -> Config:
+        """MODEL1's attention geometry at a width a CPU runs in seconds: head_dim 512 (448 FP8 + 64 RoPE dims,
+        so the FP8 FlashMLA cache format applies), window 128, CSA m=4 with a lightning indexer, HCA m'=128,
+        mHC with 4 streams, MoE with a hash layer, an MTP block. The model of `scripts/generate.py`."""
+        return cls(
+            vocab_size=1024, hidden_size=256, moe_intermediate_size=128, num_hidden_layers=3, num_attention_heads=16,
+            head_dim=512, qk_rope_head_dim=64, q_lora_rank=128, num_experts_per_tok=2, n_routed_experts=8,
+            max_position_embeddings=65536, layer_types=(SLIDING, CSA, HCA), mlp_layer_types=(HASH_MOE, MOE, MOE),
+            rope_scaling=RopeScaling(factor=16.0, original_max_position_embeddings=4096),
+            o_groups=2, o_lora_rank=64, index_n_heads=4, index_head_dim=128, index_topk=16)
+
     # ----------------------------------------------------------------------------------------
     # Hugging Face interop
 
@@ -282,9 +312,9 @@ class Config:
 
     def to_hf(self) -> dict[str, Any]:
         """A dict that `transformers.DeepseekV4Config(**d)` accepts and that `from_hf` reads back."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d = {**self.hf_extras, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
         for name in ("compress_rate_csa", "compress_rate_hca", "rope_scaling", "qk_rope_head_dim",
-                     "mtp_layer_type"):
+                     "mtp_layer_type", "hf_extra"):
             d.pop(name)
         d["model_type"] = "deepseek_v4"
         d["layer_types"] = list(self.layer_types)
@@ -324,9 +354,18 @@ def _rope_scaling_from_dict(d: dict[str, Any]) -> RopeScaling | None:
     )
 
 
-_DIRECT_FIELDS = {f.name for f in dataclasses.fields(Config)} - {
+_FIELD_NAMES = {f.name for f in dataclasses.fields(Config)}
+_DIRECT_FIELDS = _FIELD_NAMES - {
     "layer_types", "mlp_layer_types", "compress_rate_csa", "compress_rate_hca", "rope_scaling",
-    "qk_rope_head_dim", "mtp_layer_type", "rope_theta", "compress_rope_theta"}
+    "qk_rope_head_dim", "mtp_layer_type", "rope_theta", "compress_rope_theta", "hf_extra"}
+# config.json keys `from_hf` reads into other fields (aliases, legacy forms, derived values).
+_CONSUMED_HF_KEYS = {"model_type", "num_local_experts", "intermediate_size", "compress_rates", "compress_ratios",
+                     "num_hash_layers", "partial_rotary_factor", "rope_parameters", "rope_scaling",
+                     "qk_rope_head_dim", "layer_types", "mlp_layer_types", "rope_theta", "compress_rope_theta"}
+
+
+def _freeze(extra: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((str(k), json.dumps(v, sort_keys=True)) for k, v in extra.items()))
 
 
 def _fields_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
@@ -403,4 +442,7 @@ def _fields_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
 
     if raw.get("num_key_value_heads") is None:
         kw.pop("num_key_value_heads", None)
+    # Everything else in config.json (HF's switches such as use_cache or output_router_logits, the checkpoint's
+    # quantization_config, torch_dtype, architectures...) does not change the model: carried for to_hf() only.
+    kw["hf_extra"] = _freeze({k: v for k, v in raw.items() if k not in _FIELD_NAMES and k not in _CONSUMED_HF_KEYS})
     return kw

@@ -1,17 +1,19 @@
 """Pallas-Triton sparse FP8 decode: split-KV kernel plus a jnp combine (spec §1.6-1.7, §4.3).
 
-Grid (R rows = b·s_q, S splits, N / H head blocks). A program owns one query row, one head block of H =
+Grid (t rows = b·s_q, z splits, heads / block_h head blocks). A program owns one query row, one head block of H =
 min(h_q, 64) heads (M = 64 feeds wgmma) and one split: a contiguous share of the row's *valid* index tiles
 (main scope tiles first, then extra scope tiles; tiles past topk_length are never visited). Per 64-token
 tile it gathers the token records, dequantizes them to a bf16 K tile and runs an online softmax in base 2.
 With one split the program writes the final bf16 output and natural-log lse (sink applied); otherwise it
 writes fp32 O/L and log2(L) + m per split and `combine_splits` merges them in jnp.
 
-The cache is passed as a uint16 view `[P, block_stride / 2]`: every field of both layouts starts at an even
+The cache is passed as a uint16 view `[u, block_stride / 2]`: every field of both formats starts at an even
 byte, a bf16 RoPE value is one word, and element offsets stay below 2^31 for caches under 4 GiB (Pallas
 switches to 64-bit offsets above 4 GiB). An invalid index is replaced by slot 0 of block 0 before any address is formed.
 
-Letters: R rows, S splits, N heads, H heads of a block, K index positions, T tokens of a tile, D dims.
+Shape letters follow the project's one table (docs/model.md §0): t query rows (b·s_q, flattened), z KV splits,
+n heads (of the program's head block), k index positions (of a 64-wide tile), h head dims, r RoPE dims,
+u page blocks, y bytes.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.layouts import Fp8Layout, is_valid_index
+from pallas_kernels.formats import Fp8Format, is_valid_index
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -65,86 +67,87 @@ def choose_num_splits(rows: int, head_blocks: int, work_tiles: int, num_sms: int
     return min(range(1, max(work_tiles, 1) + 1), key=lambda s: (cost(s), s))
 
 
-def tile_addresses(idx_t, valid_t, layout: Fp8Layout, page_size: int):
+def tile_addresses(idx_k, valid_k, kv_format: Fp8Format, page_size: int):
     """uint16-word addresses of one tile's fields; an invalid index is replaced by slot 0 first, so every address
     is inside the cache whatever the index holds.
 
-    Returns (blk_t1 [T, 1] page block, word_t512 [T, 512] word holding NoPE byte c (c < d_nope) or RoPE value
-    c - d_nope (MODEL1), scale_word_t1 [T, 1] first scale word, rope_word_t1 [T, 1] first RoPE word).
+    Returns (page_k1 [k, 1] page block, word_kh [k, 512] word holding NoPE byte c (c < d_nope) or RoPE value
+    c - d_nope (MODEL1), scale_word_k1 [k, 1] first scale word, rope_word_k1 [k, 1] first RoPE word).
     """
-    slot_t = jnp.where(valid_t, idx_t, 0)
-    g = (slot_t % page_size)[:, None]
+    slot_k = jnp.where(valid_k, idx_k, 0)
+    g = (slot_k % page_size)[:, None]
     cols = jnp.arange(D_V, dtype=jnp.int32)[None, :]
-    nope = (layout.nope_offset(g) + cols) // 2
-    rope = layout.rope_offset(g) // 2 + (cols - layout.d_nope)
-    word_t512 = jnp.where(cols < layout.d_nope, nope, rope)
-    return (slot_t // page_size)[:, None], word_t512, layout.scale_offset(g, page_size) // 2, layout.rope_offset(g) // 2
+    nope = (kv_format.nope_offset(g) + cols) // 2
+    rope = kv_format.rope_offset(g) // 2 + (cols - kv_format.d_nope)
+    word_kh = jnp.where(cols < kv_format.d_nope, nope, rope)
+    return ((slot_k // page_size)[:, None], word_kh, kv_format.scale_offset(g, page_size) // 2,
+            kv_format.rope_offset(g) // 2)
 
 
 def _low_or_high_byte(w, odd):
     return jnp.where(odd, w >> 8, w & 0xFF).astype(jnp.uint8)
 
 
-def _load_kv_tile(cache_ref, idx_t, valid_t, layout: Fp8Layout, page_size: int):
-    """Gathers and dequantizes one tile: (kv [T, 512] bf16 = V = K[:, :512], rope [T, 64] bf16 or None)."""
-    blk_t1, word_t512, scale_word_t1, rope_word_t1 = tile_addresses(idx_t, valid_t, layout, page_size)
-    w_t512 = cache_ref[blk_t1, word_t512]
+def _load_kv_tile(cache_ref, idx_k, valid_k, kv_format: Fp8Format, page_size: int):
+    """Gathers and dequantizes one tile: (kv [k, 512] bf16 = V = K[:, :512], rope [k, 64] bf16 or None)."""
+    page_k1, word_kh, scale_word_k1, rope_word_k1 = tile_addresses(idx_k, valid_k, kv_format, page_size)
+    w_kh = cache_ref[page_k1, word_kh]
     cols = jnp.arange(D_V, dtype=jnp.int32)[None, :]
-    fp8 = lax.bitcast_convert_type(_low_or_high_byte(w_t512, (cols & 1) == 1), jnp.float8_e4m3fn)
-    n_tiles = D_V // layout.tile  # MODEL1: 8 (the 8th "scale" is the pad byte, its columns hold RoPE)
+    fp8 = lax.bitcast_convert_type(_low_or_high_byte(w_kh, (cols & 1) == 1), jnp.float8_e4m3fn)
+    n_tiles = D_V // kv_format.tile  # MODEL1: 8 (the 8th "scale" is the pad byte, its columns hold RoPE)
     j = jnp.arange(n_tiles, dtype=jnp.int32)[None, :]
-    if layout.scale_format == "ue8m0":
-        e = _low_or_high_byte(cache_ref[blk_t1, scale_word_t1 + j // 2], (j & 1) == 1).astype(jnp.int32)
+    if kv_format.scale_format == "ue8m0":
+        e = _low_or_high_byte(cache_ref[page_k1, scale_word_k1 + j // 2], (j & 1) == 1).astype(jnp.int32)
         scale = jnp.where(e == 0xFF, jnp.nan, lax.bitcast_convert_type(e << 23, jnp.float32))
     else:
-        lo = cache_ref[blk_t1, scale_word_t1 + 2 * j].astype(jnp.uint32)
-        hi = cache_ref[blk_t1, scale_word_t1 + 2 * j + 1].astype(jnp.uint32)
+        lo = cache_ref[page_k1, scale_word_k1 + 2 * j].astype(jnp.uint32)
+        hi = cache_ref[page_k1, scale_word_k1 + 2 * j + 1].astype(jnp.uint32)
         scale = lax.bitcast_convert_type(lo | (hi << 16), jnp.float32)
         scale = scale.astype(jnp.bfloat16).astype(jnp.float32)  # SM90 multiplies by a bf16 scale
-    nope = (fp8.astype(jnp.float32).reshape(-1, n_tiles, layout.tile) * scale[:, :, None]).reshape(-1, D_V)
-    if layout.d_nope == D_V:  # V3.2: RoPE is a separate 64-wide tile, not part of V
-        kv = jnp.where(valid_t[:, None], nope, 0.0).astype(jnp.bfloat16)
-        rope_words = cache_ref[blk_t1, rope_word_t1 + jnp.arange(layout.d_rope, dtype=jnp.int32)[None, :]]
+    nope = (fp8.astype(jnp.float32).reshape(-1, n_tiles, kv_format.tile) * scale[:, :, None]).reshape(-1, D_V)
+    if kv_format.d_nope == D_V:  # V3.2: RoPE is a separate 64-wide tile, not part of V
+        kv = jnp.where(valid_k[:, None], nope, 0.0).astype(jnp.bfloat16)
+        rope_words = cache_ref[page_k1, rope_word_k1 + jnp.arange(kv_format.d_rope, dtype=jnp.int32)[None, :]]
         rope = lax.bitcast_convert_type(rope_words, jnp.bfloat16)
-        return kv, jnp.where(valid_t[:, None], rope, jnp.zeros_like(rope))
-    rope = lax.bitcast_convert_type(w_t512, jnp.bfloat16).astype(jnp.float32)
-    kv = jnp.where(cols < layout.d_nope, nope, rope)
-    return jnp.where(valid_t[:, None], kv, 0.0).astype(jnp.bfloat16), None
+        return kv, jnp.where(valid_k[:, None], rope, jnp.zeros_like(rope))
+    rope = lax.bitcast_convert_type(w_kh, jnp.bfloat16).astype(jnp.float32)
+    kv = jnp.where(cols < kv_format.d_nope, nope, rope)
+    return jnp.where(valid_k[:, None], kv, 0.0).astype(jnp.bfloat16), None
 
 
-def _attend_tile(carry, q_hd, qr_hd, idx_ref, cache_ref, tile, length, scope: Scope, layout, logit_scale):
-    """One online-softmax step over index tile `tile` of a scope; carry = (m [H], l [H], acc [H, 512])."""
+def _attend_tile(carry, q_nh, qrope_nr, idx_ref, cache_ref, tile, length, scope: Scope, kv_format, logit_scale):
+    """One online-softmax step over index tile `tile` of a scope; carry = (m [n], l [n], acc [n, 512])."""
     m, l, acc = carry
     start = pl.multiple_of(tile * BLOCK_T, BLOCK_T)
-    idx_t = idx_ref[pl.ds(start, BLOCK_T)]
-    pos_t = start + jnp.arange(BLOCK_T, dtype=jnp.int32)
-    valid_t = is_valid_index(idx_t, pos_t, length, scope.capacity)
-    kv_td, rope_td = _load_kv_tile(cache_ref, idx_t, valid_t, layout, scope.page_size)
+    idx_k = idx_ref[pl.ds(start, BLOCK_T)]
+    pos_k = start + jnp.arange(BLOCK_T, dtype=jnp.int32)
+    valid_k = is_valid_index(idx_k, pos_k, length, scope.capacity)
+    kv_kh, rope_kr = _load_kv_tile(cache_ref, idx_k, valid_k, kv_format, scope.page_size)
     dims = (((1,), (1,)), ((), ()))
-    s_ht = lax.dot_general(q_hd, kv_td, dims, preferred_element_type=jnp.float32)
-    if rope_td is not None:
-        s_ht += lax.dot_general(qr_hd, rope_td, dims, preferred_element_type=jnp.float32)
-    s_ht = jnp.where(valid_t[None, :], s_ht * logit_scale, NEG_BIG)
-    m_new = jnp.maximum(m, s_ht.max(axis=1))
+    s_nk = lax.dot_general(q_nh, kv_kh, dims, preferred_element_type=jnp.float32)
+    if rope_kr is not None:
+        s_nk += lax.dot_general(qrope_nr, rope_kr, dims, preferred_element_type=jnp.float32)
+    s_nk = jnp.where(valid_k[None, :], s_nk * logit_scale, NEG_BIG)
+    m_new = jnp.maximum(m, s_nk.max(axis=1))
     alpha = jnp.exp2(m - m_new)
-    p_ht = jnp.where(valid_t[None, :], jnp.exp2(s_ht - m_new[:, None]), 0.0)
-    l = l * alpha + p_ht.sum(axis=1)
-    acc = acc * alpha[:, None] + jnp.dot(p_ht.astype(jnp.bfloat16), kv_td, preferred_element_type=jnp.float32)
+    p_nk = jnp.where(valid_k[None, :], jnp.exp2(s_nk - m_new[:, None]), 0.0)
+    l = l * alpha + p_nk.sum(axis=1)
+    acc = acc * alpha[:, None] + jnp.dot(p_nk.astype(jnp.bfloat16), kv_kh, preferred_element_type=jnp.float32)
     return m_new, l, acc
 
 
-def _decode_kernel(*refs, layout: Fp8Layout, main: Scope, extra: Scope | None, num_splits: int,
+def _decode_kernel(*refs, kv_format: Fp8Format, main: Scope, extra: Scope | None, num_splits: int,
                    block_h: int, logit_scale: float):
     refs = list(refs)
     row, split = pl.program_id(0), pl.program_id(1)  # read at the top: not inside loops (guide rule 6)
     len_ref, sink_ref, q_ref = refs.pop(0), refs.pop(0), refs.pop(0)
-    qr_ref = refs.pop(0) if layout.d_nope == D_V else None
+    qrope_ref = refs.pop(0) if kv_format.d_nope == D_V else None
     idx_ref, cache_ref = refs.pop(0), refs.pop(0)
     xlen_ref, xidx_ref, xcache_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if extra else (None, None, None)
     out_refs = refs
 
-    q_hd = q_ref[...]
-    qr_hd = qr_ref[...] if qr_ref is not None else None
+    q_nh = q_ref[...]
+    qrope_nr = qrope_ref[...] if qrope_ref is not None else None
     # Valid work of this row, in tiles; this program's share is [lo, hi) of main tiles followed by extra tiles.
     length = len_ref[row]
     n_main = jnp.clip(pl.cdiv(length, BLOCK_T), 0, main.num_tiles)  # a negative length means no tokens
@@ -156,13 +159,14 @@ def _decode_kernel(*refs, layout: Fp8Layout, main: Scope, extra: Scope | None, n
 
     carry = (jnp.full((block_h,), NEG_BIG, jnp.float32), jnp.zeros((block_h,), jnp.float32),
              jnp.zeros((block_h, D_V), jnp.float32))
-    main_step = functools.partial(_attend_tile, q_hd=q_hd, qr_hd=qr_hd, idx_ref=idx_ref, cache_ref=cache_ref,
-                                  length=length, scope=main, layout=layout, logit_scale=logit_scale)
+    main_step = functools.partial(_attend_tile, q_nh=q_nh, qrope_nr=qrope_nr, idx_ref=idx_ref, cache_ref=cache_ref,
+                                  length=length, scope=main, kv_format=kv_format, logit_scale=logit_scale)
     carry = lax.fori_loop(jnp.minimum(lo, n_main), jnp.minimum(hi, n_main),
                           lambda t, c: main_step(c, tile=t), carry)
     if extra:
-        extra_step = functools.partial(_attend_tile, q_hd=q_hd, qr_hd=qr_hd, idx_ref=xidx_ref, cache_ref=xcache_ref,
-                                       length=xlength, scope=extra, layout=layout, logit_scale=logit_scale)
+        extra_step = functools.partial(_attend_tile, q_nh=q_nh, qrope_nr=qrope_nr, idx_ref=xidx_ref,
+                                       cache_ref=xcache_ref,
+                                       length=xlength, scope=extra, kv_format=kv_format, logit_scale=logit_scale)
         carry = lax.fori_loop(jnp.clip(lo - n_main, 0, n_extra), jnp.clip(hi - n_main, 0, n_extra),
                               lambda t, c: extra_step(c, tile=t), carry)
     m, l, acc = carry
@@ -182,29 +186,29 @@ def _decode_kernel(*refs, layout: Fp8Layout, main: Scope, extra: Scope | None, n
         lse2_ref[...] = jnp.where(nonempty, lse2, -jnp.inf)
 
 
-def combine_splits(o_rsnd, lse2_rsn, sink_n):
-    """Merges per-split (O/L, log2 L + m) into bf16 out [R, N, 512] and natural lse [R, N] (spec §4.3)."""
-    m_rn = jnp.max(lse2_rsn, axis=1)
-    m_rn = jnp.where(jnp.isfinite(m_rn), m_rn, 0.0)
-    w_rsn = jnp.exp2(lse2_rsn - m_rn[:, None])  # an empty split has lse2 = -inf: weight 0
-    total_rn = w_rsn.sum(axis=1)
-    nonempty = total_rn > 0.0
-    g_rn = jnp.log2(jnp.where(nonempty, total_rn, 1.0)) + m_rn
-    o_rnd = jnp.einsum("rsn,rsnd->rnd", w_rsn, o_rsnd, precision=lax.Precision.HIGHEST)
-    o_rnd = o_rnd / jnp.where(nonempty, total_rn, 1.0)[..., None]
-    sink_rn = 1.0 / (1.0 + jnp.exp2(sink_n * LOG2E - g_rn))  # sink +inf -> 0, -inf -> 1
-    out = jnp.where(nonempty[..., None], o_rnd * sink_rn[..., None], 0.0).astype(jnp.bfloat16)
-    return out, jnp.where(nonempty, g_rn * LN2, jnp.inf)
+def combine_splits(o_tznh, lse2_tzn, sink_n):
+    """Merges per-split (O/L, log2 L + m) into bf16 out [t, n, 512] and natural lse [t, n] (spec §4.3)."""
+    m_tn = jnp.max(lse2_tzn, axis=1)
+    m_tn = jnp.where(jnp.isfinite(m_tn), m_tn, 0.0)
+    w_tzn = jnp.exp2(lse2_tzn - m_tn[:, None])  # an empty split has lse2 = -inf: weight 0
+    total_tn = w_tzn.sum(axis=1)
+    nonempty = total_tn > 0.0
+    lse2_tn = jnp.log2(jnp.where(nonempty, total_tn, 1.0)) + m_tn
+    o_tnh = jnp.einsum("tzn,tznh->tnh", w_tzn, o_tznh, precision=lax.Precision.HIGHEST)
+    o_tnh = o_tnh / jnp.where(nonempty, total_tn, 1.0)[..., None]
+    sink_tn = 1.0 / (1.0 + jnp.exp2(sink_n * LOG2E - lse2_tn))  # sink +inf -> 0, -inf -> 1
+    out = jnp.where(nonempty[..., None], o_tnh * sink_tn[..., None], 0.0).astype(jnp.bfloat16)
+    return out, jnp.where(nonempty, lse2_tn * LN2, jnp.inf)
 
 
-def _pad_tiles(idx_rk):
-    pad = -idx_rk.shape[-1] % BLOCK_T
-    return jnp.pad(idx_rk, ((0, 0), (0, pad)), constant_values=-1) if pad else idx_rk
+def _pad_tiles(idx_tk):
+    pad = -idx_tk.shape[-1] % BLOCK_T
+    return jnp.pad(idx_tk, ((0, 0), (0, pad)), constant_values=-1) if pad else idx_tk
 
 
-def _as_words(cache_pc):
-    num_blocks, nbytes = cache_pc.shape
-    return lax.bitcast_convert_type(cache_pc.reshape(num_blocks, nbytes // 2, 2), jnp.uint16)
+def _as_words(cache_uy):
+    num_blocks, nbytes = cache_uy.shape
+    return lax.bitcast_convert_type(cache_uy.reshape(num_blocks, nbytes // 2, 2), jnp.uint16)
 
 
 def _row_lengths(length_b, s_q, topk, b):
@@ -219,46 +223,46 @@ def num_sms() -> int:
     return getattr(dev, "core_count", 132) if dev.platform == "gpu" else 132
 
 
-def sparse_mla_decode_triton(q_btnd, kv_cache, idx_btk, *, layout: Fp8Layout, page_size: int,
+def sparse_mla_decode_triton(q_btnh, kv_cache, idx_btk, *, kv_format: Fp8Format, page_size: int,
                              topk_length_b=None, extra_kv_cache=None, extra_idx_btk=None, extra_page_size=None,
                              extra_topk_length_b=None, attn_sink_n=None, softmax_scale: float,
                              num_splits: int | None = None, num_warps: int = 8, num_stages: int = 2,
                              interpret: bool = False):
-    """The kernel path of `sparse_mla_decode` on already validated inputs; returns (out bf16, lse [b, N, s_q])."""
-    b, s_q, h_q, d_qk = q_btnd.shape
+    """The kernel path of `sparse_mla_decode` on already validated inputs; returns (out bf16, lse [b, n, s_q])."""
+    b, s_q, h_q, d_qk = q_btnh.shape
     rows, block_h = b * s_q, min(h_q, 64)
     head_blocks = h_q // block_h
-    idx_rk = _pad_tiles(idx_btk.reshape(rows, -1).astype(jnp.int32))
-    main = Scope(page_size, kv_cache.shape[0], idx_rk.shape[1] // BLOCK_T)
+    idx_tk = _pad_tiles(idx_btk.reshape(rows, -1).astype(jnp.int32))
+    main = Scope(page_size, kv_cache.shape[0], idx_tk.shape[1] // BLOCK_T)
     extra = None
     if extra_kv_cache is not None:
-        xidx_rk = _pad_tiles(extra_idx_btk.reshape(rows, -1).astype(jnp.int32))
-        extra = Scope(extra_page_size, extra_kv_cache.shape[0], xidx_rk.shape[1] // BLOCK_T)
+        xidx_tk = _pad_tiles(extra_idx_btk.reshape(rows, -1).astype(jnp.int32))
+        extra = Scope(extra_page_size, extra_kv_cache.shape[0], xidx_tk.shape[1] // BLOCK_T)
     if num_splits is None:
         work = main.num_tiles + (extra.num_tiles if extra else 0)
         num_splits = choose_num_splits(rows, head_blocks, work, num_sms())
 
-    q_rnd = q_btnd.reshape(rows, h_q, d_qk).astype(jnp.bfloat16)
+    q_tnh = q_btnh.reshape(rows, h_q, d_qk).astype(jnp.bfloat16)
     sink_n = (jnp.full((h_q,), -jnp.inf, jnp.float32) if attn_sink_n is None
               else attn_sink_n.astype(jnp.float32))
     whole = lambda x: pl.BlockSpec(x.shape, lambda r, s, h: (0,) * x.ndim)  # noqa: E731
     per_row = lambda x: pl.BlockSpec((None, x.shape[1]), lambda r, s, h: (r, 0))  # noqa: E731
     heads = lambda d: pl.BlockSpec((None, block_h, d), lambda r, s, h: (r, h, 0))  # noqa: E731
 
-    length_r = _row_lengths(topk_length_b, s_q, idx_btk.shape[-1], b)
-    args = [length_r, sink_n, q_rnd[..., :D_V]]
-    specs = [whole(length_r), pl.BlockSpec((block_h,), lambda r, s, h: (h,)), heads(D_V)]
-    if layout.d_nope == D_V:
-        args.append(q_rnd[..., D_V:])
+    length_t = _row_lengths(topk_length_b, s_q, idx_btk.shape[-1], b)
+    args = [length_t, sink_n, q_tnh[..., :D_V]]
+    specs = [whole(length_t), pl.BlockSpec((block_h,), lambda r, s, h: (h,)), heads(D_V)]
+    if kv_format.d_nope == D_V:
+        args.append(q_tnh[..., D_V:])
         specs.append(heads(d_qk - D_V))
     cache_w = _as_words(kv_cache)
-    args += [idx_rk, cache_w]
-    specs += [per_row(idx_rk), whole(cache_w)]
+    args += [idx_tk, cache_w]
+    specs += [per_row(idx_tk), whole(cache_w)]
     if extra:
-        xlength_r = _row_lengths(extra_topk_length_b, s_q, extra_idx_btk.shape[-1], b)
+        xlength_t = _row_lengths(extra_topk_length_b, s_q, extra_idx_btk.shape[-1], b)
         xcache_w = _as_words(extra_kv_cache)
-        args += [xlength_r, xidx_rk, xcache_w]
-        specs += [whole(xlength_r), per_row(xidx_rk), whole(xcache_w)]
+        args += [xlength_t, xidx_tk, xcache_w]
+        specs += [whole(xlength_t), per_row(xidx_tk), whole(xcache_w)]
 
     if num_splits == 1:
         out_shape = [jax.ShapeDtypeStruct((rows, h_q, D_V), jnp.bfloat16),
@@ -270,11 +274,11 @@ def sparse_mla_decode_triton(q_btnd, kv_cache, idx_btk, *, layout: Fp8Layout, pa
         out_specs = [pl.BlockSpec((None, None, block_h, D_V), lambda r, s, h: (r, s, h, 0)),
                      pl.BlockSpec((None, None, block_h), lambda r, s, h: (r, s, h))]
 
-    kernel = functools.partial(_decode_kernel, layout=layout, main=main, extra=extra, num_splits=num_splits,
+    kernel = functools.partial(_decode_kernel, kv_format=kv_format, main=main, extra=extra, num_splits=num_splits,
                                block_h=block_h, logit_scale=softmax_scale * LOG2E)
     res = pl.pallas_call(
         kernel, grid=(rows, num_splits, head_blocks), in_specs=specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret, name=f"sparse_mla_decode_{layout.name}")(*args)
-    out_rnd, lse_rn = res if num_splits == 1 else combine_splits(*res, sink_n)
-    return out_rnd.reshape(b, s_q, h_q, D_V), lse_rn.reshape(b, s_q, h_q).transpose(0, 2, 1)
+        interpret=interpret, name=f"sparse_mla_decode_{kv_format.name}")(*args)
+    out_tnh, lse_tn = res if num_splits == 1 else combine_splits(*res, sink_n)
+    return out_tnh.reshape(b, s_q, h_q, D_V), lse_tn.reshape(b, s_q, h_q).transpose(0, 2, 1)

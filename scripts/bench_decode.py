@@ -45,9 +45,10 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import model1_jax as m1  # noqa: E402
 import pallas_kernels as pk  # noqa: E402
-from model1_jax import distributed  # noqa: E402
-from model1_jax import sharding as sh  # noqa: E402
-from model1_jax.summary import parameter_counts  # noqa: E402
+from model1_jax import cli  # noqa: E402
+from model1_jax import parallel as sh  # noqa: E402
+from model1_jax.model.summary import parameter_counts  # noqa: E402
+from model1_jax.parallel import distributed  # noqa: E402
 from pallas_kernels.roofline import gpu_peak  # noqa: E402
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -145,10 +146,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-hf", action="store_true", help="skip transformers' side-by-side run")
     p.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR)
     p.add_argument("--smoke", action="store_true", help="CPU self-test at tiny sizes; not a measurement")
-    sh.add_arguments(p)
+    cli.add_sharding_arguments(p)
     ns = p.parse_args(argv)
     distributed.initialize()  # multi-host: every host runs this script
-    layout = sh.layout_from_args(ns)
+    layout = cli.layout_from_args(ns)
     if ns.smoke and ns.out == RESULTS_DIR:
         p.error("--smoke results are not measurements: pass --out DIR outside benchmarks/results")
     if not ns.smoke and jax.default_backend() != "gpu":

@@ -28,12 +28,12 @@ import sys
 import time
 
 import jax
-import jaxlib
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from pallas_kernels import cache_bytes, get_layout, quantize_kv, sparse_mla_decode  # noqa: E402
+from pallas_kernels import cache_bytes, get_format, quantize_kv, sparse_mla_decode  # noqa: E402
 from pallas_kernels.compare import decode_report  # noqa: E402
 from pallas_kernels.roofline import decode_flop_and_bytes, gpu_peak, roofline_seconds  # noqa: E402
 from pallas_kernels.triton_decode import BLOCK_T, choose_num_splits, num_sms  # noqa: E402
@@ -51,7 +51,7 @@ class ScopeSpec:
 @dataclasses.dataclass(frozen=True)
 class Config:
     h_q: int
-    layout: str
+    kv_format: str
     main: ScopeSpec
     extra: ScopeSpec | None = None
     varlen_extra: bool = False  # extra_topk_length ~ U{0..extra topk} per request
@@ -69,21 +69,21 @@ S_Q = 2
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _random_blocks(key, num_blocks, page, layout):
-    d_qk = get_layout(layout).d_qk
+def _random_blocks(key, num_blocks, page, kv_format):
+    d_qk = get_format(kv_format).d_qk
     k = (jax.random.normal(key, (num_blocks, page, d_qk), jnp.float32) / 10).clip(-1, 1).astype(jnp.bfloat16)
-    return quantize_kv(k, layout)
+    return quantize_kv(k, kv_format)
 
 
-def random_cache(key, num_blocks: int, page: int, layout: str, chunk_tokens: int = 1 << 18):
+def random_cache(key, num_blocks: int, page: int, kv_format: str, chunk_tokens: int = 1 << 18):
     """A quantized cache of N(0, 1)/10 keys, built in chunks to bound the bf16/fp32 temporaries."""
     per = max(1, chunk_tokens // page)
-    parts = [_random_blocks(jax.random.fold_in(key, i), min(per, num_blocks - start), page, layout)
+    parts = [_random_blocks(jax.random.fold_in(key, i), min(per, num_blocks - start), page, kv_format)
              for i, start in enumerate(range(0, num_blocks, per))]
     return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
-def make_scope(key, b: int, spec: ScopeSpec, layout: str):
+def make_scope(key, b: int, spec: ScopeSpec, kv_format: str):
     """FlashMLA-style scope: each request owns s_k tokens in randomly placed blocks; each query row picks topk
     distinct positions. Returns (cache, indices [b, s_q, topk])."""
     k_table, k_pos, k_cache = jax.random.split(key, 3)
@@ -91,18 +91,18 @@ def make_scope(key, b: int, spec: ScopeSpec, layout: str):
     table = jax.random.permutation(k_table, b * blocks_per_req).reshape(b, blocks_per_req)
     pos = jax.lax.top_k(jax.random.uniform(k_pos, (b, S_Q, spec.s_k)), spec.topk)[1]
     idx = table[jnp.arange(b)[:, None, None], pos // spec.page] * spec.page + pos % spec.page
-    return random_cache(k_cache, b * blocks_per_req, spec.page, layout), idx.astype(jnp.int32)
+    return random_cache(k_cache, b * blocks_per_req, spec.page, kv_format), idx.astype(jnp.int32)
 
 
 def make_inputs(cfg: Config, b: int, seed: int) -> dict:
     key = jax.random.key(seed)
     k_q, k_main, k_extra, k_len, k_sink, k_flip = jax.random.split(key, 6)
-    d_qk = get_layout(cfg.layout).d_qk
+    d_qk = get_format(cfg.kv_format).d_qk
     q = jax.random.normal(k_q, (b, S_Q, cfg.h_q, d_qk)).clip(-1, 1).astype(jnp.bfloat16)
-    cache, idx = make_scope(k_main, b, cfg.main, cfg.layout)
+    cache, idx = make_scope(k_main, b, cfg.main, cfg.kv_format)
     args = dict(q=q, kv_cache=cache, indices=idx, page_size=cfg.main.page)
     if cfg.extra:
-        xcache, xidx = make_scope(k_extra, b, cfg.extra, cfg.layout)
+        xcache, xidx = make_scope(k_extra, b, cfg.extra, cfg.kv_format)
         args.update(extra_kv_cache=xcache, extra_indices=xidx, extra_page_size=cfg.extra.page)
         if cfg.varlen_extra:
             args["extra_topk_length"] = jax.random.randint(k_len, (b,), 0, cfg.extra.topk + 1, jnp.int32)
@@ -128,21 +128,21 @@ def run_case(name: str, cfg: Config, b: int, args_ns) -> dict:
     if cfg.extra:
         scopes.append((np.asarray(args["extra_indices"]), np.asarray(args.get("extra_topk_length"))
                        if cfg.varlen_extra else None))
-    d_qk = get_layout(cfg.layout).d_qk
+    d_qk = get_format(cfg.kv_format).d_qk
     flop, nbytes = decode_flop_and_bytes(cfg.h_q, d_qk, scopes)
     peak = None if args_ns.smoke else gpu_peak(jax.devices()[0].device_kind)
     work_tiles = sum(-(-s.topk // BLOCK_T) for s in [cfg.main, cfg.extra] if s)
-    record = dict(config=name, b=b, s_q=S_Q, h_q=cfg.h_q, d_qk=d_qk, layout=cfg.layout,
+    record = dict(config=name, b=b, s_q=S_Q, h_q=cfg.h_q, d_qk=d_qk, kv_format=cfg.kv_format,
                   main=dataclasses.asdict(cfg.main), extra=cfg.extra and dataclasses.asdict(cfg.extra),
                   varlen_extra=cfg.varlen_extra, gflop=flop / 1e9, mbytes=nbytes / 1e6,
-                  cache_mbytes=sum(cache_bytes(args[k].shape[0], args[p], cfg.layout)
+                  cache_mbytes=sum(cache_bytes(args[k].shape[0], args[p], cfg.kv_format)
                                    for k, p in [("kv_cache", "page_size"), ("extra_kv_cache", "extra_page_size")]
                                    if k in args) / 1e6,
                   num_splits=choose_num_splits(b * S_Q, max(cfg.h_q // 64, 1), work_tiles, num_sms()),
                   roofline_us=peak and roofline_seconds(flop, nbytes, peak) * 1e6)
     outputs = {}
     for backend in ["pallas", "xla"]:
-        fn = jax.jit(functools.partial(sparse_mla_decode, layout=cfg.layout, backend=backend,
+        fn = jax.jit(functools.partial(sparse_mla_decode, kv_format=cfg.kv_format, backend=backend,
                                        interpret=args_ns.smoke and backend == "pallas"),
                      static_argnames=("page_size", "extra_page_size"))
         try:

@@ -17,8 +17,8 @@ import sys
 
 import jax.numpy as jnp
 
-from model1_jax import convert
-from model1_jax.loading import CheckpointError, plan_checkpoint
+from model1_jax.io import convert
+from model1_jax.io.hf import CheckpointError, plan_checkpoint
 
 WEIGHTS = {"bf16": (jnp.bfloat16, False), "fp32": (jnp.float32, False), "fp8": (None, True)}
 
@@ -80,7 +80,7 @@ def main() -> int:
 
     try:
         if args.dry_run:
-            plan = plan_checkpoint(args.source, dtype=dtype)
+            plan = plan_checkpoint(args.source, dtype=dtype, keep_quantized=quantized)
             mem = convert.memory_plan(plan, quantized=quantized, budget_bytes=budget)
             print(convert.describe(plan, mem, quantized=quantized))
             print("dry run: checkpoint is valid; nothing written")

@@ -26,24 +26,22 @@ import jax.numpy as jnp
 from flax import nnx
 
 import model1_jax as m1
-from model1_jax import checkpoint, sharding
-from model1_jax import data as mdata
-from model1_jax.balance import BalanceConfig
-from model1_jax.finetune import TrainCheckpointer, fit, tokens_per_second
-from model1_jax.lora import PRESETS, LoRAConfig, apply_lora, find_targets, merge_lora, save_adapters
-from model1_jax.optim import OPTIMIZERS, OptimizerConfig
-from model1_jax.summary import human
-from model1_jax.training import TrainConfig, Trainer
+from model1_jax import cli, parallel
+from model1_jax.common import human_count
+from model1_jax.io.pretrained import read_config
+from model1_jax.parallel import distributed
+from model1_jax.text.tokenizers import load_tokenizer
+from model1_jax.train import data as mdata
+from model1_jax.train.balance import BalanceConfig
+from model1_jax.train.loop import TrainCheckpointer, fit, tokens_per_second
+from model1_jax.train.lora import PRESETS, LoRAConfig, apply_lora, find_targets, merge_lora, save_adapters
+from model1_jax.train.optim import OPTIMIZERS, OptimizerConfig
+from model1_jax.train.trainer import TrainConfig, Trainer
 
 
 def default_config() -> m1.Config:
     """`Config.tiny()`: every attention and MLP type at toy width, byte vocabulary."""
     return m1.Config.tiny()
-
-
-def read_config(path: str) -> m1.Config:
-    """The config of an Orbax checkpoint (`m1.save`) or of an HF-format directory."""
-    return checkpoint.read_config(path) if checkpoint.is_checkpoint(path) else m1.Config.from_hf(path)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -91,20 +89,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--no-export", action="store_true",
                    help="skip saving the final model (m1.save format, LoRA merged) to CHECKPOINT_DIR/model")
-    sharding.add_arguments(p)  # --mesh/--layout: e.g. --mesh data=8 --layout data_parallel, or --layout fsdp
+    cli.add_sharding_arguments(p)  # --mesh/--layout: e.g. --mesh data=8 --layout data_parallel, or --layout fsdp
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
+    args = parse_args(argv)
+    distributed.initialize()  # multi-host: every host runs this script (see the README)
     try:
-        run(parse_args(argv))
+        run(args)
     except (ValueError, FileNotFoundError) as e:  # configuration and data errors: the message says it all
         sys.exit(f"finetune.py: error: {e}")
 
 
 def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
     """The whole run; returns the trainer (final state) and the logged loss curve."""
-    layout = sharding.layout_from_args(args)
+    layout = cli.layout_from_args(args)
+    if jax.process_count() > 1 and not args.no_export:  # refused now, not after the whole run
+        raise ValueError(f"the final export (m1.save, LoRA adapters) writes from one process and this run has "
+                         f"{jax.process_count()}: pass --no-export (the training checkpoints in --checkpoint-dir are "
+                         "written by every process and resume exactly)")
     on_gpu = jax.default_backend() == "gpu"
     dtype = jnp.dtype(args.dtype or ("bfloat16" if on_gpu else "float32"))
     # Every argument is checked before any model is built.
@@ -131,7 +135,7 @@ def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
                          "--checkpoint-dir")
     if lora:  # targets are checked on the abstract model, before any data is read or weight built
         find_targets(nnx.eval_shape(lambda: m1.Model1(config, rngs=nnx.Rngs(0))), lora.targets)
-    tokenizer = mdata.HFTokenizer(args.tokenizer) if args.tokenizer else mdata.ByteTokenizer()
+    tokenizer = load_tokenizer(args.tokenizer)
     files = args.data or mdata.default_corpus()
     eos = config.eos_token_ids[0] if config.eos_token_ids else None
     t0 = time.perf_counter()
@@ -144,15 +148,15 @@ def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
     if lora:
         paths = apply_lora(model, lora, rngs=nnx.Rngs(args.seed + 1))
         if layout is not None:
-            sharding.shard(model, layout)  # the new adapters follow their kernels' shardings
+            parallel.shard(model, layout)  # the new adapters follow their kernels' shardings
         print(f"lora    rank {lora.rank}, alpha {lora.alpha} on {len(paths)} projections ({', '.join(lora.targets)})")
     trainer = Trainer(model, optimizer, train_config, lora=lora is not None)
     del model  # the trainer holds its own copy of what trains
     n_train = sum(x.size for x in jax.tree.leaves(trainer.state.params))
     print(f"model   {where}: {config.num_hidden_layers} layers {list(config.layer_types)}, hidden "
-          f"{config.hidden_size}, {config.n_routed_experts} experts; {human(n_train)} trainable parameters, "
+          f"{config.hidden_size}, {config.n_routed_experts} experts; {human_count(n_train)} trainable parameters, "
           f"compute {dtype.name}, {args.optimizer}"
-          + ("" if layout is None else f"; mesh {sharding.describe(layout.mesh)}, layout {args.layout}"))
+          + ("" if layout is None else f"; mesh {parallel.describe(layout.mesh)}, layout {args.layout}"))
 
     batches = mdata.Batches(dataset, args.batch_size, args.accum_steps, seed=args.seed)
     checkpointer = TrainCheckpointer(train_dir, every=args.checkpoint_every)
@@ -180,12 +184,8 @@ def build_model(args: argparse.Namespace, config: m1.Config, dtype, layout, *, q
 
     A LoRA base may stay FP8/FP4 (dequantized on the fly); full fine-tuning needs dense weights."""
     if args.model:
-        if layout is not None and checkpoint.is_checkpoint(args.model):
-            return sharding.load(args.model, layout, dtype=dtype), args.model  # straight into the shards
-        model = m1.from_pretrained(args.model, dtype=dtype, quantized=quantized)
-        return (model if layout is None else sharding.shard(model, layout)), args.model
-    make = lambda: m1.Model1(config, rngs=nnx.Rngs(args.seed), dtype=dtype)  # noqa: E731
-    return (make() if layout is None else sharding.create(make, layout)), f"random init (seed {args.seed})"
+        return cli.load_model(args.model, dtype=dtype, layout=layout, quantized=quantized), args.model
+    return cli.random_model(config, seed=args.seed, dtype=dtype, layout=layout), f"random init (seed {args.seed})"
 
 
 def export(trainer: Trainer, lora: LoRAConfig | None, tokenizer, directory: str, skip_model: bool) -> None:

@@ -16,9 +16,11 @@ import numpy as np
 from flax import nnx
 
 import model1_jax as m1
-from model1_jax import distributed
-from model1_jax import sharding as sh
-from model1_jax.summary import human, parameter_bytes, parameter_counts
+from model1_jax import cli
+from model1_jax import parallel as sh
+from model1_jax.common import human_bytes, human_count
+from model1_jax.model.summary import parameter_bytes, parameter_counts
+from model1_jax.parallel import distributed
 
 
 def main() -> None:
@@ -28,13 +30,13 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    sh.add_arguments(parser)
+    cli.add_sharding_arguments(parser)
     args = parser.parse_args()
     if args.batch < 1 or args.seq_len < 1:
         parser.error("--batch and --seq-len must be positive")
     dtype = jnp.dtype(args.dtype)
     distributed.initialize()
-    layout = sh.layout_from_args(args)
+    layout = cli.layout_from_args(args)
 
     t0 = time.perf_counter()
     if args.model:
@@ -69,9 +71,9 @@ def main() -> None:
           f"{cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok} + 1 shared, {cfg.hc_mult} mHC streams, "
           f"window {cfg.sliding_window}, index top-{cfg.index_topk}")
     counts = parameter_counts(model)
-    print(f"params  {human(sum(counts.values()))} ({human(parameter_bytes(model), 'B')} in memory)")
+    print(f"params  {human_count(sum(counts.values()))} ({human_bytes(parameter_bytes(model))} in memory)")
     for group, n in counts.items():
-        print(f"        {group:<28} {human(n):>8}")
+        print(f"        {group:<28} {human_count(n):>8}")
 
     ids = np.random.default_rng(args.seed).integers(0, cfg.vocab_size, (args.batch, args.seq_len), dtype=np.int32)
     if layout is not None:

@@ -12,7 +12,6 @@ bytes and speed are real.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 import time
@@ -23,30 +22,12 @@ import numpy as np
 from flax import nnx
 
 import model1_jax as m1
-from model1_jax import distributed, sharded_decode
-from model1_jax import sharding as sh
-from model1_jax.summary import human, parameter_counts
-
-# MODEL1's attention geometry (head_dim 512 = 448 FP8 + 64 RoPE dims, window 128, CSA m=4 with a
-# lightning indexer, HCA m'=128, mHC with 4 streams, MoE, an MTP block) at a width a CPU runs in seconds.
-DEMO = m1.Config(
-    vocab_size=1024, hidden_size=256, moe_intermediate_size=128, num_hidden_layers=3, num_attention_heads=16,
-    head_dim=512, qk_rope_head_dim=64, q_lora_rank=128, num_experts_per_tok=2, n_routed_experts=8,
-    max_position_embeddings=65536, layer_types=(m1.SLIDING, m1.CSA, m1.HCA),
-    mlp_layer_types=(m1.HASH_MOE, m1.MOE, m1.MOE),
-    rope_scaling=m1.RopeScaling(factor=16.0, original_max_position_embeddings=4096),
-    o_groups=2, o_lora_rank=64, index_n_heads=4, index_head_dim=128, index_topk=16)
-
-
-def load_model(path: str, dtype, layout: sh.Layout | None) -> m1.Model1:
-    """An HF-format directory (config.json + safetensors) or an Orbax checkpoint (`m1.save`, the converter,
-    scripts/finetune.py), read straight into its shards under a layout."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"--model {path}: no such directory")
-    if os.path.isfile(os.path.join(path, "config.json")) and glob.glob(os.path.join(path, "*.safetensors")):
-        model = m1.from_pretrained(path, dtype=dtype)
-        return model if layout is None else sh.shard(model, layout)
-    return m1.load(path, dtype=dtype) if layout is None else sh.load(path, layout, dtype=dtype)
+from model1_jax import cli
+from model1_jax import parallel as sh
+from model1_jax.common import human_count
+from model1_jax.inference import sharded as sharded_decode
+from model1_jax.model.summary import parameter_counts
+from model1_jax.parallel import distributed
 
 
 def main() -> None:
@@ -65,13 +46,12 @@ def main() -> None:
     p.add_argument("--stop", type=lambda s: [int(x) for x in s.split(",") if x], default=None,
                    help="comma-separated stop token ids (default: the config's eos; '' for none)")
     p.add_argument("--mtp", action="store_true", help="MTP speculative decoding (draft 1 token, verify 2)")
-    p.add_argument("--cache-dtype", choices=m1.CACHE_DTYPES, default=None,
-                   help="KV cache: fp8 (FlashMLA MODEL1 layout; default when head_dim is 512) or bf16/float32")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument("--chunk", type=int, default=64, help="prefill tokens per sequence per call")
     p.add_argument("--budget-gb", type=float, help="also print the longest max_len whose cache fits this many GiB")
     p.add_argument("--no-progress", action="store_true")
-    sh.add_arguments(p)
+    cli.add_decode_arguments(p)
+    cli.add_sharding_arguments(p)
     args = p.parse_args()
     if args.batch < 1 or args.prompt_len < 1:
         p.error("--batch and --prompt-len must be positive")
@@ -79,14 +59,14 @@ def main() -> None:
     distributed.initialize()  # multi-host: every host runs this script (see the README)
     if not distributed.is_main_process():
         sys.stdout = open(os.devnull, "w")  # one host reports
-    layout = sh.layout_from_args(args)
+    layout = cli.layout_from_args(args)
 
     t0 = time.perf_counter()
     tokenizer = None
     if args.model:
         try:
-            model = load_model(args.model, dtype, layout)
-        except (ValueError, FileNotFoundError) as e:  # a bad checkpoint, or a layout that does not divide it
+            model = cli.load_model(args.model, dtype=dtype, layout=layout)
+        except ValueError as e:  # a bad checkpoint, or a layout that does not divide it
             sys.exit(f"error: {e}")
         tok_path = os.path.join(args.model, "tokenizer.json")
         if os.path.isfile(tok_path):
@@ -97,7 +77,8 @@ def main() -> None:
         # The "rbg" generator: eager init compiles one small kernel per parameter shape, and threefry's
         # kernels take XLA:CPU tens of seconds in total; rbg's take a few.
         def make():
-            return m1.Model1(DEMO, rngs=nnx.Rngs(jax.random.key(args.seed, impl="rbg")), dtype=dtype, param_dtype=dtype)
+            rngs = nnx.Rngs(jax.random.key(args.seed, impl="rbg"))
+            return m1.Model1(m1.Config.demo(), rngs=rngs, dtype=dtype, param_dtype=dtype)
 
         try:
             model = make() if layout is None else sh.create(make, layout)  # sharded: never whole on one device
@@ -111,7 +92,7 @@ def main() -> None:
              m1.HCA: f"HCA(m={cfg.compress_rate_hca})"}
     print(f"        {cfg.num_hidden_layers} layers ({', '.join(kinds[t] for t in cfg.layer_types)}"
           f"{' + MTP' if model.mtp is not None else ''}), hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads x "
-          f"{cfg.head_dim}, {human(sum(parameter_counts(model).values()))} params; init {init_s:.1f} s on "
+          f"{cfg.head_dim}, {human_count(sum(parameter_counts(model).values()))} params; init {init_s:.1f} s on "
           f"{jax.devices()[0].platform}")
 
     prompts: list[list[int]] = []
@@ -125,20 +106,20 @@ def main() -> None:
         rng = np.random.default_rng(args.seed)
         lengths = [max(1, args.prompt_len - 17 * i) for i in range(args.batch)]
         prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in lengths]
-    cache_dtype = args.cache_dtype or ("fp8" if (cfg.head_dim, cfg.qk_rope_head_dim) == (512, 64) else "bf16")
 
     try:
         if layout is not None:  # the decode state generate() will allocate, planned per device first
             spec = m1.make_spec(cfg, max_batch=len(prompts), max_len=args.max_len or max(map(len, prompts))
-                                + args.max_new_tokens, cache_dtype=cache_dtype, chunk=args.chunk, dtype=dtype,
-                                mtp=args.mtp)
+                                + args.max_new_tokens, cache_dtype=args.cache_dtype, chunk=args.chunk, dtype=dtype,
+                                mtp=args.mtp, attention_backend=args.attention_backend)
             plan = sharded_decode.state_plan(layout, cfg, spec)
             print(f"mesh    {sh.describe(layout.mesh)}, layout {args.layout}")
             print(distributed.memory_report({"params": nnx.state(model), "decode state": plan}))
             distributed.check_fits({"decode state": plan})  # the parameters are already in place
         gen = m1.generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, stop_tokens=args.stop, cache_dtype=cache_dtype,
-                          mtp=args.mtp, max_len=args.max_len, chunk=args.chunk, progress=not args.no_progress)
+                          top_p=args.top_p, seed=args.seed, stop_tokens=args.stop, cache_dtype=args.cache_dtype,
+                          mtp=args.mtp, max_len=args.max_len, chunk=args.chunk, progress=not args.no_progress,
+                          attention_backend=args.attention_backend)
     except (ValueError, MemoryError) as e:
         sys.exit(f"error: {e}")
     s = gen.stats
@@ -149,7 +130,7 @@ def main() -> None:
     print(m1.memory_report(cfg, s.cache_spec))
     if args.budget_gb:
         longest = m1.max_len_for_budget(cfg, int(args.budget_gb * 2**30), max_batch=len(prompts),
-                                        cache_dtype=cache_dtype, chunk=args.chunk, dtype=dtype, mtp=args.mtp)
+                                        cache_dtype=args.cache_dtype, chunk=args.chunk, dtype=dtype, mtp=args.mtp)
         print(f"budget  {args.budget_gb:g} GiB of cache holds {len(prompts)} sequences of up to {longest:,} tokens")
     print(f"compile {s.compile_s:.1f} s (tracing + XLA, all steps)")
     print(f"prefill {s.prompt_tokens} tokens in {s.prefill_s * 1e3:.0f} ms: {s.prefill_tokens_per_s:,.0f} tokens/s")

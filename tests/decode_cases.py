@@ -26,7 +26,7 @@ class Scope:
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    layout: str
+    kv_format: str
     b: int
     s_q: int
     h_q: int
@@ -44,7 +44,7 @@ class Case:
         x = f"+x{self.extra.topk}/{self.extra.page}" if self.extra else ""
         flags = "".join(c for c, on in [("L", self.topk_length), ("X", self.extra_topk_length), ("S", self.sink),
                                         ("I", self.all_invalid), ("Z", self.zero_len), ("D", self.duplicates)] if on)
-        return (f"{self.layout}-b{self.b}-t{self.s_q}-h{self.h_q}-k{self.main.topk}/{self.main.page}{x}-{flags}"
+        return (f"{self.kv_format}-b{self.b}-t{self.s_q}-h{self.h_q}-k{self.main.topk}/{self.main.page}{x}-{flags}"
                 f"-s{self.seed}")
 
 
@@ -79,26 +79,26 @@ def _scope_inputs(rng, case: Case, scope: Scope, use_length: bool, d_qk: int):
     return keys, idx.astype(np.int32), length
 
 
-def _poison_and_quantize(keys, idx, length, layout, page):
+def _poison_and_quantize(keys, idx, length, kv_format, page):
     valid = oracle.valid_positions(idx, length, keys.shape[0] * page)
     used = np.zeros(keys.shape[0] * page, bool)
     used[idx[valid]] = True
     keys = keys.reshape(-1, keys.shape[-1]).copy()
     keys[~used] = np.nan
-    return oracle.quantize(keys.reshape(-1, page, keys.shape[-1]), layout, fill=0xFF)
+    return oracle.quantize(keys.reshape(-1, page, keys.shape[-1]), kv_format, fill=0xFF)
 
 
 def make_inputs(case: Case) -> dict:
     """Numpy arguments of `sparse_mla_decode` (keyword names of the public API) plus `softmax_scale`."""
     rng = np.random.default_rng(zlib.crc32(str(case).encode()))
-    d_qk = oracle.FACTS[case.layout][0]
+    d_qk = oracle.FACTS[case.kv_format][0]
     q = rng.standard_normal((case.b, case.s_q, case.h_q, d_qk)).clip(-1, 1).astype(oracle.BF16)
     keys, idx, length = _scope_inputs(rng, case, case.main, case.topk_length, d_qk)
-    args = dict(q=q, kv_cache=_poison_and_quantize(keys, idx, length, case.layout, case.main.page), indices=idx,
+    args = dict(q=q, kv_cache=_poison_and_quantize(keys, idx, length, case.kv_format, case.main.page), indices=idx,
                 page_size=case.main.page, topk_length=length, softmax_scale=d_qk ** -0.55)
     if case.extra:
         xkeys, xidx, xlength = _scope_inputs(rng, case, case.extra, case.extra_topk_length, d_qk)
-        args.update(extra_kv_cache=_poison_and_quantize(xkeys, xidx, xlength, case.layout, case.extra.page),
+        args.update(extra_kv_cache=_poison_and_quantize(xkeys, xidx, xlength, case.kv_format, case.extra.page),
                     extra_indices=xidx, extra_page_size=case.extra.page, extra_topk_length=xlength)
     if case.sink:
         sink = rng.standard_normal(case.h_q).astype(np.float32)
@@ -114,5 +114,5 @@ def oracle_decode(case: Case, args: dict):
     if case.extra:
         scopes.append((args["extra_kv_cache"], args["extra_indices"], args["extra_page_size"],
                        args["extra_topk_length"]))
-    return oracle.sparse_decode(args["q"], scopes, layout=case.layout, attn_sink=args.get("attn_sink"),
+    return oracle.sparse_decode(args["q"], scopes, kv_format=case.kv_format, attn_sink=args.get("attn_sink"),
                                 softmax_scale=args["softmax_scale"])

@@ -21,24 +21,24 @@ FP8 = ml_dtypes.float8_e4m3fn
 FACTS = {"model1": (512, 448, 64), "v32": (576, 512, 128)}
 
 
-def block_stride(layout: str, page: int) -> int:
-    if layout == "model1":
+def block_stride(kv_format: str, page: int) -> int:
+    if kv_format == "model1":
         return math.ceil(584 * page / 576) * 576
     return 656 * page
 
 
-def token_offsets(layout: str, page: int, g):
+def token_offsets(kv_format: str, page: int, g):
     """(NoPE byte offset, scale byte offset, RoPE byte offset) of slot g inside its block (spec §1.2 tables)."""
-    if layout == "model1":
+    if kv_format == "model1":
         return 576 * g, 576 * page + 8 * g, 576 * g + 448
     return 656 * g, 656 * g + 512, 656 * g + 528
 
 
-def quantize(k_pgd: np.ndarray, layout: str, fill: int = 0) -> np.ndarray:
+def quantize(k_ush: np.ndarray, kv_format: str, fill: int = 0) -> np.ndarray:
     """Spec §1.3 on bf16 keys `[P, G, d_qk]` -> uint8 `[P, S]`; bytes of no token are set to `fill`."""
-    d_qk, d_nope, tile = FACTS[layout]
-    num_blocks, page, _ = k_pgd.shape
-    x = np.asarray(k_pgd).astype(BF16).astype(np.float32)
+    d_qk, d_nope, tile = FACTS[kv_format]
+    num_blocks, page, _ = k_ush.shape
+    x = np.asarray(k_ush).astype(BF16).astype(np.float32)
     tiles = x[..., :d_nope].reshape(num_blocks, page, d_nope // tile, tile)
     with np.errstate(invalid="ignore"):
         s_inv = np.maximum(np.max(np.abs(tiles), axis=-1) / np.float32(448.0), np.float32(1e-4)).astype(np.float32)
@@ -49,12 +49,12 @@ def quantize(k_pgd: np.ndarray, layout: str, fill: int = 0) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         fp8 = (tiles / scale[..., None]).astype(FP8).reshape(num_blocks, page, d_nope).view(np.uint8)
     rope = x[..., d_nope:].astype(BF16).view(np.uint8)  # little-endian bf16 pairs
-    out = np.full((num_blocks, block_stride(layout, page)), fill, np.uint8)
+    out = np.full((num_blocks, block_stride(kv_format, page)), fill, np.uint8)
     for g in range(page):
-        o_nope, o_scale, o_rope = token_offsets(layout, page, g)
+        o_nope, o_scale, o_rope = token_offsets(kv_format, page, g)
         out[:, o_nope:o_nope + d_nope] = fp8[:, g]
         out[:, o_rope:o_rope + 2 * (d_qk - d_nope)] = rope[:, g]
-        if layout == "model1":
+        if kv_format == "model1":
             e = np.where(nan[:, g], 255, ceil_log2[:, g] + 127).astype(np.uint8)
             out[:, o_scale:o_scale + 7] = e
         else:
@@ -62,15 +62,15 @@ def quantize(k_pgd: np.ndarray, layout: str, fill: int = 0) -> np.ndarray:
     return out
 
 
-def dequantize_tokens(cache: np.ndarray, layout: str, page: int, slots: np.ndarray) -> np.ndarray:
+def dequantize_tokens(cache: np.ndarray, kv_format: str, page: int, slots: np.ndarray) -> np.ndarray:
     """float64 keys `[n, d_qk]` of flat slots (all in range), read from the bytes."""
-    d_qk, d_nope, tile = FACTS[layout]
+    d_qk, d_nope, tile = FACTS[kv_format]
     slots = np.asarray(slots, np.int64)
     p, g = slots // page, slots % page
-    o_nope, o_scale, o_rope = token_offsets(layout, page, g)
+    o_nope, o_scale, o_rope = token_offsets(kv_format, page, g)
     take = lambda off, n: cache[p[:, None], off[:, None] + np.arange(n)]  # noqa: E731
     fp8 = take(o_nope, d_nope).view(FP8).astype(np.float64)
-    if layout == "model1":
+    if kv_format == "model1":
         e = take(o_scale, 7).astype(np.float64)
         scale = np.where(e == 255, np.nan, 2.0 ** (e - 127))
     else:
@@ -89,9 +89,9 @@ def valid_positions(idx_btk, length_b, capacity):
     return in_len & (idx >= 0) & (idx < capacity)
 
 
-def sparse_decode(q, scopes, *, layout, attn_sink=None, softmax_scale, d_v=512):
+def sparse_decode(q, scopes, *, kv_format, attn_sink=None, softmax_scale, d_v=512):
     """Spec §1.6 in float64. `scopes`: list of (cache, indices [b,s_q,k], page, topk_length or None; or for a
-    dense float cache `[P, G, d]` the layout name "dense"). Returns (out [b,s_q,h,512], lse [b,h,s_q])."""
+    dense float cache `[P, G, d]` the kv_format name "dense"). Returns (out [b,s_q,h,512], lse [b,h,s_q])."""
     q = np.asarray(q).astype(np.float64)
     b, s_q, h_q, _ = q.shape
     out = np.zeros((b, s_q, h_q, d_v))
@@ -102,10 +102,10 @@ def sparse_decode(q, scopes, *, layout, attn_sink=None, softmax_scale, d_v=512):
             for cache, idx, page, length in scopes:
                 valid = valid_positions(idx, length, cache.shape[0] * page)[i, j]
                 slots = np.asarray(idx)[i, j][valid]
-                if layout == "dense":
+                if kv_format == "dense":
                     keys.append(np.asarray(cache).astype(np.float64)[slots // page, slots % page])
                 else:
-                    keys.append(dequantize_tokens(cache, layout, page, slots))
+                    keys.append(dequantize_tokens(cache, kv_format, page, slots))
             k = np.concatenate(keys, axis=0)  # T, duplicates kept
             if len(k) == 0:
                 continue  # out 0, lse +inf, whatever the sink

@@ -19,7 +19,7 @@ def inputs() -> np.ndarray:
 def main(out_path: str) -> None:
     import jax
 
-    from model1_jax import distributed
+    from model1_jax.parallel import distributed
     if not distributed.initialize():
         raise SystemExit("multihost_worker: JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID are not set")
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -27,7 +27,7 @@ def main(out_path: str) -> None:
     from flax import nnx
 
     import model1_jax as m1
-    from model1_jax import sharding as sh
+    from model1_jax import parallel as sh
     from tests.test_sharding import CFG
     from tests.util import random_model
 

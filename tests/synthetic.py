@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import model1_jax as m1
-from model1_jax import quant
 from model1_jax.config import CSA, HCA
-from model1_jax.safetensors_io import write
+from model1_jax.io.safetensors_file import write
+from model1_jax.model import quant
 
 BF16, F32 = np.dtype(jnp.bfloat16), np.dtype(np.float32)
 
@@ -160,7 +160,7 @@ def hf_module_names(stored: dict[str, np.ndarray], cfg: m1.Config) -> dict[str, 
     """DeepSeek names → HF module names (as `DeepseekV4ForCausalLM.state_dict()` has them): renamed keys,
     routed experts merged into `gate_up_proj` [e, 2f, d] / `down_proj` [e, d, f], scales as
     `weight_scale_inv` (`gate_up_proj_scale_inv` for the merged experts). MTP tensors are dropped (HF has none)."""
-    from model1_jax.hf_names import canonical_name
+    from model1_jax.io.names import canonical_name
 
     out, experts = {}, {}
     for name, value in stored.items():

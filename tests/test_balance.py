@@ -6,9 +6,9 @@ import numpy as np
 from flax import nnx
 
 import model1_jax as m1
-from model1_jax import balance
-from model1_jax.layers import Buffer
-from model1_jax.moe import Router, RoutingDecision
+from model1_jax.model.layers import Buffer
+from model1_jax.model.moe import Router, RoutingDecision
+from model1_jax.train import balance
 from tests.util import forward, random_model
 
 route = nnx.jit(lambda router, x: router(x)[1])

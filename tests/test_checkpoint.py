@@ -15,10 +15,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import model1_jax as m1
-from model1_jax import checkpoint, quant
+from model1_jax.io import orbax as checkpoint
+from model1_jax.model import quant
 from tests.util import random_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -211,7 +213,7 @@ def test_injected_failure_leaves_previous_checkpoint(inject, dense, quantized, t
 WRITER = textwrap.dedent("""
     import os, sys, time
     import model1_jax as m1
-    from model1_jax import checkpoint
+    from model1_jax.io import orbax as checkpoint
     from tests.util import random_model
     target, marker, mode = sys.argv[1:4]
     model = random_model(m1.Config.tiny(), seed=7)

@@ -10,7 +10,7 @@ from transformers import DeepseekV4Config
 
 import model1_jax as m1
 from model1_jax.config import CSA, HCA, SLIDING
-from model1_jax.decoder import DecoderLayer
+from model1_jax.model.decoder import DecoderLayer
 
 # The released V4-Flash config.json, as the spec (§1.3) gives its fields: legacy keys throughout.
 RELEASED_FLASH = {
@@ -116,6 +116,10 @@ def test_flat_rope_parameters_without_yarn():
     (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
     (dict(num_experts_per_tok=9), "num_experts_per_tok"),
     (dict(hidden_size=0), "hidden_size"),
+    (dict(norm_topk_prob=False), "norm_topk_prob"),
+    (dict(router_jitter_noise=0.01), "router_jitter_noise"),
+    (dict(attention_dropout=0.1), "attention_dropout"),
+    (dict(hf_extra={"hidden_size": 8}), "hf_extra"),
     (dict(rope_scaling=m1.RopeScaling(factor=0.5, original_max_position_embeddings=64)), "rope_scaling.factor"),
 ])
 def test_validation_names_the_field(change, field):
@@ -149,3 +153,23 @@ def test_rope_scaling_dict_needs_a_type():
                                                   "original_max_position_embeddings": 64}).rope_scaling.factor == 4
     with pytest.raises(ValueError, match="Config.rope_scaling: a dict needs rope_type"):
         m1.Config.tiny().replace(rope_scaling={"factor": 4, "original_max_position_embeddings": 64})
+
+
+def test_hf_only_keys_pass_through_without_becoming_knobs():
+    """Keys that do not change the model are carried for to_hf(), and are not Config fields."""
+    raw = dict(RELEASED_FLASH, use_cache=False, output_router_logits=True, router_aux_loss_coef=0.01,
+               quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]}, torch_dtype="bfloat16")
+    cfg = m1.Config.from_hf(raw)
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    assert not fields & {"use_cache", "output_router_logits", "router_aux_loss_coef", "quantization_config"}
+    assert cfg.hf_extras["quantization_config"]["weight_block_size"] == [128, 128]
+    assert cfg.to_hf()["use_cache"] is False and cfg.to_hf()["router_aux_loss_coef"] == 0.01
+    again = m1.Config.from_hf(cfg.to_hf())
+    assert again == cfg and again.hf_extras == cfg.hf_extras
+    hash(cfg)  # still a static jit argument
+
+
+def test_demo_preset_fits_the_fp8_cache_format():
+    cfg = m1.Config.demo()
+    assert (cfg.head_dim, cfg.qk_rope_head_dim, cfg.sliding_window) == (512, 64, 128)
+    assert set(cfg.layer_types) == {SLIDING, CSA, HCA} and cfg.num_nextn_predict_layers == 1

@@ -12,13 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
 import model1_jax as m1
-from model1_jax import convert, quant
-from model1_jax.safetensors_io import write
+from model1_jax.io import convert
+from model1_jax.model import quant
 from tests import synthetic as syn
 from tests.test_loading import tensors_of, to_original_names
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from model1_jax import data
+from model1_jax.train import data
 
 
 def write(path, text):

@@ -14,9 +14,11 @@ from flax import nnx
 
 import model1_jax as m1
 import pallas_kernels as pk
-from model1_jax import attention, decode, decode_state
-from model1_jax.generation import CompileClock
-from pallas_kernels.layouts import decode_records, quantize_records
+from model1_jax.inference import state as decode_state
+from model1_jax.inference import steps as decode
+from model1_jax.inference.generation import CompileClock
+from model1_jax.model import attention
+from pallas_kernels.formats import decode_records, quantize_records
 from tests.util import forward_with_mtp, random_model
 
 # A CSA layer (m=4, picking the top 3 entries), an HCA layer (m'=8) and the MTP block (a sliding-window

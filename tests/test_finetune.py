@@ -14,15 +14,13 @@ import pytest
 from flax import nnx
 
 import model1_jax as m1
-from model1_jax import data as mdata
+from model1_jax import cli
+from model1_jax.train import data as mdata
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("finetune_script", ROOT / "scripts" / "finetune.py")
 script = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(script)
-_spec = importlib.util.spec_from_file_location("generate_script", ROOT / "scripts" / "generate.py")
-generate_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(generate_script)
 
 STEPS = 80
 TEXT = "MODEL1 fine-tunes on this short text until it knows every byte of it by heart. " * 2
@@ -114,12 +112,12 @@ def test_final_model_loads_with_from_pretrained(straight):
 def test_generate_script_loads_the_export_by_a_relative_path(straight, monkeypatch):
     tmp, trainer, _, _ = straight
     monkeypatch.chdir(tmp)
-    loaded = generate_script.load_model(str(pathlib.Path("ckpt") / "model"), np.float32, None)
+    loaded = cli.load_model(str(pathlib.Path("ckpt") / "model"), dtype=np.float32)
     assert loaded.config == trainer.model().config
     want = trainer.model().lm_head.kernel[...]
     np.testing.assert_array_equal(np.asarray(loaded.lm_head.kernel[...]), np.asarray(want))
-    with pytest.raises(FileNotFoundError, match="no such directory"):
-        generate_script.load_model("no-such-model", np.float32, None)
+    with pytest.raises(SystemExit, match="--model: 'no-such-model': no such directory"):
+        cli.load_model("no-such-model", dtype=np.float32)
 
 
 def test_stop_and_resume_reproduces_the_straight_run(straight, tmp_path, monkeypatch):
@@ -174,7 +172,7 @@ def test_a_non_finite_step_stops_the_run_before_it_is_saved(tmp_path):
     """`fit` checks every step it logs or checkpoints; a NaN loss raises instead of being saved."""
     from types import SimpleNamespace
 
-    from model1_jax.finetune import fit
+    from model1_jax.train.loop import fit
 
     class Exploding:
         state = SimpleNamespace(step=np.int32(0))
@@ -188,3 +186,17 @@ def test_a_non_finite_step_stops_the_run_before_it_is_saved(tmp_path):
     packed = mdata.pack(np.arange(40, dtype=np.int32), np.ones(40, bool), seq_len=8)
     with pytest.raises(FloatingPointError, match="step 3: non-finite loss"):
         fit(Exploding(), mdata.Batches(packed, 1), 10, log_every=3, progress=False)
+
+
+def test_a_multi_process_export_is_refused_before_any_work(tmp_path, monkeypatch):
+    """m1.save writes from one process: under jax.distributed the script stops at once unless --no-export."""
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    monkeypatch.setattr(script.distributed, "initialize", lambda: True)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(SystemExit, match="this run has 2: pass --no-export"):
+        script.main(["--data", str(data), "--checkpoint-dir", str(tmp_path / "c")])
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(NotImplementedError, match="m1.save writes from a single process"):
+        m1.save(m1.Model1(CONFIG, rngs=nnx.Rngs(0)), tmp_path / "model")
+    assert not (tmp_path / "model").exists()

@@ -2,17 +2,17 @@
 sampling, and input checks.
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 import model1_jax as m1
-from model1_jax import decode, generation, sampling
-from model1_jax.generation import CompileClock
+from model1_jax.inference import generation, sampling
+from model1_jax.inference import steps as decode
+from model1_jax.inference.generation import CompileClock
 from tests import hf_reference as ref
 from tests.util import random_model
 
@@ -200,6 +200,8 @@ def test_speculative_acceptance_keeps_the_target_distribution():
     (dict(max_batch=1, prompts=[[1], [2]]), "2 prompts exceed max_batch 1"),
     (dict(cache_dtype="fp8"), "head_dim 512"),
     (dict(cache_dtype="int4"), "cache_dtype"),
+    (dict(attention_backend="pallas"), r"runs the Pallas kernel, which reads the FP8 cache"),
+    (dict(attention_backend="triton"), "attention_backend must be one of"),
     (dict(temperature=-1.0), "temperature"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_k=-2), "top_k"),
@@ -224,3 +226,32 @@ def test_bad_input_low_level(tiny):
     with pytest.raises(ValueError, match="mtp=True but the config has no MTP"):
         m1.init_state(TINY.replace(num_nextn_predict_layers=0), max_batch=1, max_len=8, cache_dtype="bf16", mtp=True)
     assert decode.check_state(tiny, state) is None
+
+
+# ------------------------------------------------------------------------------------------------------
+# Attention backends and the default cache
+
+# Head dim 512 with 64 RoPE dims (FlashMLA's v4 cache format) and 16 heads (a head count the kernel runs).
+KERNEL_CFG = m1.Config.tiny().replace(head_dim=512, qk_rope_head_dim=64, index_head_dim=128, num_attention_heads=16,
+                                      num_hidden_layers=3, layer_types=(m1.SLIDING, m1.CSA, m1.HCA),
+                                      mlp_layer_types=(m1.HASH_MOE, m1.MOE, m1.MOE), num_nextn_predict_layers=0)
+
+
+def test_generation_is_identical_on_both_attention_backends():
+    """End to end through the Pallas kernel (interpret mode) and through the jnp reference: the same tokens.
+    Prompts cross the window and both compression rates, so every cache scope is read."""
+    model = m1.Model1(KERNEL_CFG, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    prompts = [list(range(1, 20)), list(range(40, 51))]
+    runs = {backend: m1.generate(model, prompts, 8, stop_tokens=(), chunk=16, page_size=16, attention_backend=backend)
+            for backend in ("xla", "interpret")}
+    for backend, gen in runs.items():
+        assert (gen.stats.cache_spec.attention_backend, gen.stats.cache_spec.cache_dtype) == (backend, "fp8")
+    assert runs["xla"].tokens == runs["interpret"].tokens
+
+
+def test_default_cache_dtype_fits_every_config(tiny):
+    """"auto" (the default) picks FP8 where FlashMLA's v4 format fits, else the model's own dtype."""
+    assert m1.generate(tiny, [[1, 2, 3]], 2).stats.cache_spec.cache_dtype == "float32"
+    assert m1.make_spec(TINY, max_batch=1, max_len=8, dtype=jnp.bfloat16).cache_dtype == "bf16"
+    spec = m1.make_spec(KERNEL_CFG, max_batch=1, max_len=8, dtype=jnp.bfloat16)
+    assert (spec.cache_dtype, spec.attention_backend) == ("fp8", "xla")  # the kernel runs by default on GPUs only

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 import model1_jax as m1
-from model1_jax.layers import Buffer
+from model1_jax.model.layers import Buffer
 
 
 @pytest.fixture(scope="module")

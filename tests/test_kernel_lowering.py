@@ -35,18 +35,18 @@ def _lower_for_cuda(fn, *specs) -> str:
     return text
 
 
-@pytest.mark.parametrize("layout", [MODEL1, V32], ids=lambda l: l.name)
+@pytest.mark.parametrize("kv_format", [MODEL1, V32], ids=lambda l: l.name)
 @pytest.mark.parametrize("h_q,num_splits,extra", [(64, 1, False), (128, 3, True), (16, 1, True), (32, 2, False)])
-def test_kernel_lowers_for_cuda(layout, h_q, num_splits, extra):
+def test_kernel_lowers_for_cuda(kv_format, h_q, num_splits, extra):
     b, s_q, topk, page = 2, 2, 576, 64
-    specs = [S((b, s_q, h_q, layout.d_qk), jnp.bfloat16), S(cache_shape(40, page, layout), jnp.uint8),
+    specs = [S((b, s_q, h_q, kv_format.d_qk), jnp.bfloat16), S(cache_shape(40, page, kv_format), jnp.uint8),
              S((b, s_q, topk), jnp.int32), S((b,), jnp.int32), S((h_q,), jnp.float32)]
     if extra:
-        specs += [S(cache_shape(300, 2, layout), jnp.uint8), S((b, s_q, 128), jnp.int32), S((b,), jnp.int32)]
+        specs += [S(cache_shape(300, 2, kv_format), jnp.uint8), S((b, s_q, 128), jnp.int32), S((b,), jnp.int32)]
 
     def run(q, cache, idx, length, sink, *x):
         scope = dict(extra_kv_cache=x[0], extra_idx_btk=x[1], extra_page_size=2, extra_topk_length_b=x[2]) if x else {}
-        return sparse_mla_decode_triton(q, cache, idx, layout=layout, page_size=page, topk_length_b=length,
+        return sparse_mla_decode_triton(q, cache, idx, kv_format=kv_format, page_size=page, topk_length_b=length,
                                         attn_sink_n=sink, softmax_scale=0.05, num_splits=num_splits, **scope)
 
     _lower_for_cuda(run, *specs)
@@ -63,7 +63,7 @@ def test_public_entry_point_lowers_for_cuda_at_benchmark_size():
 
 
 def _decode_with_extra(q, cache, idx, xcache, xidx, sink, *, page, extra_page):
-    return sparse_mla_decode(q, cache, idx, layout="model1", page_size=page, extra_kv_cache=xcache,
+    return sparse_mla_decode(q, cache, idx, kv_format="model1", page_size=page, extra_kv_cache=xcache,
                              extra_indices=xidx, extra_page_size=extra_page, attn_sink=sink, backend="pallas")
 
 
@@ -73,4 +73,4 @@ def test_kernel_lowers_for_large_caches(num_blocks):
     (Pallas switches to 64-bit offsets)."""
     specs = [S((148, 2, 128, 576), jnp.bfloat16), S(cache_shape(num_blocks, 64, V32), jnp.uint8),
              S((148, 2, 2048), jnp.int32)]
-    _lower_for_cuda(lambda q, c, i: sparse_mla_decode(q, c, i, layout=V32, page_size=64, backend="pallas"), *specs)
+    _lower_for_cuda(lambda q, c, i: sparse_mla_decode(q, c, i, kv_format=V32, page_size=64, backend="pallas"), *specs)

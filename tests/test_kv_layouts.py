@@ -1,4 +1,4 @@
-"""FlashMLA cache byte layouts: layout facts, exact bytes at the documented offsets, agreement with the
+"""FlashMLA cache byte formats: kv_format facts, exact bytes at the documented offsets, agreement with the
 independent numpy quantizer, dequantization error bounds, and in-place writes of new tokens."""
 
 from __future__ import annotations
@@ -9,9 +9,19 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from pallas_kernels import (
+    DENSE,
+    MODEL1,
+    V32,
+    cache_bytes,
+    cache_shape,
+    dequantize_kv,
+    get_format,
+    quantize_kv,
+    read_tokens,
+    write_kv,
+)
 from tests import flashmla_oracle as oracle
-from pallas_kernels import (DENSE, MODEL1, V32, cache_bytes, cache_shape, dequantize_kv, get_layout, quantize_kv,
-                            read_tokens, write_kv)
 
 BF16 = ml_dtypes.bfloat16
 
@@ -34,9 +44,9 @@ def test_layout_facts():
     assert cache_shape(10, 64, V32) == (10, 656 * 64)
     assert cache_shape(3, 4, "dense") == (3, 4, 512)
     assert cache_bytes(3, 4, DENSE, jnp.float32) == 3 * 4 * 512 * 4
-    assert get_layout("MODEL1") is MODEL1 and get_layout(V32) is V32
-    with pytest.raises(ValueError, match="layout"):
-        get_layout("fp8")
+    assert get_format("MODEL1") is MODEL1 and get_format(V32) is V32
+    with pytest.raises(ValueError, match="kv_format"):
+        get_format("fp8")
 
 
 def test_model1_bytes_at_documented_offsets():
@@ -76,40 +86,40 @@ def test_v32_bytes_at_documented_offsets():
     assert cache[0, 512:528].view("<f4").tolist() == [2.0 ** -13] * 4  # zero token of slot 0
 
 
-@pytest.mark.parametrize("layout,page", [("model1", 2), ("model1", 61), ("v32", 3), ("v32", 64)])
-def test_quantize_matches_independent_quantizer(layout, page):
+@pytest.mark.parametrize("kv_format,page", [("model1", 2), ("model1", 61), ("v32", 3), ("v32", 64)])
+def test_quantize_matches_independent_quantizer(kv_format, page):
     rng = np.random.default_rng(page)
-    lay = get_layout(layout)
-    k = _keys(rng, 5, page, lay.d_qk, scale=1.0)
+    fmt = get_format(kv_format)
+    k = _keys(rng, 5, page, fmt.d_qk, scale=1.0)
     k[0, 0] = 0.0  # amax 0
-    k[1, 0, :lay.tile] = 448.0 * 2.0 ** -3  # s_inv exactly a power of two
-    k[2, -1] = (rng.standard_normal(lay.d_qk) * 300).astype(BF16)  # big values
+    k[1, 0, :fmt.tile] = 448.0 * 2.0 ** -3  # s_inv exactly a power of two
+    k[2, -1] = (rng.standard_normal(fmt.d_qk) * 300).astype(BF16)  # big values
     k[3, 0, 7] = np.nan  # a NaN tile: NaN data, NaN scale
-    k[4, 0] = (rng.standard_normal(lay.d_qk) * 1e-6).astype(BF16)  # below the 1e-4 floor
-    ours = np.asarray(quantize_kv(jnp.asarray(k), lay))
-    np.testing.assert_array_equal(ours, oracle.quantize(k, layout))
+    k[4, 0] = (rng.standard_normal(fmt.d_qk) * 1e-6).astype(BF16)  # below the 1e-4 floor
+    ours = np.asarray(quantize_kv(jnp.asarray(k), fmt))
+    np.testing.assert_array_equal(ours, oracle.quantize(k, kv_format))
 
 
-@pytest.mark.parametrize("layout", ["model1", "v32"])
-def test_dequantize_error_bounds(layout):
+@pytest.mark.parametrize("kv_format", ["model1", "v32"])
+def test_dequantize_error_bounds(kv_format):
     rng = np.random.default_rng(1)
-    lay = get_layout(layout)
+    fmt = get_format(kv_format)
     page = 7
-    k = _keys(rng, 4, page, lay.d_qk, scale=2.0)
-    cache = quantize_kv(jnp.asarray(k), lay)
-    deq = np.asarray(dequantize_kv(cache, lay, page), np.float64)
+    k = _keys(rng, 4, page, fmt.d_qk, scale=2.0)
+    cache = quantize_kv(jnp.asarray(k), fmt)
+    deq = np.asarray(dequantize_kv(cache, fmt, page), np.float64)
     x = k.astype(np.float64)
-    tiles = x[..., :lay.d_nope].reshape(4, page, lay.num_tiles, lay.tile)
+    tiles = x[..., :fmt.d_nope].reshape(4, page, fmt.num_tiles, fmt.tile)
     scale = 2.0 ** np.ceil(np.log2(np.maximum(np.abs(tiles).max(-1) / 448.0, 1e-4)))
-    err = np.abs(deq[..., :lay.d_nope].reshape(tiles.shape) - tiles)
+    err = np.abs(deq[..., :fmt.d_nope].reshape(tiles.shape) - tiles)
     # e4m3: 3 mantissa bits -> half-ulp 2^-4 relative for normals; subnormal step 2^-9 -> 2^-10 absolute.
     bound = np.maximum(np.abs(tiles) * 2.0 ** -4, 2.0 ** -10 * scale[..., None])
     assert np.all(err <= bound)
-    np.testing.assert_array_equal(deq[..., lay.d_nope:], x[..., lay.d_nope:])  # RoPE is verbatim
+    np.testing.assert_array_equal(deq[..., fmt.d_nope:], x[..., fmt.d_nope:])  # RoPE is verbatim
     # Reading the bytes independently gives the same values.
     slots = np.arange(4 * page)
-    np.testing.assert_array_equal(deq.reshape(-1, lay.d_qk),
-                                  oracle.dequantize_tokens(np.asarray(cache), layout, page, slots))
+    np.testing.assert_array_equal(deq.reshape(-1, fmt.d_qk),
+                                  oracle.dequantize_tokens(np.asarray(cache), kv_format, page, slots))
 
 
 def test_read_tokens_matches_oracle_on_nan_poisoned_cache():
@@ -124,35 +134,35 @@ def test_read_tokens_matches_oracle_on_nan_poisoned_cache():
     assert np.isnan(np.asarray(read_tokens(jnp.asarray(cache), jnp.asarray([10]), MODEL1, page))).all()
 
 
-_write = jax.jit(write_kv, static_argnames=("layout", "page_size"), donate_argnums=0)
+_write = jax.jit(write_kv, static_argnames=("kv_format", "page_size"), donate_argnums=0)
 
 
-@pytest.mark.parametrize("layout,page", [("model1", 61), ("v32", 2), ("dense", 4)])
-def test_write_kv_in_place(layout, page):
+@pytest.mark.parametrize("kv_format,page", [("model1", 61), ("v32", 2), ("dense", 4)])
+def test_write_kv_in_place(kv_format, page):
     """Donated writes reuse the buffer, skip negative / out-of-range slots, leave other bytes alone, and write
     exactly what quantize_kv writes for the same rows."""
     rng = np.random.default_rng(4)
-    lay = get_layout(layout)
+    fmt = get_format(kv_format)
     num_blocks = 3
-    k0 = _keys(rng, num_blocks, page, lay.d_qk)
-    k_new = _keys(rng, 1, 5, lay.d_qk, scale=3.0)[0]
+    k0 = _keys(rng, num_blocks, page, fmt.d_qk)
+    k_new = _keys(rng, 1, 5, fmt.d_qk, scale=3.0)[0]
     capacity = num_blocks * page
     slots = np.array([capacity - 1, -1, 1, capacity, page + 1], np.int32)
-    if lay.quantized:
-        cache = quantize_kv(jnp.asarray(k0), lay)
+    if fmt.quantized:
+        cache = quantize_kv(jnp.asarray(k0), fmt)
     else:
         cache = jnp.asarray(k0.astype(np.float32))
     pointer = cache.unsafe_buffer_pointer()
-    new = _write(cache, jnp.asarray(slots), jnp.asarray(k_new), layout=layout, page_size=page)
+    new = _write(cache, jnp.asarray(slots), jnp.asarray(k_new), kv_format=kv_format, page_size=page)
     assert cache.is_deleted() and new.unsafe_buffer_pointer() == pointer
 
-    expect = k0.reshape(-1, lay.d_qk).copy()
+    expect = k0.reshape(-1, fmt.d_qk).copy()
     for slot, row in zip(slots, k_new):
         if 0 <= slot < capacity:
             expect[slot] = row
     expect = expect.reshape(k0.shape)
-    if lay.quantized:
-        np.testing.assert_array_equal(np.asarray(new), oracle.quantize(expect, layout))
+    if fmt.quantized:
+        np.testing.assert_array_equal(np.asarray(new), oracle.quantize(expect, kv_format))
     else:
         np.testing.assert_array_equal(np.asarray(new), expect.astype(np.float32))
 
@@ -160,12 +170,12 @@ def test_write_kv_in_place(layout, page):
 def test_write_kv_bad_input():
     cache = jnp.zeros(cache_shape(2, 4, MODEL1), jnp.uint8)
     with pytest.raises(ValueError, match="k_new"):
-        write_kv(cache, jnp.zeros((3,), jnp.int32), jnp.zeros((2, 512)), layout="model1", page_size=4)
+        write_kv(cache, jnp.zeros((3,), jnp.int32), jnp.zeros((2, 512)), kv_format="model1", page_size=4)
     with pytest.raises(ValueError, match="slots"):
-        write_kv(cache, jnp.zeros((3, 1), jnp.int32), jnp.zeros((3, 512)), layout="model1", page_size=4)
+        write_kv(cache, jnp.zeros((3, 1), jnp.int32), jnp.zeros((3, 512)), kv_format="model1", page_size=4)
     with pytest.raises(ValueError, match="kv_cache"):
-        write_kv(cache, jnp.zeros((2,), jnp.int32), jnp.zeros((2, 512)), layout="model1", page_size=5)
+        write_kv(cache, jnp.zeros((2,), jnp.int32), jnp.zeros((2, 512)), kv_format="model1", page_size=5)
     with pytest.raises(ValueError, match="k must have shape"):
         quantize_kv(jnp.zeros((2, 4, 576)), "model1")
-    with pytest.raises(ValueError, match="layout"):
+    with pytest.raises(ValueError, match="kv_format"):
         quantize_kv(jnp.zeros((2, 4, 512)), "dense")

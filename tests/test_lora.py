@@ -7,11 +7,11 @@ import pytest
 from flax import nnx
 
 import model1_jax as m1
-from model1_jax import quant
-from model1_jax.layers import Linear, weight
-from model1_jax.lora import LoRAConfig, apply_lora, find_targets, load_adapters, merge_lora, save_adapters
-from model1_jax.optim import OptimizerConfig
-from model1_jax.training import TrainConfig, Trainer
+from model1_jax.model import quant
+from model1_jax.model.layers import Linear, weight
+from model1_jax.train.lora import LoRAConfig, apply_lora, find_targets, load_adapters, merge_lora, save_adapters
+from model1_jax.train.optim import OptimizerConfig
+from model1_jax.train.trainer import TrainConfig, Trainer
 from tests.util import forward, random_model
 
 # One CSA layer: attention with compressor and indexer (test_targets covers the MTP block's attention).
@@ -142,7 +142,7 @@ def test_adapter_factors_are_muon_matrices():
     """Muon sees A as fan-in → rank and B as rank → fan-out, with the kernel's batch axes (groups g) kept."""
     from optax.contrib import MuonDimensionNumbers
 
-    from model1_jax.optim import matrix_dims, param_groups
+    from model1_jax.train.optim import matrix_dims, param_groups
 
     def adapted_model():
         model = m1.Model1(CFG, rngs=nnx.Rngs(0))

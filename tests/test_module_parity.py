@@ -12,9 +12,9 @@ import torch
 from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf_mod
 
 import model1_jax as m1
-from model1_jax import rope
-from model1_jax.attention import picks_visible
-from model1_jax.indexer import visible_entries
+from model1_jax.model import rope
+from model1_jax.model.attention import picks_visible
+from model1_jax.model.indexer import visible_entries
 from tests import hf_reference as ref
 
 T = 27  # > sliding window (8), 6 CSA windows (> index_topk 3), 3 HCA windows

@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model1_jax import quant
-from model1_jax.hf_names import Slot, quant_layout, to_model_layout
-from model1_jax.loading import Assignment, TensorInfo, _fill_quantized
+import model1_jax as m1
+from model1_jax.io.hf import Assignment, TensorInfo, _fill_quantized
+from model1_jax.io.names import Slot, quant_arrangement, to_model_arrangement
+from model1_jax.model import quant
+from tests import synthetic
 
 RNG = np.random.default_rng(0)
 
@@ -98,7 +100,7 @@ LAYOUT_CASES = [
 
 
 def _checkpoint_shape(slot, target):
-    from model1_jax.hf_names import source_shape
+    from model1_jax.io.names import source_shape
     return source_shape(slot, target)
 
 
@@ -111,14 +113,14 @@ def test_model_layout_blocks_equal_checkpoint_blocks(name, slot, target, fp8_blo
     hf_block = fp8_block if fmt == quant.FP8 else (1,) * (len(src) - 2) + quant.FP4_BLOCK
     pack = len(src) - 1 if fmt == quant.FP4 else None
     q = quant.quantize(RNG.standard_normal(src), fmt, hf_block, pack)
-    want = to_model_layout(slot, q.dequantize(np.float32), target)
+    want = to_model_arrangement(slot, q.dequantize(np.float32), target)
 
     info = TensorInfo("f", "w", "F8_E4M3", src)
     out = {}
     _fill_quantized(out, Assignment(info, slot, info, fmt, hf_block), q.values, q.scales, target)
     got = out[slot.path]
     assert got.shape == target
-    assert got.pack_axis == (quant_layout(slot, target, hf_block)[1] if fmt == quant.FP4 else None)
+    assert got.pack_axis == (quant_arrangement(slot, target, hf_block)[1] if fmt == quant.FP4 else None)
     if slot.expert is not None:
         np.testing.assert_array_equal(got.dequantize(np.float32)[slot.expert], want)
     else:
@@ -133,7 +135,7 @@ def test_model_layout_blocks_equal_checkpoint_blocks(name, slot, target, fp8_blo
 ])
 def test_impossible_layouts_are_named(slot, target, hf_block, match):
     with pytest.raises(ValueError, match=match):
-        quant_layout(slot, target, hf_block)
+        quant_arrangement(slot, target, hf_block)
 
 
 def test_check_names_format_problems():
@@ -165,3 +167,17 @@ def test_all_e4m3_bytes_round_trip_through_quantize():
     q = quant.quantize(w, quant.FP8, (1, 128))
     assert np.all(q.scales.view(np.uint8) == 127)
     np.testing.assert_array_equal(q.dequantize(np.float32), w)
+
+
+def test_fp8_blocks_straddling_heads_load_dense(tmp_path):
+    """A valid FP8 checkpoint whose 128-row blocks straddle heads (head_dim 24: q_b's block holds 5⅓ heads) loads
+    dequantized exactly; keeping it block-quantized is refused with a message that says what does work."""
+    cfg = m1.Config.tiny().replace(head_dim=24, qk_rope_head_dim=8)
+    stored = synthetic.quantize_tensors(synthetic.original_tensors(cfg))
+    path = synthetic.write_checkpoint(tmp_path / "ckpt", cfg, stored)
+    model = m1.from_pretrained(path, dtype=jnp.float32)
+    want = synthetic.dequantize_tensors(stored)["layers.1.attn.wq_b.weight"]  # HF [n·h, q]
+    got = np.asarray(model.layers[1].self_attn.q_b_proj.kernel[...])  # [q, n, h]
+    np.testing.assert_array_equal(got, want.T.reshape(got.shape))
+    with pytest.raises(m1.CheckpointError, match="loaded dequantized, not kept block-quantized"):
+        m1.from_pretrained(path, dtype=jnp.float32, quantized=True)

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model1_jax import safetensors_io as st
+from model1_jax.io import safetensors_file as st
 
 RNG = np.random.default_rng(0)
 ARRAYS = {

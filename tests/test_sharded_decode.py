@@ -11,19 +11,19 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import re
-
 from flax import nnx
 
 import model1_jax as m1
 import pallas_kernels as pk
-from model1_jax import decode, sharded_decode
-from model1_jax import sharding as sh
+from model1_jax import parallel as sh
+from model1_jax.inference import sharded as sharded_decode
+from model1_jax.inference import steps as decode
 from tests.test_sharding import CFG, expert_weight_gathers, layout_of
 from tests.util import forward, random_model
 
@@ -37,9 +37,9 @@ LAYOUTS = {
 }
 
 
-def make_case(kv_layout, s_q: int, seed: int = 0):
+def make_case(kv_format, s_q: int, seed: int = 0):
     rng = np.random.default_rng(seed)
-    lay = pk.get_layout(kv_layout)
+    lay = pk.get_format(kv_format)
 
     def cache(pages):
         k = rng.normal(size=(B * pages, PAGE, lay.d_qk)).astype(np.float32)
@@ -58,11 +58,11 @@ def make_case(kv_layout, s_q: int, seed: int = 0):
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
-@pytest.mark.parametrize("kv_layout, s_q", [(pk.MODEL1, 1), (pk.DenseLayout(d_qk=64, d_v=64), 2)])
-def test_sharded_kernel_equals_unsharded(name, kv_layout, s_q):
+@pytest.mark.parametrize("kv_format, s_q", [(pk.MODEL1, 1), (pk.DenseFormat(d_qk=64, d_v=64), 2)])
+def test_sharded_kernel_equals_unsharded(name, kv_format, s_q):
     layout = sh.Layout.build(*LAYOUTS[name])
-    case = make_case(kv_layout, s_q)
-    kw = dict(kv_layout=kv_layout, page_size=PAGE, extra_page_size=PAGE, backend="xla")
+    case = make_case(kv_format, s_q)
+    kw = dict(kv_format=kv_format, page_size=PAGE, extra_page_size=PAGE, backend="xla")
     want_out, want_lse = sharded_decode.sparse_mla_decode(None, **case, **kw)
     placed = {k: jax.device_put(v, sh.NamedSharding(layout.mesh, spec))
               for (k, v), spec in zip(case.items(), specs_for(layout))}
@@ -81,18 +81,18 @@ def specs_for(layout):
     return [P(bx, None, hx), P(bx), P(bx), P(bx), P(bx), P(bx), P(bx), P(hx)]
 
 
-@pytest.mark.parametrize("kv_layout", [pk.MODEL1, pk.DenseLayout(d_qk=64, d_v=64)])
-def test_sharded_write_equals_unsharded(kv_layout):
+@pytest.mark.parametrize("kv_format", [pk.MODEL1, pk.DenseFormat(d_qk=64, d_v=64)])
+def test_sharded_write_equals_unsharded(kv_format):
     layout = sh.Layout.build(*LAYOUTS["2x2x2-tensor_parallel"])
-    case = make_case(kv_layout, 1)
+    case = make_case(kv_format, 1)
     rng = np.random.default_rng(1)
-    lay = pk.get_layout(kv_layout)
+    lay = pk.get_format(kv_format)
     # Two new tokens per sequence at slots inside its own pages, one of them padding (−1).
     slots = (np.arange(B) * MAIN_PAGES * PAGE)[:, None] + rng.integers(0, MAIN_PAGES * PAGE, (B, 2))
     slots[1, 1] = -1
     slots = jnp.asarray(slots.reshape(-1), jnp.int32)
     rows = jnp.asarray(rng.normal(size=(2 * B, lay.d_qk)), jnp.float32)
-    kw = dict(kv_layout=kv_layout, page_size=PAGE, batch=B)
+    kw = dict(kv_format=kv_format, page_size=PAGE, batch=B)
     want = sharded_decode.write_kv(None, case["kv_cache"], slots, rows, **kw)
     cache = jax.device_put(case["kv_cache"], sharded_decode.state_shardings(layout, case["kv_cache"], B))
     got = jax.jit(lambda c, s, r: sharded_decode.write_kv(layout, c, s, r, **kw))(cache, slots, rows)

@@ -18,8 +18,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import model1_jax as m1
-from model1_jax import distributed, moe, quant
-from model1_jax import sharding as sh
+from model1_jax import parallel as sh
+from model1_jax.model import moe, quant
+from model1_jax.parallel import distributed
 from tests.util import random_model
 
 pytestmark = pytest.mark.usefixtures("eight_devices")  # tests/conftest.py
@@ -370,7 +371,7 @@ def test_load_reads_orbax_checkpoint_into_shards(tmp_path):
     model = random_model(CFG)
     m1.save(model, tmp_path / "ckpt")
     layout = layout_of("2x2x2-tensor_parallel")
-    loaded = sh.load(tmp_path / "ckpt", layout, dtype=jnp.float32)
+    loaded = m1.load(tmp_path / "ckpt", dtype=jnp.float32, layout=layout)
     assert loaded.layout is layout and loaded.layers[1].self_attn.layout is layout
     for (path, var), (_, want) in zip(nnx.to_flat_state(nnx.state(loaded)), nnx.to_flat_state(nnx.state(model)),
                                       strict=True):

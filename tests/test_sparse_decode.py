@@ -15,21 +15,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import DENSE, MODEL1, V32, DenseFormat, dequantize_kv, get_format, sparse_mla_decode
+from pallas_kernels.triton_decode import choose_num_splits, sparse_mla_decode_triton, tile_addresses
 from tests import flashmla_oracle as oracle
 from tests.decode_cases import Case, Scope, make_inputs, oracle_decode
-from pallas_kernels import DENSE, MODEL1, V32, DenseLayout, dequantize_kv, get_layout, sparse_mla_decode
-from pallas_kernels.triton_decode import choose_num_splits, sparse_mla_decode_triton, tile_addresses
 
 SCOPES = [Scope(64, 2, 256), Scope(64, 64, 512), Scope(128, 256, 1024), Scope(576, 61, 1024),
           Scope(576, 2, 700), Scope(2048, 64, 2500), Scope(2048, 256, 2600), Scope(128, 61, 300)]
 
 
 def _sampled_ref_cases():
-    """Pairwise-style sample: each (layout, main scope) once, the other axes rotated."""
+    """Pairwise-style sample: each (kv_format, main scope) once, the other axes rotated."""
     cases = []
-    for i, (layout, main) in enumerate(itertools.product(["model1", "v32"], SCOPES)):
+    for i, (kv_format, main) in enumerate(itertools.product(["model1", "v32"], SCOPES)):
         extra = SCOPES[(3 * i + 1) % len(SCOPES)] if i % 3 != 2 else None
-        cases.append(Case(layout, b=(1, 3, 7)[i % 3], s_q=(1, 2, 3)[(i // 3) % 3], h_q=(64, 128)[(i // 2) % 2],
+        cases.append(Case(kv_format, b=(1, 3, 7)[i % 3], s_q=(1, 2, 3)[(i // 3) % 3], h_q=(64, 128)[(i // 2) % 2],
                           main=main, extra=extra, topk_length=i % 2 == 0,
                           extra_topk_length=extra is not None and i % 4 < 2, sink=i % 5 != 4, duplicates=i % 4 == 3,
                           seed=i))
@@ -74,9 +74,9 @@ KERNEL_CASES = [
 
 @pytest.mark.parametrize("cases", [REF_CASES, [c for c, _ in KERNEL_CASES]], ids=["reference", "kernel"])
 def test_matrix_covers_every_axis_value(cases):
-    """Guards the sampled matrix: the issue's axis values all appear, for both layouts."""
-    for layout in ["model1", "v32"]:
-        cs = [c for c in cases if c.layout == layout]
+    """Guards the sampled matrix: the issue's axis values all appear, for both formats."""
+    for kv_format in ["model1", "v32"]:
+        cs = [c for c in cases if c.kv_format == kv_format]
         scopes = [s for c in cs for s in (c.main, c.extra) if s]
         assert {c.b for c in cs} == {1, 3, 7} and {c.s_q for c in cs} == {1, 2, 3}
         assert {64, 128} <= {c.h_q for c in cs}
@@ -94,19 +94,19 @@ def _jnp(args):
 @pytest.mark.parametrize("case", REF_CASES, ids=str)
 def test_reference_matches_oracle(case):
     args = make_inputs(case)
-    out, lse = sparse_mla_decode(**_jnp(args), layout=case.layout, backend="xla")
+    out, lse = sparse_mla_decode(**_jnp(args), kv_format=case.kv_format, backend="xla")
     assert out.dtype == jnp.bfloat16 and out.shape == (case.b, case.s_q, case.h_q, 512)
     assert lse.dtype == jnp.float32 and lse.shape == (case.b, case.h_q, case.s_q)
     oracle.check_decode(out, lse, *oracle_decode(case, args))
 
 
 _kernel = jax.jit(sparse_mla_decode_triton, static_argnames=(
-    "layout", "page_size", "extra_page_size", "softmax_scale", "num_splits", "interpret"))
+    "kv_format", "page_size", "extra_page_size", "softmax_scale", "num_splits", "interpret"))
 
 
-def _run_kernel(args, layout, num_splits):
+def _run_kernel(args, kv_format, num_splits):
     a = _jnp(args)
-    return _kernel(a["q"], a["kv_cache"], a["indices"], layout=get_layout(layout), page_size=a["page_size"],
+    return _kernel(a["q"], a["kv_cache"], a["indices"], kv_format=get_format(kv_format), page_size=a["page_size"],
                    topk_length_b=a["topk_length"], extra_kv_cache=a.get("extra_kv_cache"),
                    extra_idx_btk=a.get("extra_indices"), extra_page_size=a.get("extra_page_size"),
                    extra_topk_length_b=a.get("extra_topk_length"), attn_sink_n=a.get("attn_sink"),
@@ -116,7 +116,7 @@ def _run_kernel(args, layout, num_splits):
 @pytest.mark.parametrize("case,num_splits", KERNEL_CASES, ids=lambda x: str(x))
 def test_kernel_matches_oracle(case, num_splits):
     args = make_inputs(case)
-    out, lse = _run_kernel(args, case.layout, num_splits)
+    out, lse = _run_kernel(args, case.kv_format, num_splits)
     assert out.dtype == jnp.bfloat16 and lse.shape == (case.b, case.h_q, case.s_q)
     oracle.check_decode(out, lse, *oracle_decode(case, args))
 
@@ -126,10 +126,10 @@ def test_public_api_runs_kernel_in_interpret_mode():
     case = Case("model1", b=3, s_q=2, h_q=64, main=Scope(128, 64, 300), extra=Scope(64, 2, 100), topk_length=True)
     args = _jnp(make_inputs(case))
     want = oracle_decode(case, make_inputs(case))
-    out, lse = sparse_mla_decode(**args, layout="model1", backend="pallas", interpret=True)
+    out, lse = sparse_mla_decode(**args, kv_format="model1", backend="pallas", interpret=True)
     oracle.check_decode(out, lse, *want)
-    auto = sparse_mla_decode(**args, layout=MODEL1)  # CPU: the reference
-    xla = sparse_mla_decode(**args, layout=MODEL1, backend="xla")
+    auto = sparse_mla_decode(**args, kv_format=MODEL1)  # CPU: the reference
+    xla = sparse_mla_decode(**args, kv_format=MODEL1, backend="xla")
     np.testing.assert_array_equal(np.asarray(auto[0], np.float32), np.asarray(xla[0], np.float32))
 
 
@@ -137,15 +137,15 @@ def test_public_api_runs_kernel_in_interpret_mode():
 # Semantics spelled out (each also covered by the oracle matrix)
 
 
-def _small_case_args(layout="model1", **kw):
-    case = Case(layout, b=2, s_q=2, h_q=64, main=Scope(128, 61, 300), sink=False, **kw)
+def _small_case_args(kv_format="model1", **kw):
+    case = Case(kv_format, b=2, s_q=2, h_q=64, main=Scope(128, 61, 300), sink=False, **kw)
     return case, _jnp(make_inputs(case))
 
 
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
 def test_sink_infinities(backend):
     _, args = _small_case_args()
-    run = functools.partial(sparse_mla_decode, layout="model1", backend=backend, interpret=backend == "pallas")
+    run = functools.partial(sparse_mla_decode, kv_format="model1", backend=backend, interpret=backend == "pallas")
     out0, lse0 = run(**args)
     h = args["q"].shape[2]
     out_pos, lse_pos = run(**args, attn_sink=jnp.full((h,), jnp.inf, jnp.float32))
@@ -165,7 +165,7 @@ def test_entries_past_topk_length_are_ignored(backend):
     junk = np.random.default_rng(1).choice([0, 1, 2**31 - 1, -(2**31), 5, -7], idx.shape).astype(np.int32)
     past = np.arange(idx.shape[-1])[None, None, :] >= length[:, None, None]
     idx_junk = np.where(past, junk, idx)
-    run = functools.partial(sparse_mla_decode, layout="model1", backend=backend, interpret=backend == "pallas")
+    run = functools.partial(sparse_mla_decode, kv_format="model1", backend=backend, interpret=backend == "pallas")
     out_a, lse_a = run(**args)
     out_b, lse_b = run(**{**args, "indices": jnp.asarray(idx_junk)})
     np.testing.assert_array_equal(np.asarray(out_a, np.float32), np.asarray(out_b, np.float32))
@@ -177,7 +177,7 @@ def test_entries_past_topk_length_are_ignored(backend):
 def test_negative_lengths_mean_no_tokens(backend):
     case = Case("model1", b=2, s_q=2, h_q=64, main=Scope(128, 61, 300), extra=Scope(64, 2, 100), topk_length=True)
     args = _jnp(make_inputs(case))  # no extra_topk_length: the extra scope must still be attended
-    run = functools.partial(sparse_mla_decode, layout="model1", backend=backend, interpret=backend == "pallas")
+    run = functools.partial(sparse_mla_decode, kv_format="model1", backend=backend, interpret=backend == "pallas")
     out_a, lse_a = run(**{**args, "topk_length": jnp.array([-200, -1], jnp.int32)})
     out_b, lse_b = run(**{**args, "topk_length": jnp.array([0, 0], jnp.int32)})
     assert np.isfinite(np.asarray(lse_b)).any()
@@ -189,22 +189,22 @@ def test_empty_rows_give_zero_and_inf():
     _, args = _small_case_args()
     args["indices"] = jnp.full_like(args["indices"], -1)
     for backend in ["xla", "pallas"]:
-        out, lse = sparse_mla_decode(**args, layout="model1", backend=backend, interpret=backend == "pallas",
+        out, lse = sparse_mla_decode(**args, kv_format="model1", backend=backend, interpret=backend == "pallas",
                                      attn_sink=jnp.zeros((64,), jnp.float32))
         assert np.all(np.asarray(out, np.float32) == 0.0) and np.all(np.isposinf(lse))
 
 
-@pytest.mark.parametrize("layout", [MODEL1, V32])
-def test_tile_addresses_stay_inside_the_cache(layout):
+@pytest.mark.parametrize("kv_format", [MODEL1, V32])
+def test_tile_addresses_stay_inside_the_cache(kv_format):
     """The kernel forms addresses only from in-range slots (interpret mode would hide an out-of-bounds read)."""
     page, num_blocks = 61, 5
     capacity = page * num_blocks
     idx = jnp.array([-1, -(2**31), 2**31 - 1, capacity, capacity + 7, -5, 0, capacity - 1], jnp.int32)
     valid = (idx >= 0) & (idx < capacity)
-    blk, words, scale_w, rope_w = tile_addresses(idx, valid, layout, page)
-    words_per_block = layout.block_stride(page) // 2
+    blk, words, scale_w, rope_w = tile_addresses(idx, valid, kv_format, page)
+    words_per_block = kv_format.block_stride(page) // 2
     assert np.all((np.asarray(blk) >= 0) & (np.asarray(blk) < num_blocks))
-    for w, n in [(words, 1), (scale_w, layout.scale_bytes // 2), (rope_w, layout.d_rope)]:
+    for w, n in [(words, 1), (scale_w, kv_format.scale_bytes // 2), (rope_w, kv_format.d_rope)]:
         assert np.all(np.asarray(w) >= 0) and np.all(np.asarray(w) + n <= words_per_block)
     assert int(blk[-1, 0]) == num_blocks - 1  # the last valid slot is really addressed
 
@@ -216,7 +216,7 @@ def test_choose_num_splits():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Dense layout and float32 q (exactness tests of the inference path)
+# Dense kv_format and float32 q (exactness tests of the inference path)
 
 
 @pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.bfloat16])
@@ -231,23 +231,23 @@ def test_dense_layout_float32(cache_dtype):
     cache.reshape(-1, 512)[~used] = np.nan  # unreferenced slots
     cache = jnp.asarray(cache, cache_dtype)
     sink = jnp.asarray(rng.standard_normal(h), jnp.float32)
-    out, lse = sparse_mla_decode(q, cache, jnp.asarray(idx), layout="dense", page_size=page, attn_sink=sink)
+    out, lse = sparse_mla_decode(q, cache, jnp.asarray(idx), kv_format="dense", page_size=page, attn_sink=sink)
     assert out.dtype == jnp.float32
     ref_out, ref_lse = oracle.sparse_decode(np.asarray(q), [(np.asarray(cache, np.float32), idx, page, None)],
-                                            layout="dense", attn_sink=np.asarray(sink), softmax_scale=512 ** -0.5)
+                                            kv_format="dense", attn_sink=np.asarray(sink), softmax_scale=512 ** -0.5)
     np.testing.assert_allclose(np.asarray(out), ref_out, rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(np.asarray(lse), ref_lse, rtol=2e-6)
 
 
-@pytest.mark.parametrize("layout", ["model1", "v32"])
-def test_dense_of_dequantized_cache_equals_fp8_cache(layout):
-    case = Case(layout, b=2, s_q=2, h_q=64, main=Scope(128, 64, 300), topk_length=True)
+@pytest.mark.parametrize("kv_format", ["model1", "v32"])
+def test_dense_of_dequantized_cache_equals_fp8_cache(kv_format):
+    case = Case(kv_format, b=2, s_q=2, h_q=64, main=Scope(128, 64, 300), topk_length=True)
     args = _jnp(make_inputs(case))
-    lay = get_layout(layout)
-    dense = dequantize_kv(args["kv_cache"], lay, args["page_size"])
-    dense_layout = DENSE if lay.d_qk == 512 else DenseLayout(d_qk=576)
-    out_fp8, lse_fp8 = sparse_mla_decode(**args, layout=lay, backend="xla")
-    out_dense, lse_dense = sparse_mla_decode(**{**args, "kv_cache": dense}, layout=dense_layout, backend="xla")
+    fmt = get_format(kv_format)
+    dense = dequantize_kv(args["kv_cache"], fmt, args["page_size"])
+    dense_layout = DENSE if fmt.d_qk == 512 else DenseFormat(d_qk=576)
+    out_fp8, lse_fp8 = sparse_mla_decode(**args, kv_format=fmt, backend="xla")
+    out_dense, lse_dense = sparse_mla_decode(**{**args, "kv_cache": dense}, kv_format=dense_layout, backend="xla")
     np.testing.assert_array_equal(np.asarray(out_fp8, np.float32), np.asarray(out_dense, np.float32))
     np.testing.assert_array_equal(lse_fp8, lse_dense)
 
@@ -283,14 +283,14 @@ BAD_INPUTS = [
                                   "extra_indices": a["indices"]}),
     ("softmax_scale", lambda a: {**a, "softmax_scale": -1.0}),
     ("backend", lambda a: {**a, "backend": "cuda"}),
-    ("layout", lambda a: {**a, "layout": "model2"}),
-    ("layout", lambda a: {**a, "layout": "v32"}),  # q is 512 wide: names q and the layout
+    ("kv_format", lambda a: {**a, "kv_format": "model2"}),
+    ("kv_format", lambda a: {**a, "kv_format": "v32"}),  # q is 512 wide: names q and the kv_format
 ]
 
 
 @pytest.mark.parametrize("name,mutate", BAD_INPUTS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(BAD_INPUTS)])
 def test_bad_input_raises_value_error_naming_it(name, mutate):
-    args = mutate({**_good(), "layout": "model1"})
+    args = mutate({**_good(), "kv_format": "model1"})
     with pytest.raises(ValueError, match=name):
         sparse_mla_decode(**args)
 
@@ -298,11 +298,12 @@ def test_bad_input_raises_value_error_naming_it(name, mutate):
 def test_pallas_backend_rejects_what_the_kernel_cannot_run():
     args = _good()
     with pytest.raises(ValueError, match="q must be bfloat16"):
-        sparse_mla_decode(**{**args, "q": args["q"].astype(jnp.float32)}, layout="model1", backend="pallas")
+        sparse_mla_decode(**{**args, "q": args["q"].astype(jnp.float32)}, kv_format="model1", backend="pallas")
     with pytest.raises(ValueError, match="h_q = 48"):
-        sparse_mla_decode(**{**args, "q": args["q"][:, :, :48], "attn_sink": None}, layout="model1", backend="pallas")
+        sparse_mla_decode(**{**args, "q": args["q"][:, :, :48], "attn_sink": None}, kv_format="model1",
+                          backend="pallas")
     with pytest.raises(ValueError, match="interpret"):
-        sparse_mla_decode(**args, layout="model1", backend="xla", interpret=True)
+        sparse_mla_decode(**args, kv_format="model1", backend="xla", interpret=True)
     dense = jnp.zeros((3, 4, 512), jnp.float32)
-    with pytest.raises(ValueError, match="layout 'dense'"):
-        sparse_mla_decode(**{**args, "kv_cache": dense, "page_size": 4}, layout="dense", backend="pallas")
+    with pytest.raises(ValueError, match="kv_format 'dense'"):
+        sparse_mla_decode(**{**args, "kv_cache": dense, "page_size": 4}, kv_format="dense", backend="pallas")

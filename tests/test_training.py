@@ -9,8 +9,8 @@ from jax.sharding import PartitionSpec as P
 from optax.contrib import MuonDimensionNumbers
 
 import model1_jax as m1
-from model1_jax.optim import OptimizerConfig, einsum_dims, matrix_dims, param_groups
-from model1_jax.training import TrainConfig, Trainer
+from model1_jax.train.optim import OptimizerConfig, einsum_dims, matrix_dims, param_groups
+from model1_jax.train.trainer import TrainConfig, Trainer
 from tests.util import forward_with_mtp, random_model
 
 TEXT = b"MODEL1 learns this line by heart."

@@ -5,7 +5,7 @@ import numpy as np
 from flax import nnx
 
 import model1_jax as m1
-from model1_jax.layers import Buffer
+from model1_jax.model.layers import Buffer
 
 
 def random_model(cfg: m1.Config, seed: int = 0, std: float = 0.2, dtype=jnp.float32) -> m1.Model1:

@@ -1,0 +1,336 @@
+"""Static-shape decode state (spec §5): every cache a layer keeps between calls, allocated once.
+
+Per sequence (up to `max_batch` of them) and per layer:
+  * sliding window — a ring of `ring` token slots (slot = position mod ring) in the sparse decode kernel's
+    paged layout: the kernel's *main* cache. It keeps `window + chunk` tokens (rounded up to whole pages):
+    a call of n tokens must not overwrite a key its own first query still needs (n ≤ ring − window + 1),
+    and n reaches chunk + 1 for the MTP block during speculative decoding.
+  * compressed entries (CSA, HCA) — entry w at slot w, ⌈max_len / rate⌉ of them (whole pages): the
+    kernel's *extra* cache. Entry w is visible to the query at t iff (w+1)·rate − 1 ≤ t; that rule, not a
+    count, is what masks the unwritten tail.
+  * compressor buffers — the raw values C and gate logits Z of the most recent positions, slot =
+    position mod B: B = rate for HCA, B = 2·rate for CSA (the previous complete window is the overlap
+    half of the next entry). Nothing is ever cleared: a buffer slot, a ring slot or an entry slot is
+    rewritten before any query can see it again. That is what makes rejecting a speculative draft (one
+    token past the kept ones) exact by resetting `lengths` alone — no snapshot, no copy: the draft's
+    ring slot held a key older than any window still needs, its buffer slot a position of an already
+    pooled window, and an entry it completed is recomputed when the real token arrives.
+  * CSA only: the indexer's compressed keys, a plain `[b, entries, j]` array at compute precision, and
+    the indexer compressor's buffers.
+  * `lengths [b]` — tokens in the caches; the next position of sequence b is lengths[b].
+With an MTP block: the same for its layer, `mtp_lengths [b]` and the main model's last residual streams
+(the MTP block's input for the next position).
+
+Cache modes: "fp8" is FlashMLA's MODEL1 layout (448 fp8 + 64 bf16 dims, 584 bytes per token; needs
+head_dim 512 with 64 RoPE dims); "bf16" and "float32" store plain `[pages, page_size, head_dim]` arrays
+with the same indexing (exactness tests, and configs the FP8 layout does not fit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+import pallas_kernels as pk
+from model1_jax.common import human_bytes, positive_int
+from model1_jax.config import CSA, HCA, SLIDING, Config
+
+CACHE_DTYPES = ("auto", "fp8", "bf16", "float32")
+_DENSE_DTYPES = {"bf16": jnp.bfloat16, "float32": jnp.float32}
+# How attention reads the caches: "xla" the pure-jnp reference, "pallas" the Pallas-Triton kernel (GPU),
+# "interpret" that kernel in Pallas' interpreter (any device; tests), "auto" the kernel on a GPU when the
+# cache format and head count allow it, else the reference.
+ATTENTION_BACKENDS = ("auto", "xla", "pallas", "interpret")
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """Static facts of a decode state (hashable: a static argument under jit)."""
+
+    max_batch: int
+    max_len: int
+    chunk: int  # most tokens one sequence may feed in a single call
+    cache_dtype: str
+    page_size: int
+    head_dim: int
+    window: int
+    compute_dtype: str  # dtype of compressor buffers, indexer keys and carried streams
+    mtp: bool
+    attention_backend: str = "xla"  # resolved: "xla", "pallas" or "interpret" (never "auto")
+
+    @property
+    def uses_kernel(self) -> bool:
+        """Whether attention runs the Pallas kernel (which takes bf16 queries, as FlashMLA does)."""
+        return self.attention_backend in ("pallas", "interpret")
+
+    @property
+    def ring(self) -> int:
+        """Sliding-window slots per sequence."""
+        return _round_up(self.window + self.chunk, self.page_size)
+
+    def entries(self, rate: int) -> int:
+        """Compressed-entry slots per sequence for a compressor of `rate`."""
+        return _round_up(max(1, -(-self.max_len // rate)), self.page_size)
+
+    @property
+    def kv_format(self) -> pk.KVFormat:
+        if self.cache_dtype == "fp8":
+            return pk.MODEL1
+        return pk.DenseFormat(d_qk=self.head_dim, d_v=self.head_dim)
+
+    @property
+    def dense_dtype(self):
+        return _DENSE_DTYPES.get(self.cache_dtype)
+
+    def kv_cache_shape(self, tokens_per_sequence: int) -> jax.ShapeDtypeStruct:
+        """A paged cache holding `tokens_per_sequence` slots for each of `max_batch` sequences."""
+        pages = self.max_batch * tokens_per_sequence // self.page_size
+        shape = pk.cache_shape(pages, self.page_size, self.kv_format)
+        return jax.ShapeDtypeStruct(shape, jnp.uint8 if self.cache_dtype == "fp8" else self.dense_dtype)
+
+
+@struct.dataclass
+class CompressorState:
+    """Raw per-token values and gate logits (position_bias not yet added) of the last B positions."""
+
+    kv: jax.Array  # [b, m or 2m, (p,) h], slot = position mod the buffer size
+    gate: jax.Array  # [b, m or 2m, (p,) h]
+
+
+@struct.dataclass
+class LayerState:
+    window: jax.Array  # sliding ring, kernel main cache
+    entries: jax.Array | None = None  # compressed entries, kernel extra cache (CSA/HCA)
+    compressor: CompressorState | None = None
+    index_keys: jax.Array | None = None  # [b, entries, j] (CSA)
+    index_compressor: CompressorState | None = None
+
+
+@struct.dataclass
+class DecodeState:
+    layers: tuple[LayerState, ...]
+    lengths: jax.Array  # [b] int32
+    mtp: LayerState | None = None
+    mtp_lengths: jax.Array | None = None  # [b] int32: positions the MTP block has seen
+    last_streams: jax.Array | None = None  # [b, c, d] main streams at position lengths − 1 (MTP input)
+    spec: CacheSpec = struct.field(pytree_node=False, default=None)
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+# ----------------------------------------------------------------------------------------------------
+# Allocation
+
+
+def fp8_fits(config: Config) -> bool:
+    """Whether the FP8 FlashMLA v4 cache format (448 FP8 + 64 bf16 RoPE dims) fits the config's keys."""
+    return (config.head_dim, config.qk_rope_head_dim) == (pk.MODEL1.d_qk, pk.MODEL1.d_rope)
+
+
+def resolve_cache_dtype(config: Config, cache_dtype: str, dtype) -> str:
+    """"auto" → "fp8" where the v4 format fits the config, else the model's compute dtype ("bf16"/"float32")."""
+    if cache_dtype not in CACHE_DTYPES:
+        raise ValueError(f"decode state: cache_dtype must be one of {CACHE_DTYPES}, got {cache_dtype!r}")
+    if cache_dtype == "auto":
+        cache_dtype = "fp8" if fp8_fits(config) else ("bf16" if jnp.dtype(dtype) == jnp.bfloat16 else "float32")
+        logger.info("decode state: cache_dtype='auto' chose %r", cache_dtype)
+    if cache_dtype == "fp8" and not fp8_fits(config):
+        raise ValueError(
+            f"decode state: cache_dtype='fp8' uses FlashMLA's v4 (MODEL1) format ({pk.MODEL1.d_nope} fp8 + "
+            f"{pk.MODEL1.d_rope} bf16 RoPE dims), which needs head_dim {pk.MODEL1.d_qk} and qk_rope_head_dim "
+            f"{pk.MODEL1.d_rope}; this config has {config.head_dim} and {config.qk_rope_head_dim}. "
+            "Use cache_dtype='auto', 'bf16' or 'float32'.")
+    return cache_dtype
+
+
+def resolve_attention_backend(config: Config, backend: str, cache_dtype: str) -> str:
+    """"auto" → "pallas" on a GPU when the kernel supports the cache and the head count, else "xla"; an explicit
+    kernel backend that cannot run is an error naming why."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"decode state: attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    kernel_ok = cache_dtype == "fp8" and pk.supported_heads(config.num_attention_heads)
+    if backend == "auto":
+        return "pallas" if kernel_ok and jax.default_backend() == "gpu" else "xla"
+    if backend in ("pallas", "interpret") and not kernel_ok:
+        raise ValueError(
+            f"decode state: attention_backend={backend!r} runs the Pallas kernel, which reads the FP8 cache "
+            f"(cache_dtype 'fp8', got {cache_dtype!r}) with 16, 32 or a multiple of 64 query heads (the config has "
+            f"{config.num_attention_heads}); use attention_backend='xla'")
+    return backend
+
+
+def make_spec(config: Config, *, max_batch: int, max_len: int, cache_dtype: str = "auto", chunk: int = 64,
+              page_size: int = 64, dtype=jnp.float32, mtp: bool = False, attention_backend: str = "auto") -> CacheSpec:
+    """Checks the request against the config and returns the static description of a state.
+
+    `cache_dtype` "auto" picks "fp8" where FlashMLA's v4 format fits the config, else the compute dtype;
+    `attention_backend` is one of `ATTENTION_BACKENDS`. The returned spec holds the resolved choices.
+    """
+    for name, value in (("max_batch", max_batch), ("max_len", max_len), ("chunk", chunk), ("page_size", page_size)):
+        positive_int(value, f"decode state: {name}")
+    cache_dtype = resolve_cache_dtype(config, cache_dtype, dtype)
+    backend = resolve_attention_backend(config, attention_backend, cache_dtype)
+    if max_len > config.max_position_embeddings:
+        raise ValueError(f"decode state: max_len {max_len} exceeds the config's max_position_embeddings "
+                         f"{config.max_position_embeddings}")
+    if mtp and not config.num_nextn_predict_layers:
+        raise ValueError("decode state: mtp=True but the config has no MTP block (num_nextn_predict_layers=0)")
+    if mtp and chunk < 2:
+        raise ValueError("decode state: speculative decoding verifies 2 tokens per call; chunk must be >= 2")
+    return CacheSpec(max_batch=int(max_batch), max_len=int(max_len), chunk=int(chunk), cache_dtype=cache_dtype,
+                     page_size=int(page_size), head_dim=config.head_dim, window=config.sliding_window,
+                     compute_dtype=jnp.dtype(dtype).name, mtp=bool(mtp), attention_backend=backend)
+
+
+def _compressor_shapes(spec: CacheSpec, rate: int, overlap: bool, width: int) -> CompressorState:
+    slots = 2 * rate if overlap else rate
+    shape = (spec.max_batch, slots, *((2,) if overlap else ()), width)
+    buf = jax.ShapeDtypeStruct(shape, jnp.dtype(spec.compute_dtype))
+    return CompressorState(kv=buf, gate=buf)
+
+
+def _layer_shapes(config: Config, spec: CacheSpec, layer_type: str) -> LayerState:
+    window = spec.kv_cache_shape(spec.ring)
+    if layer_type == SLIDING:
+        return LayerState(window=window)
+    rate = config.compress_rate(layer_type)
+    entries = spec.kv_cache_shape(spec.entries(rate))
+    compressor = _compressor_shapes(spec, rate, layer_type == CSA, config.head_dim)
+    if layer_type == HCA:
+        return LayerState(window=window, entries=entries, compressor=compressor)
+    index_keys = jax.ShapeDtypeStruct((spec.max_batch, spec.entries(rate), config.index_head_dim),
+                                      jnp.dtype(spec.compute_dtype))
+    return LayerState(window=window, entries=entries, compressor=compressor, index_keys=index_keys,
+                      index_compressor=_compressor_shapes(spec, rate, True, config.index_head_dim))
+
+
+def state_shapes(config: Config, spec: CacheSpec) -> DecodeState:
+    """The state as a tree of `jax.ShapeDtypeStruct` (nothing allocated)."""
+    lengths = jax.ShapeDtypeStruct((spec.max_batch,), jnp.int32)
+    mtp = {}
+    if spec.mtp:
+        mtp = dict(mtp=_layer_shapes(config, spec, config.mtp_layer_type), mtp_lengths=lengths,
+                   last_streams=jax.ShapeDtypeStruct((spec.max_batch, config.hc_mult, config.hidden_size),
+                                                     jnp.dtype(spec.compute_dtype)))
+    layers = tuple(_layer_shapes(config, spec, t) for t in config.layer_types)
+    return DecodeState(layers=layers, lengths=lengths, spec=spec, **mtp)
+
+
+def init_state(config: Config, *, max_batch: int, max_len: int, cache_dtype: str = "auto", chunk: int = 64,
+               page_size: int = 64, dtype=jnp.float32, mtp: bool = False, attention_backend: str = "auto"
+               ) -> DecodeState:
+    """Allocates an empty state (all sequences at length 0). See `make_spec` for the arguments; the state's
+    `spec` says which cache dtype and attention backend were picked.
+
+    `dtype` is the model's compute dtype; `chunk` bounds the tokens per sequence of one prefill call.
+    """
+    spec = make_spec(config, max_batch=max_batch, max_len=max_len, cache_dtype=cache_dtype, chunk=chunk,
+                     page_size=page_size, dtype=dtype, mtp=mtp, attention_backend=attention_backend)
+    return allocate(config, spec)
+
+
+def allocate(config: Config, spec: CacheSpec) -> DecodeState:
+    """Zero-filled state for `spec` (from `make_spec`)."""
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state_shapes(config, spec))
+
+
+def reset(state: DecodeState) -> DecodeState:
+    """All sequences back to length 0; the caches are left as they are (nothing stale is ever visible)."""
+    zeros = jnp.zeros_like(state.lengths)
+    return state.replace(lengths=zeros, mtp_lengths=None if state.mtp_lengths is None else zeros)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory
+
+
+def _nbytes(tree) -> int:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryRow:
+    kind: str  # "sliding", "CSA (m=4)", "HCA (m=128)", "MTP (sliding)", ...
+    layers: int
+    fixed_per_sequence: int  # bytes per layer per sequence whatever the length (ring + buffers)
+    per_token: float  # bytes per layer per token of context (compressed entries + indexer keys)
+    total: int  # bytes of all such layers for the whole state
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+    spec: CacheSpec
+    rows: tuple[MemoryRow, ...]
+    total: int  # bytes of the whole state
+
+    @property
+    def per_token(self) -> float:
+        """Bytes per token of context over all layers (the marginal cost of a longer context)."""
+        return sum(r.layers * r.per_token for r in self.rows)
+
+    @property
+    def fixed_per_sequence(self) -> int:
+        return sum(r.layers * r.fixed_per_sequence for r in self.rows)
+
+    def __str__(self) -> str:
+        s = self.spec
+        lines = [f"decode state: {s.cache_dtype} cache, {s.max_batch} sequences x {s.max_len} tokens "
+                 f"(window ring {s.ring} slots, pages of {s.page_size}; attention: {s.attention_backend})",
+                 f"  {'layer type':<16}{'layers':>7}{'fixed/seq/layer':>18}{'bytes/token/layer':>19}{'total':>12}"]
+        for r in self.rows:
+            lines.append(f"  {r.kind:<16}{r.layers:>7}{human_bytes(r.fixed_per_sequence):>18}{r.per_token:>19.1f}"
+                         f"{human_bytes(r.total):>12}")
+        lines.append(f"  {'all':<16}{sum(r.layers for r in self.rows):>7}{human_bytes(self.fixed_per_sequence):>18}"
+                     f"{self.per_token:>19.1f}{human_bytes(self.total):>12}")
+        return "\n".join(lines)
+
+
+def memory_report(config: Config, spec: CacheSpec) -> MemoryReport:
+    """Bytes of the state `spec` describes, by layer type: fixed per sequence, per token, and in total."""
+    kinds = {SLIDING: "sliding", CSA: f"CSA (m={config.compress_rate_csa})", HCA: f"HCA (m={config.compress_rate_hca})"}
+    groups = [(kinds[t], config.layer_types.count(t), t) for t in (SLIDING, CSA, HCA) if t in config.layer_types]
+    if spec.mtp:
+        groups.append((f"MTP ({kinds[config.mtp_layer_type]})", 1, config.mtp_layer_type))
+    rows = []
+    for kind, count, layer_type in groups:
+        shapes = _layer_shapes(config, spec, layer_type)
+        per_seq_total = _nbytes(shapes) / spec.max_batch
+        fixed = _nbytes(shapes.window) + _nbytes(shapes.compressor) + _nbytes(shapes.index_compressor)
+        per_token = 0.0
+        if layer_type != SLIDING:
+            rate = config.compress_rate(layer_type)
+            per_entry = (_nbytes(shapes.entries) + _nbytes(shapes.index_keys)) / (spec.max_batch * spec.entries(rate))
+            per_token = per_entry / rate
+        rows.append(MemoryRow(kind, count, round(fixed / spec.max_batch), per_token,
+                              round(count * per_seq_total * spec.max_batch)))
+    return MemoryReport(spec, tuple(rows), _nbytes(state_shapes(config, spec)))
+
+
+def max_len_for_budget(config: Config, budget_bytes: int, **spec_kwargs) -> int:
+    """The largest `max_len` whose state fits in `budget_bytes` (other `make_spec` arguments as given).
+
+    Weights are not included: pass the memory left after them. Raises if not even one token fits.
+    """
+    def fits(n: int) -> bool:
+        return _nbytes(state_shapes(config, make_spec(config, max_len=n, **spec_kwargs))) <= budget_bytes
+
+    lo, hi = 0, config.max_position_embeddings
+    if not fits(1):
+        raise ValueError(f"max_len_for_budget: {budget_bytes} bytes do not hold a state of even one token "
+                         f"({human_bytes(_nbytes(state_shapes(config, make_spec(config, max_len=1, **spec_kwargs))))})")
+    while lo < hi:  # invariant: fits(lo) or lo == 0; answer in [lo, hi]
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -1,0 +1,439 @@
+"""Orbax checkpoints of a Model1: `save`, `load`, and the `Writer` the streaming converter shares.
+
+Layout of a checkpoint directory DIR:
+
+    DIR/checkpoint-000007/        the committed checkpoint (normally the only one)
+        model1.json               format version, the Config, and for every parameter its Orbax item,
+                                  shape, dtype, and FP8/FP4 block layout when stored quantized
+        params-00000/ …           Orbax PyTree checkpoints of the arrays, nested by parameter path
+                                  (`save` writes one; the converter starts a new one whenever its
+                                  host buffer reaches a budget, which bounds its memory)
+    DIR/.tmp-checkpoint-000008-…  a save in progress: ignored by `load`, removed by the next save
+
+A save writes the new version beside the old one, commits it with one atomic `rename`, and only
+then deletes older versions, so a save interrupted at any point — exception or killed process —
+leaves the previous checkpoint loadable (Orbax's own commit is per item, which is not enough here).
+FP8 values and UE8M0 scales are stored as their uint8 bit patterns (bit-exact, and independent of
+which float8 types a given Orbax/TensorStore version supports); the manifest records their dtype.
+
+`load` builds the model abstractly (`nnx.eval_shape`) and restores every array straight into its
+target sharding (Orbax reads each device's slice), never through a full host copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
+
+from model1_jax.config import Config, RopeScaling
+from model1_jax.io.hf import CheckpointError
+from model1_jax.model import quant
+from model1_jax.model.transformer import Model1, abstract_model, merge
+
+FORMAT, FORMAT_VERSION = "model1-jax", 1
+MANIFEST = "model1.json"
+_VERSION_RE = re.compile(r"^checkpoint-(\d{6,})$")
+_QUANT_ARRAYS = ("values", "scales")
+
+ShardingSpec = Callable[[tuple, jax.ShapeDtypeStruct], Sharding] | Mapping[tuple, Sharding]
+
+
+# -- config ----------------------------------------------------------------------------------------
+
+def config_to_json(config: Config) -> dict[str, Any]:
+    """Every Config field as JSON (faithful: `Config.to_hf` drops fields such as `mtp_layer_type`)."""
+    return dataclasses.asdict(config)
+
+
+def config_from_json(d: Mapping[str, Any]) -> Config:
+    d = dict(d)
+    if d.get("rope_scaling") is not None:
+        d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    unknown = set(d) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        raise ValueError(f"checkpoint config has fields this version does not know: {sorted(unknown)}")
+    return Config(**d)
+
+
+# -- directory layout ------------------------------------------------------------------------------
+
+def _versions(directory: str) -> list[tuple[int, str]]:
+    if not os.path.isdir(directory):
+        return []
+    found = [(int(m.group(1)), e) for e in os.listdir(directory) if (m := _VERSION_RE.match(e))]
+    return sorted(found)
+
+
+def _resolve(directory: str | os.PathLike) -> str:
+    """The committed checkpoint a path refers to: DIR/checkpoint-N (latest) or a checkpoint-N itself.
+
+    Absolute, because Orbax refuses relative paths."""
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.isfile(os.path.join(directory, MANIFEST)):
+        return directory
+    versions = _versions(directory)
+    if not versions:
+        raise FileNotFoundError(f"{directory!r} holds no model1-jax checkpoint (no {MANIFEST} and no "
+                                "checkpoint-NNNNNN/ inside)")
+    return os.path.join(directory, versions[-1][1])
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is a checkpoint directory written by `save` or the converter."""
+    try:
+        _resolve(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _key(path: tuple) -> str:
+    return "/".join(map(str, path))
+
+
+def _nest(flat: dict[tuple, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(str(part), {})
+        node[str(path[-1])] = value
+    return tree
+
+
+# -- Orbax items ------------------------------------------------------------------------------------
+
+def _handler() -> ocp.PyTreeCheckpointHandler:
+    """PyTree handler whose NumPy leaves are written without the defensive host copy (the copy would
+    double the converter's buffer while it is written)."""
+    numpy_handler = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, numpy_handler), (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
+    # Uncompressed: zstd costs more time than it saves on FP8/FP4 codes and bf16 mantissas, and its
+    # output buffers would add a copy of each item to the converter's peak memory.
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
+
+
+_bitcast = jax.jit(jax.lax.bitcast_convert_type, static_argnums=1)  # keeps the input's sharding
+_bitcast_donated = jax.jit(jax.lax.bitcast_convert_type, static_argnums=1, donate_argnums=0)  # restore: reuse buffer
+
+
+def _as_bits(array):
+    """uint8 bit pattern of a float8 array (host or device; a device array keeps its sharding)."""
+    if np.dtype(array.dtype) == np.uint8:
+        return array
+    return array.view(np.uint8) if isinstance(array, np.ndarray) else _bitcast(array, jnp.uint8)
+
+
+def check_destination(directory: str | os.PathLike, *, overwrite: bool) -> None:
+    """Raises FileExistsError unless a checkpoint may be written to `directory` (nothing is touched).
+
+    Allowed: a missing or empty directory, or one holding a checkpoint when `overwrite` is set. Any
+    other content is never deleted.
+    """
+    directory = os.fspath(directory)
+    if not os.path.exists(directory):
+        return
+    if not os.path.isdir(directory):
+        raise FileExistsError(f"{directory!r} exists and is not a directory")
+    if _versions(directory) and not overwrite:
+        raise FileExistsError(f"{directory!r} already holds a checkpoint; pass overwrite=True "
+                              "(--overwrite) to replace it")
+    foreign = [e for e in os.listdir(directory) if not _VERSION_RE.match(e)
+               and not e.startswith((".tmp-checkpoint-", ".trash-checkpoint-"))]
+    if foreign:
+        raise FileExistsError(f"{directory!r} is not empty and not a model1-jax checkpoint "
+                              f"(found {sorted(foreign)[:5]}); refusing to write into it")
+
+
+class Writer:
+    """Writes one checkpoint version into a temporary directory and commits it atomically.
+
+    `add` parameters one at a time; they are buffered and written as Orbax items, a new item
+    whenever the buffer would exceed `budget_bytes` (None: one item). Use as a context manager:
+    the version is committed on normal exit and discarded if an exception escapes.
+    """
+
+    def __init__(self, directory: str | os.PathLike, config: Config, *, overwrite: bool = False,
+                 budget_bytes: int | None = None):
+        if jax.process_count() > 1:
+            raise NotImplementedError(
+                f"m1.save writes from a single process, and this run has {jax.process_count()} (jax.distributed): "
+                "save from a single-process run, or keep Orbax training checkpoints (train.loop.TrainCheckpointer), "
+                "which every process writes")
+        self.directory = directory = os.path.abspath(os.fspath(directory))  # Orbax refuses relative paths
+        self.config = config
+        self.budget_bytes = budget_bytes
+        check_destination(directory, overwrite=overwrite)
+        self.committed = _versions(directory)
+        os.makedirs(directory, exist_ok=True)
+        number = (self.committed[-1][0] if self.committed else 0) + 1
+        self.final = os.path.join(directory, f"checkpoint-{number:06d}")
+        self.tmp = os.path.join(directory, f".tmp-checkpoint-{number:06d}-{uuid.uuid4().hex[:12]}")
+        os.mkdir(self.tmp)
+        self.entries: dict[str, dict] = {}
+        self.items: list[str] = []
+        self._buffer: dict[tuple, Any] = {}
+        self.buffer_bytes = 0
+        self._checkpointer = ocp.Checkpointer(_handler())
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+            return
+        try:
+            self.commit()
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def _item(self) -> str:
+        return f"params-{len(self.items):05d}"
+
+    def reserve(self, nbytes: int) -> None:
+        """Flushes first if `nbytes` more would overflow the budget (call before building a parameter)."""
+        if self.budget_bytes is not None and self._buffer and self.buffer_bytes + nbytes > self.budget_bytes:
+            self.flush()
+
+    def add(self, path: tuple, value) -> None:
+        """Buffers one parameter: a NumPy/JAX array or a `BlockQuantized` of either."""
+        key = _key(path)
+        if key in self.entries:
+            raise ValueError(f"Writer.add: {key} added twice")
+        entry: dict[str, Any] = {"item": self._item, "shape": list(value.shape)}
+        if isinstance(value, quant.BlockQuantized):
+            value.check()
+            entry.update(format=value.fmt, block=list(value.block), pack_axis=value.pack_axis,
+                         values_dtype=np.dtype(value.values.dtype).name)
+            stored = {"values": _as_bits(value.values), "scales": _as_bits(value.scales)}
+            self._buffer.update({(*path, k): v for k, v in stored.items()})
+            self.buffer_bytes += value.nbytes
+        else:
+            entry["dtype"] = np.dtype(value.dtype).name
+            self._buffer[path] = value
+            self.buffer_bytes += value.size * np.dtype(value.dtype).itemsize
+        self.entries[key] = entry
+        if self.budget_bytes is not None and self.buffer_bytes >= self.budget_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Writes the buffered parameters as one Orbax item and releases them."""
+        if not self._buffer:
+            return
+        tree = _nest(self._buffer)
+        self._checkpointer.save(os.path.join(self.tmp, self._item), args=ocp.args.PyTreeSave(tree))
+        self.items.append(self._item)
+        self._buffer.clear()
+        self.buffer_bytes = 0
+        del tree
+        gc.collect(1)  # Orbax's save leaves (young) reference cycles that hold the arrays until collected
+
+    def commit(self) -> str:
+        """Flushes, writes the manifest, renames the version into place, then removes older versions."""
+        self.flush()
+        self._checkpointer.close()
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config_to_json(self.config),
+                    "items": self.items, "params": self.entries}
+        with open(os.path.join(self.tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(self.tmp)
+        os.rename(self.tmp, self.final)  # the commit point
+        _fsync_dir(self.directory)
+        for name in os.listdir(self.directory):
+            stale = (_VERSION_RE.match(name) and os.path.join(self.directory, name) != self.final) or \
+                name.startswith((".tmp-checkpoint-", ".trash-checkpoint-"))
+            if stale:
+                # Renamed first, so a half-deleted directory never looks like a committed version.
+                trash = os.path.join(self.directory, name if name.startswith(".") else f".trash-{name}")
+                os.rename(os.path.join(self.directory, name), trash)
+                shutil.rmtree(trash, ignore_errors=True)
+        return self.final
+
+    def abort(self) -> None:
+        self._buffer.clear()
+        self._checkpointer.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# -- save / load ------------------------------------------------------------------------------------
+
+def save(model_or_state: Model1 | nnx.State, directory: str | os.PathLike, *, config: Config | None = None,
+         overwrite: bool = False) -> str:
+    """Saves a model's parameters and config as an Orbax checkpoint; returns the committed path.
+
+    `model_or_state` is a `Model1` or its `nnx.state(...)` (then `config` is required). Parameters may
+    be dense or `BlockQuantized`, on any devices and shardings. An existing checkpoint in `directory` is
+    replaced only with `overwrite=True`, atomically (see the module docstring).
+    """
+    if isinstance(model_or_state, Model1):
+        config = config or model_or_state.config
+        state = nnx.state(model_or_state)
+    elif isinstance(model_or_state, nnx.State):
+        if config is None:
+            raise ValueError("save: pass config= when saving an nnx.State")
+        state = model_or_state
+    else:
+        raise TypeError(f"save: expected a Model1 or an nnx.State, got {type(model_or_state).__name__}")
+    flat = list(nnx.to_flat_state(state))
+    _check_against_config({p: v.get_value() for p, v in flat}, config, "save")
+    with Writer(directory, config, overwrite=overwrite) as writer:
+        for path, var in flat:
+            writer.add(path, var.get_value())
+    return writer.final
+
+
+def _check_against_config(values: dict[tuple, Any], config: Config, where: str) -> None:
+    _, abstract = abstract_model(config, jnp.float32)
+    want = {p: tuple(v.get_value().shape) for p, v in abstract}
+    problems = [f"missing parameter {_key(p)}" for p in want if p not in values]
+    problems += [f"unexpected parameter {_key(p)}" for p in values if p not in want]
+    problems += [f"{_key(p)}: shape {list(values[p].shape)}, the config needs {list(want[p])}"
+                 for p in want if p in values and tuple(values[p].shape) != want[p]]
+    if problems:
+        raise CheckpointError(where, problems)
+
+
+def read_config(directory: str | os.PathLike) -> Config:
+    """The Config stored in a checkpoint."""
+    return config_from_json(_read_manifest(_resolve(directory))["config"])
+
+
+def _read_manifest(root: str) -> dict:
+    with open(os.path.join(root, MANIFEST)) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(root, [f"{MANIFEST}: format {manifest.get('format')!r} version "
+                                     f"{manifest.get('format_version')!r}, expected {FORMAT!r} {FORMAT_VERSION}"])
+    return manifest
+
+
+def _sharding_fn(mesh: jax.sharding.Mesh | None, shardings: ShardingSpec | None
+                 ) -> Callable[[tuple, jax.ShapeDtypeStruct], Sharding]:
+    if shardings is None:
+        default = NamedSharding(mesh, PartitionSpec()) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
+        return lambda path, sds: default
+    if callable(shardings):
+        return shardings
+    if isinstance(shardings, Mapping):
+        def lookup(path, sds):
+            if path in shardings:
+                return shardings[path]
+            if path[-1] in _QUANT_ARRAYS and path[:-1] in shardings:
+                return shardings[path[:-1]]
+            raise KeyError(_key(path))
+        return lookup
+    raise TypeError(f"load: shardings must be a mapping or a callable, got {type(shardings).__name__}")
+
+
+def load(directory: str | os.PathLike, *, dtype, mesh: jax.sharding.Mesh | None = None,
+         shardings: ShardingSpec | None = None) -> Model1:
+    """Restores a checkpoint written by `save` or the converter as a `Model1` computing in `dtype`.
+
+    Dense weights are restored in `dtype` (the parameters the reference keeps in float32 stay
+    float32); FP8/FP4 parameters stay block-quantized and are dequantized on the fly by each layer.
+    Every array is read directly into its sharding:
+      shardings   a callable `(path, jax.ShapeDtypeStruct) -> Sharding`, or a mapping `{path: Sharding}`;
+                  `path` is the parameter path of `nnx.to_flat_state` (e.g. `('layers', 0, 'self_attn',
+                  'q_a_proj', 'kernel')`), plus `'values'` / `'scales'` for the two arrays of a quantized
+                  parameter (a mapping entry for the parameter itself covers both);
+      mesh        without shardings: replicate everything over this mesh;
+      neither     the default device.
+    """
+    root = _resolve(directory)
+    manifest = _read_manifest(root)
+    config = config_from_json(manifest["config"])
+    graphdef, flat = abstract_model(config, dtype)
+    stored = manifest["params"]
+    problems, abstract = [], {}
+    for path, var in flat:
+        want, entry = var.get_value(), stored.get(_key(path))
+        if entry is None:
+            problems.append(f"missing parameter {_key(path)} {list(want.shape)}")
+        elif tuple(entry["shape"]) != tuple(want.shape):
+            problems.append(f"{_key(path)}: stored shape {entry['shape']}, the model needs {list(want.shape)}")
+        elif "format" in entry and not jnp.issubdtype(want.dtype, jnp.floating):
+            problems.append(f"{_key(path)}: stored block-quantized, but the model holds {want.dtype}")
+        else:
+            abstract[path] = want
+    model_keys = {_key(p) for p, _ in flat}
+    problems += [f"unexpected parameter {k}" for k in stored if k not in model_keys]
+    if problems:
+        raise CheckpointError(root, problems)
+
+    sharding_of = _sharding_fn(mesh, shardings)
+    items: dict[str, dict[tuple, jax.ShapeDtypeStruct]] = {}
+    missing = []
+    for path, want in abstract.items():
+        entry = stored[_key(path)]
+        if "format" in entry:
+            values_shape = (quant.packed_shape(want.shape, entry["pack_axis"]) if entry["format"] == quant.FP4
+                            else tuple(want.shape))
+            arrays = {(*path, "values"): values_shape,
+                      (*path, "scales"): quant.scale_shape(want.shape, entry["block"])}
+            arrays = {p: jax.ShapeDtypeStruct(s, jnp.uint8) for p, s in arrays.items()}
+        else:
+            arrays = {path: jax.ShapeDtypeStruct(want.shape, want.dtype)}
+        for p, sds in arrays.items():
+            try:
+                sharding = sharding_of(p, sds)
+            except KeyError:
+                missing.append(_key(p))
+                continue
+            items.setdefault(entry["item"], {})[p] = jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=sharding)
+    if missing:
+        raise ValueError(f"load: shardings has no entry for {len(missing)} array(s), e.g. {missing[:5]}")
+
+    restored: dict[tuple, jax.Array] = {}
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    try:
+        for item, targets in items.items():
+            tree = _nest(targets)
+            result = checkpointer.restore(os.path.join(root, item), args=ocp.args.PyTreeRestore(
+                item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree)))
+            for path in targets:
+                node = result
+                for part in path:
+                    node = node[str(part)]
+                restored[path] = node
+    finally:
+        checkpointer.close()
+    values = {}
+    for path in abstract:
+        entry = stored[_key(path)]
+        if "format" in entry:
+            values_dtype = np.dtype(entry["values_dtype"])
+            v, s = restored[(*path, "values")], restored[(*path, "scales")]
+            values[path] = quant.BlockQuantized(
+                v if values_dtype == np.uint8 else _bitcast_donated(v, values_dtype), _bitcast_donated(s, quant.E8M0),
+                entry["format"], tuple(entry["block"]), entry["pack_axis"]).check()
+        else:
+            values[path] = restored[path]
+    return merge(graphdef, flat, values)
