@@ -1,6 +1,6 @@
 """Model configuration: a frozen dataclass with the released presets and a Hugging Face reader.
 
-Field names follow `DeepseekV4Config` (spec §1.1). Two fields differ in form because a frozen,
+Field names follow `DeepseekV4Config` (docs/model.md §1.1). Two fields differ in form because a frozen,
 hashable config cannot hold dicts: `compress_rates` is stored as `compress_rate_csa` /
 `compress_rate_hca`, and the compress rope's YaRN block as `rope_scaling` (a `RopeScaling`).
 `Config.rope_parameters` and `Config.compress_rates` rebuild HF's nested dicts.
@@ -24,7 +24,7 @@ MLP_LAYER_TYPES = (HASH_MOE, MOE)
 SCORING_FUNCS = ("sqrtsoftplus", "sigmoid")
 
 # Legacy `compress_ratios` entries select the layer type only; the rate itself comes from the
-# per-type rate (spec §1.1).
+# per-type rate (docs/model.md §1.4).
 _RATIO_TO_LAYER_TYPE = {0: SLIDING, 4: CSA, 128: HCA}
 
 
@@ -102,7 +102,7 @@ class Config:
         if not self.layer_types:
             raise ValueError(
                 "Config.layer_types: an explicit per-layer schedule is required (one of "
-                f"{LAYER_TYPES} per layer); HF's implicit default matches no released model (spec §1.2)."
+                f"{LAYER_TYPES} per layer); HF's implicit default matches no released model (docs/model.md §1.3)."
             )
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if not self.mlp_layer_types:
@@ -138,7 +138,7 @@ class Config:
 
     @property
     def rope_parameters(self) -> dict[str, dict[str, Any]]:
-        """HF's nested `{"main": ..., "compress": ...}` rope dict (spec §1.4)."""
+        """HF's nested `{"main": ..., "compress": ...}` rope dict (docs/model.md §1.5)."""
         main = {"rope_type": "default", "rope_theta": self.rope_theta,
                 "partial_rotary_factor": self.partial_rotary_factor}
         compress = {"rope_type": "default"}
@@ -232,7 +232,7 @@ class Config:
                  self.rope_scaling.original_max_position_embeddings)
 
     # ----------------------------------------------------------------------------------------
-    # Presets (spec §1.3: explicit schedules, not HF's defaults)
+    # Presets (docs/model.md §1.3: explicit schedules, not HF's defaults)
 
     @classmethod
     def v4_flash(cls) -> Config:
@@ -296,7 +296,7 @@ class Config:
         """Reads a Hugging Face `config.json` (a directory, a file path, or the parsed dict).
 
         Accepts the legacy keys of the released configs (`compress_ratios`, `compress_rate_csa/hca`,
-        `num_hash_layers`, `qk_rope_head_dim`, flat `rope_scaling`) as HF does (spec §1.1, §1.4).
+        `num_hash_layers`, `qk_rope_head_dim`, flat `rope_scaling`) as HF does (docs/model.md §1.4, §1.5).
         """
         if isinstance(path_or_dict, Mapping):
             raw = dict(path_or_dict)

@@ -1,4 +1,4 @@
-"""FlashMLA's comparison rule for kernel outputs (`tests/kernelkit/compare.py`, spec §7.1), used by the tests
+"""FlashMLA's comparison rule for kernel outputs (`tests/kernelkit/compare.py`, docs/kernels.md §7.1), used by the tests
 and by the benchmark's correctness check."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-# Sparse decode tolerances (spec §7.1): out is bf16 compared with the bf16-rounded reference.
+# Sparse decode tolerances (docs/kernels.md §7.1): out is bf16 compared with the bf16-rounded reference.
 OUT_TOL = dict(abs_tol=1e-3, rel_tol=2.01 / 128, cos_tol=5e-6)
 LSE_TOL = dict(abs_tol=1e-6, rel_tol=8.01 / 65536, cos_tol=1e-7)
 

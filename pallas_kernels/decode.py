@@ -29,7 +29,7 @@ def sparse_mla_decode(q, kv_cache, indices, *, kv_format: str | KVFormat, page_s
                       extra_kv_cache=None, extra_indices=None, extra_page_size=None, extra_topk_length=None,
                       attn_sink=None, softmax_scale: float | None = None, backend: str = "auto",
                       interpret: bool = False):
-    """Sparse MQA decode over a paged FP8 (or dense) KV cache, FlashMLA semantics (spec §1).
+    """Sparse MQA decode over a paged FP8 (or dense) KV cache, FlashMLA semantics (docs/kernels.md §2–3).
 
     Args:
       q: bf16 `[b, s_q, h_q, d_qk]` (d_qk 512 MODEL1, 576 V3.2); float32 is accepted by the "xla" backend.

@@ -1,4 +1,4 @@
-"""KV-cache formats of FlashMLA's sparse decode, as data, plus quantize / read / write (spec §1.2-1.3).
+"""KV-cache formats of FlashMLA's sparse decode, as data, plus quantize / read / write (docs/kernels.md §4–5).
 
 A quantized cache is `uint8[u, y]`: u page blocks of y = `kv_format.block_stride(page_size)` bytes.
 The bytes are exactly FlashMLA's buffer, so a cache written here is read by FlashMLA and vice versa.
@@ -151,7 +151,7 @@ def _ceil_log2(x_f32):
 
 
 def quantize_records(k_sh, kv_format: Fp8Format):
-    """FlashMLA's quantization of keys `[s, d_qk]` into records uint8 `[s, bytes_per_token]` (spec §1.3).
+    """FlashMLA's quantization of keys `[s, d_qk]` into records uint8 `[s, bytes_per_token]` (docs/kernels.md §5).
 
     Per tile: amax over |x| in fp32, s_inv = max(amax / 448, 1e-4), scale = 2^ceil(log2 s_inv),
     fp8 = round-to-nearest-even(x / scale). RoPE is stored verbatim as bf16. Keys are rounded to bf16 first
@@ -205,7 +205,7 @@ def decode_records(rec_sy, kv_format: Fp8Format):
 
 
 def is_valid_index(idx, pos, length, capacity: int):
-    """Spec §1.4: position `pos` holding `idx` is read iff pos < length and 0 <= idx < capacity (= pages · page_size).
+    """docs/kernels.md §3.2: position `pos` holding `idx` is read iff pos < length and 0 <= idx < capacity (= pages · page_size).
 
     FlashMLA documents only -1 as invalid; any other out-of-range value is treated as invalid too, so no
     address is ever formed from it. Works on arrays inside and outside kernels.

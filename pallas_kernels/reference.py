@@ -1,4 +1,4 @@
-"""Pure-jnp sparse MLA decode: the exact, readable statement of FlashMLA's semantics (spec §1.4-1.8).
+"""Pure-jnp sparse MLA decode: the exact, readable statement of FlashMLA's semantics (docs/kernels.md §3).
 
 Gather every indexed key of both scopes, dequantize it, and take one masked softmax in float32 with
 HIGHEST-precision matmuls. Invalid positions are removed by select (never by multiplying by 0), so NaN in an

@@ -1,5 +1,5 @@
 """FLOP, byte and roofline figures of a sparse decode call, with the formulas of FlashMLA's tests/lib.py
-(spec §6.2), so benchmark numbers compare with FlashMLA's.
+(docs/kernels.md §8.1), so benchmark numbers compare with FlashMLA's.
 
 FLOP = 2 · h_q · A · (d_qk + d_v), A = attended (row, token) pairs summed over both scopes.
 bytes = Q + U · T + O, U = distinct index values per scope after masking positions >= topk_length to -1

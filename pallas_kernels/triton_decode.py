@@ -1,4 +1,4 @@
-"""Pallas-Triton sparse FP8 decode: split-KV kernel plus a jnp combine (spec §1.6-1.7, §4.3).
+"""Pallas-Triton sparse FP8 decode: split-KV kernel plus a jnp combine (docs/kernels.md §3.4, §6.1–6.3).
 
 Grid (t rows = b·s_q, z splits, heads / block_h head blocks). A program owns one query row, one head block of H =
 min(h_q, 64) heads (M = 64 feeds wgmma) and one split: a contiguous share of the row's *valid* index tiles
@@ -139,7 +139,7 @@ def _attend_tile(carry, q_nh, qrope_nr, idx_ref, cache_ref, tile, length, scope:
 def _decode_kernel(*refs, kv_format: Fp8Format, main: Scope, extra: Scope | None, num_splits: int,
                    block_h: int, logit_scale: float):
     refs = list(refs)
-    row, split = pl.program_id(0), pl.program_id(1)  # read at the top: not inside loops (guide rule 6)
+    row, split = pl.program_id(0), pl.program_id(1)  # read at the top: not inside loops (docs/kernels.md §6.5)
     len_ref, sink_ref, q_ref = refs.pop(0), refs.pop(0), refs.pop(0)
     qrope_ref = refs.pop(0) if kv_format.d_nope == D_V else None
     idx_ref, cache_ref = refs.pop(0), refs.pop(0)
@@ -187,7 +187,7 @@ def _decode_kernel(*refs, kv_format: Fp8Format, main: Scope, extra: Scope | None
 
 
 def combine_splits(o_tznh, lse2_tzn, sink_n):
-    """Merges per-split (O/L, log2 L + m) into bf16 out [t, n, 512] and natural lse [t, n] (spec §4.3)."""
+    """Merges per-split (O/L, log2 L + m) into bf16 out [t, n, 512] and natural lse [t, n] (docs/kernels.md §6.3)."""
     m_tn = jnp.max(lse2_tzn, axis=1)
     m_tn = jnp.where(jnp.isfinite(m_tn), m_tn, 0.0)
     w_tzn = jnp.exp2(lse2_tzn - m_tn[:, None])  # an empty split has lse2 = -inf: weight 0

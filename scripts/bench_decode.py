@@ -73,7 +73,7 @@ def step_bytes(cfg: m1.Config, model: m1.Model1, batch: int, context: int) -> di
     E·(1 − (1 − k/E)^batch) per layer on average, assuming uniform routing), the embedding (one row per
     token) and the MTP block (unused without speculative decoding). Cache, per sequence and layer: the
     window's W tokens; CSA also its top-k entries and the indexer's keys of every entry (it scores them
-    all); HCA every entry. 576 bytes per cached token, as FlashMLA counts (spec kernels §6.2); indexer keys
+    all); HCA every entry. 576 bytes per cached token, as FlashMLA counts (docs/kernels.md §8.1); indexer keys
     2 bytes per dim.
     """
     counts = parameter_counts(model)

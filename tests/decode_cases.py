@@ -1,4 +1,4 @@
-"""Random sparse-decode inputs in the style of FlashMLA's test generator (spec §7.2), at CPU sizes.
+"""Random sparse-decode inputs in the style of FlashMLA's test generator (docs/kernels.md §7.2), at CPU sizes.
 
 Caches are built with the oracle's quantizer. Every token that no valid index references (after topk_length
 masking) is NaN before quantization, and every byte that belongs to no token is 0xFF, so any read of an

@@ -1,7 +1,7 @@
-"""Independent float64 numpy oracle for FlashMLA's sparse FP8 decode, written from shared/spec/kernels.md.
+"""Independent float64 numpy oracle for FlashMLA's sparse FP8 decode, written from docs/kernels.md.
 
-It shares no semantics code with `pallas_kernels`: byte offsets come from the tables of spec §1.2, the quantizer
-from §1.3 (with frexp instead of bit tricks), the attention from §1.6. Only FlashMLA's comparison rule (§7.1)
+It shares no semantics code with `pallas_kernels`: byte offsets come from the tables of docs/kernels.md §4, the quantizer
+from docs/kernels.md §5 (with frexp instead of bit tricks), the attention from docs/kernels.md §3.4. Only FlashMLA's comparison rule (docs/kernels.md §7.1)
 is imported, from `pallas_kernels.compare`, so the benchmark checks with the same rule.
 """
 
@@ -17,7 +17,7 @@ from pallas_kernels.compare import decode_report
 BF16 = ml_dtypes.bfloat16
 FP8 = ml_dtypes.float8_e4m3fn
 
-# Spec §1.2: (d_qk, NoPE dims, dims per scale)
+# docs/kernels.md §4: (d_qk, NoPE dims, dims per scale)
 FACTS = {"model1": (512, 448, 64), "v32": (576, 512, 128)}
 
 
@@ -28,14 +28,14 @@ def block_stride(kv_format: str, page: int) -> int:
 
 
 def token_offsets(kv_format: str, page: int, g):
-    """(NoPE byte offset, scale byte offset, RoPE byte offset) of slot g inside its block (spec §1.2 tables)."""
+    """(NoPE byte offset, scale byte offset, RoPE byte offset) of slot g inside its block (docs/kernels.md §4.1, §4.3 tables)."""
     if kv_format == "model1":
         return 576 * g, 576 * page + 8 * g, 576 * g + 448
     return 656 * g, 656 * g + 512, 656 * g + 528
 
 
 def quantize(k_ush: np.ndarray, kv_format: str, fill: int = 0) -> np.ndarray:
-    """Spec §1.3 on bf16 keys `[P, G, d_qk]` -> uint8 `[P, S]`; bytes of no token are set to `fill`."""
+    """docs/kernels.md §5 on bf16 keys `[P, G, d_qk]` -> uint8 `[P, S]`; bytes of no token are set to `fill`."""
     d_qk, d_nope, tile = FACTS[kv_format]
     num_blocks, page, _ = k_ush.shape
     x = np.asarray(k_ush).astype(BF16).astype(np.float32)
@@ -81,7 +81,7 @@ def dequantize_tokens(cache: np.ndarray, kv_format: str, page: int, slots: np.nd
 
 
 def valid_positions(idx_btk, length_b, capacity):
-    """Spec §1.4/1.5, with our superset rule: -1 and anything outside [0, capacity) is invalid."""
+    """docs/kernels.md §3.2–3.3, with our superset rule: -1 and anything outside [0, capacity) is invalid."""
     b, _, topk = idx_btk.shape
     length = np.full(b, topk) if length_b is None else np.asarray(length_b)
     in_len = np.arange(topk)[None, None, :] < length[:, None, None]
@@ -90,7 +90,7 @@ def valid_positions(idx_btk, length_b, capacity):
 
 
 def sparse_decode(q, scopes, *, kv_format, attn_sink=None, softmax_scale, d_v=512):
-    """Spec §1.6 in float64. `scopes`: list of (cache, indices [b,s_q,k], page, topk_length or None; or for a
+    """docs/kernels.md §3.4 in float64. `scopes`: list of (cache, indices [b,s_q,k], page, topk_length or None; or for a
     dense float cache `[P, G, d]` the kv_format name "dense"). Returns (out [b,s_q,h,512], lse [b,h,s_q])."""
     q = np.asarray(q).astype(np.float64)
     b, s_q, h_q, _ = q.shape
@@ -122,6 +122,6 @@ def sparse_decode(q, scopes, *, kv_format, attn_sink=None, softmax_scale, d_v=51
 
 
 def check_decode(out, lse, ref_out, ref_lse):
-    """FlashMLA's sparse-decode tolerances (spec §7.1); the rule itself is `pallas_kernels.compare`."""
+    """FlashMLA's sparse-decode tolerances (docs/kernels.md §7.1); the rule itself is `pallas_kernels.compare`."""
     problem = decode_report(out, lse, ref_out, ref_lse)
     assert problem is None, problem

@@ -93,7 +93,7 @@ def logits(model: DeepseekV4ForCausalLM, ids: np.ndarray) -> np.ndarray:
 
 class IndexerScores:
     """Records the indexer scores of every CSA layer during HF forwards or generate() (to detect top-k ties:
-    the pick is then arbitrary, and torch and lax break ties differently, spec §4.6)."""
+    the pick is then arbitrary, and torch and lax break ties differently, docs/model.md §4.6)."""
 
     def __init__(self, model: DeepseekV4ForCausalLM):
         self.records: list[tuple[int, np.ndarray]] = []
@@ -125,7 +125,7 @@ class IndexerScores:
 
 
 def tie_free_ids(model: DeepseekV4ForCausalLM, batch: int, length: int, seed: int, tries: int = 50) -> np.ndarray:
-    """Random token ids for which no CSA layer has an exact tie at its top-k boundary (spec §4.6).
+    """Random token ids for which no CSA layer has an exact tie at its top-k boundary (docs/model.md §4.6).
 
     Ties (common: ReLU makes scores exactly 0) make the selection arbitrary, and torch.topk and
     lax.top_k break them differently; the parity tests avoid them rather than loosen tolerances.

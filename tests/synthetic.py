@@ -1,7 +1,7 @@
 """Synthetic DeepSeek-V4 checkpoints in the released formats, built without torch.
 
 `original_tensors(cfg)` lists every tensor of a checkpoint in DeepSeek's own names and HF's
-[out, in] layout (spec §7, written out here independently of `hf_names`), with random values in the
+[out, in] layout (docs/checkpoints.md §3, written out here independently of `hf_names`), with random values in the
 released storage dtypes. `quantize_tensors` stores the FP8 linears as e4m3 + UE8M0 128×128-block
 scales and the routed experts as packed FP4 + UE8M0 per-32-column scales, exactly as released;
 `hf_module_names` renames to HF's module names (merged `gate_up_proj`, `weight_scale_inv`).
@@ -35,7 +35,7 @@ CONFIG = m1.Config(
     o_groups=2, o_lora_rank=128, sliding_window=8, index_n_heads=2, index_head_dim=64, index_topk=2,
 )
 
-# Released storage (spec §7): FP8 linears (+ .scale), FP4 routed experts (+ .scale), the rest dense.
+# Released storage (docs/checkpoints.md §3, §5): FP8 linears (+ .scale), FP4 routed experts (+ .scale), the rest dense.
 FP8_SUFFIXES = (".wq_a.weight", ".wq_b.weight", ".wkv.weight", ".wo_a.weight", ".wo_b.weight", ".e_proj.weight",
                 ".h_proj.weight", ".shared_experts.w1.weight", ".shared_experts.w2.weight", ".shared_experts.w3.weight")
 FP8_EXCLUDE = (".compressor.wkv.weight",)  # compressor projections stay BF16

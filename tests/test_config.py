@@ -12,7 +12,7 @@ import model1_jax as m1
 from model1_jax.config import CSA, HCA, SLIDING
 from model1_jax.model.decoder import DecoderLayer
 
-# The released V4-Flash config.json, as the spec (§1.3) gives its fields: legacy keys throughout.
+# The released V4-Flash config.json, as docs/model.md §1.3–1.4 gives its fields: legacy keys throughout.
 RELEASED_FLASH = {
     "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4", "vocab_size": 129280,
     "hidden_size": 4096, "moe_intermediate_size": 2048, "num_hidden_layers": 43, "num_attention_heads": 64,
@@ -61,7 +61,7 @@ def _param_count(cfg) -> int:
 
 @pytest.mark.parametrize("preset, billions", [("v4_flash", 284.33), ("v4_pro", 1572.997)])
 def test_preset_parameter_counts(preset, billions):
-    """Spec §1.3 (HF modules on the meta device, no MTP): 284.33 B and 1572.997 B."""
+    """docs/model.md §1.3 (HF modules on the meta device, no MTP): 284.33 B and 1572.997 B."""
     cfg = getattr(m1.Config, preset)().replace(num_nextn_predict_layers=0)
     assert round(_param_count(cfg) / 1e9, 3 if preset == "v4_pro" else 2) == billions
 

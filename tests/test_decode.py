@@ -134,7 +134,7 @@ def rounded_forward(model, ids, stored):
 
 def fp8_stored(k):
     """Keys as the FP8 cache stores them: e4m3 with a power-of-two scale per 64 NoPE dims, bf16 RoPE dims
-    (spec kernels §1.3)."""
+    (docs/kernels.md §5)."""
     flat = k.reshape(-1, k.shape[-1])
     return decode_records(quantize_records(flat, pk.MODEL1), pk.MODEL1).reshape(k.shape).astype(k.dtype)
 
@@ -157,7 +157,7 @@ def decode_all(model, state, ids, prompt_lengths):
 def test_fp8_cache():
     """The FP8 cache against the forward whose keys went through the same rounding.
 
-    Dequantization is exact (fp8 · 2^k, spec kernels §1.3), so the only differences left are fp32 noise
+    Dequantization is exact (fp8 · 2^k, docs/kernels.md §5), so the only differences left are fp32 noise
     and its consequence: an element within ~1e-7 of a rounding boundary can round to the neighbouring
     value in one path and not the other (one fp8 step is 2^-3 of the element, one bf16 step 2^-8). A few
     such elements among the ~10^5 rounded ones move logits by ~1e-3 of max |logit| (measured: 3.5e-3);

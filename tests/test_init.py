@@ -1,4 +1,4 @@
-"""From-scratch initialisation follows spec §6, with a non-degenerate hash table; every parameter is named."""
+"""From-scratch initialisation follows docs/model.md §6, with a non-degenerate hash table; every parameter is named."""
 
 import jax
 import numpy as np

@@ -1,4 +1,4 @@
-"""The Pallas-Triton decode kernel lowers for CUDA on a CPU-only machine (guide §6.2).
+"""The Pallas-Triton decode kernel lowers for CUDA on a CPU-only machine (docs/kernels.md §6.5).
 
 Interpret mode accepts code that Triton cannot compile (non power-of-two arrays, missing primitives, bad
 casts); this lowering runs the whole Pallas -> Triton IR pipeline, so such code fails CI here.

@@ -30,7 +30,7 @@ def _keys(rng, num_blocks, page, d, scale=0.1):
     return (rng.standard_normal((num_blocks, page, d)) * scale).clip(-1, 1).astype(BF16)
 
 
-# Spec §1.2, "Worked block sizes": page size -> MODEL1 block stride S.
+# docs/kernels.md §4.2, "Worked block sizes": page size -> MODEL1 block stride S.
 MODEL1_STRIDES = {2: 1728, 53: 31104, 61: 35712, 64: 37440, 69: 40320, 256: 149760, 576: 336384}
 
 

@@ -1,4 +1,4 @@
-"""The MTP block (spec §4.10; HF has none): a hand computation of its equations, and its alignment.
+"""The MTP block (docs/model.md §4.10; HF has none): a hand computation of its equations, and its alignment.
 
 mtp_logits[:, t] = lm_head(norm(hc_head(Block(e_proj(enorm(embed(ids[t+1]))) + h_proj(hnorm(X_t))))))
 predicts token t+2. The inner Block is a decoder layer (checked against HF in test_module_parity);

@@ -41,7 +41,7 @@ def test_fp8_dequantizes_every_e4m3_code_exactly():
 
 
 def test_fp4_codes_and_low_nibble_first():
-    table = [0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6]  # spec §8
+    table = [0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6]  # docs/checkpoints.md §5.2
     codes = np.arange(16, dtype=np.uint8)
     packed = (codes[0::2] | (codes[1::2] << 4))[None, :]  # element 2j in the low nibble
     q = quant.BlockQuantized(packed, one_scale(127, (1, 1)), quant.FP4, (1, 32), pack_axis=1)

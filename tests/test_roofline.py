@@ -1,4 +1,4 @@
-"""Roofline formulas against the figures of spec §6.2-6.3, and the comparison rule of spec §7.1."""
+"""Roofline formulas against the figures of docs/kernels.md §8.1–8.4, and the comparison rule of docs/kernels.md §7.1."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ H100 = GPU_PEAKS["H100"]
 
 
 def _distinct(b, s_q, topk, start=0):
-    """Index tensor with no repeated value (spec §6.2's 'nominal' case)."""
+    """Index tensor with no repeated value (docs/kernels.md §8.4's 'nominal' case)."""
     return start + np.arange(b * s_q * topk).reshape(b, s_q, topk)
 
 
 def _config(name, b, s_q=2):
-    """(h_q, d_qk, scopes) of the production configurations of spec §6.2 at their nominal/mean lengths."""
+    """(h_q, d_qk, scopes) of the production configurations of docs/kernels.md §8.3 at their nominal/mean lengths."""
     main = (_distinct(b, s_q, 128), None)
     if name == "V3.2":
         return 128, 576, [(_distinct(b, s_q, 2048), None)]
@@ -33,7 +33,7 @@ def _config(name, b, s_q=2):
     ("V3.2", 1.1409, 3.2440), ("CONFIG1", 0.1678, 0.9994), ("CONFIG2", 0.6040, 1.8514),
     ("CONFIG3", 0.1678, 0.9994), ("CONFIG4", 0.3355, 1.2616)])
 def test_per_batch_element_figures(name, gflop, mbytes):
-    """Spec §6.2 table, per batch element (s_q = 2), measured over 64 elements: in CONFIG3/4 the -1 of the
+    """docs/kernels.md §8.4 table, per batch element (s_q = 2), measured over 64 elements: in CONFIG3/4 the -1 of the
     masked positions counts as one token per call, which the nominal per-element figure leaves out."""
     b = 64
     h_q, d_qk, scopes = _config(name, b)
@@ -47,7 +47,7 @@ def test_per_batch_element_figures(name, gflop, mbytes):
     ("CONFIG1", 64, 10.74, 63.96, 19.1), ("CONFIG1", 148, 24.83, 147.9, 44.2),
     ("CONFIG2", 148, 89.39, 274.0, 90.4), ("CONFIG4", 128, 42.95, 161.5, 48.2)])
 def test_h100_roofline_table(name, b, gflop, mbytes, t_roof_us):
-    """Spec §6.3 (H100 SXM: 989 TFLOP/s, 3.35 TB/s)."""
+    """docs/kernels.md §8.2, §8.4 (H100 SXM: 989 TFLOP/s, 3.35 TB/s)."""
     h_q, d_qk, scopes = _config(name, b)
     flop, nbytes = decode_flop_and_bytes(h_q, d_qk, scopes)
     assert flop / 1e9 == pytest.approx(gflop, rel=3e-3)

@@ -1,6 +1,6 @@
 """sparse_mla_decode (jnp reference and Pallas kernel in interpret mode) against the float64 oracle.
 
-The matrix mirrors FlashMLA's (spec §7.2) at CPU sizes: every axis value appears, corners are combined
+The matrix mirrors FlashMLA's (docs/kernels.md §7.2) at CPU sizes: every axis value appears, corners are combined
 explicitly, and the cross product is sampled. The reference takes the wider sample; interpret mode is slow,
 so the kernel gets fewer, smaller cases (one at topk 2048), each with a fixed split count.
 """
@@ -37,7 +37,7 @@ def _sampled_ref_cases():
 
 
 CORNER_REF_CASES = [
-    # Every combination of {all invalid rows, zero-length requests, sink} with at least one active (spec §7.2).
+    # Every combination of {all invalid rows, zero-length requests, sink} with at least one active (docs/kernels.md §7.2).
     *[Case("model1", b=3, s_q=3, h_q=64, main=Scope(64, 61, 200), extra=Scope(64, 61, 200), topk_length=True,
            extra_topk_length=True, sink=s, all_invalid=a, zero_len=z, seed=7)
       for a, z, s in itertools.product([False, True], repeat=3) if a or z or s],

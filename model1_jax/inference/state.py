@@ -1,4 +1,4 @@
-"""Static-shape decode state (spec §5): every cache a layer keeps between calls, allocated once.
+"""Static-shape decode state (docs/decode.md §2, §5): every cache a layer keeps between calls, allocated once.
 
 Per sequence (up to `max_batch` of them) and per layer:
   * sliding window — a ring of `ring` token slots (slot = position mod ring) in the sparse decode kernel's

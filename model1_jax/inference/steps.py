@@ -1,4 +1,4 @@
-"""Prefill and decode over a `DecodeState` (spec §5.2), with attention through the sparse decode kernel.
+"""Prefill and decode over a `DecodeState` (docs/decode.md §3), with attention through the sparse decode kernel.
 
 One step function serves every call: each sequence b feeds n_new[b] ≤ t tokens at positions
 lengths[b] .. lengths[b] + n_new[b] − 1 (rows past n_new are padding and change nothing). Prefill is that

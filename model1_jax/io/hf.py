@@ -121,7 +121,7 @@ def read_headers(files: list[str]) -> list[TensorInfo]:
 
 
 def fp8_block_size(raw_config: dict) -> tuple[int, int]:
-    """`quantization_config.weight_block_size` of a released config.json (spec §8), default 128×128."""
+    """`quantization_config.weight_block_size` of a released config.json (docs/checkpoints.md §5.4), default 128×128."""
     block = (raw_config.get("quantization_config") or {}).get("weight_block_size") or DEFAULT_FP8_BLOCK
     if len(block) != 2 or not all(isinstance(b, int) and b >= 1 for b in block):
         raise ValueError(f"config.json: quantization_config.weight_block_size must be two positive ints, got {block}")

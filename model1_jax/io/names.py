@@ -1,4 +1,4 @@
-"""Checkpoint tensor names → model parameters (spec §7–8).
+"""Checkpoint tensor names → model parameters (docs/checkpoints.md §1–6).
 
 Three naming schemes occur in the wild, all handled by first canonicalising to HF module names:
 * HF module names      `model.layers.0.self_attn.q_a_proj.weight`, `lm_head.weight`, merged experts;
@@ -20,7 +20,7 @@ import re
 
 import numpy as np
 
-# Original / HF-saved → HF module names, applied in order (spec §8; anchored where a bare
+# Original / HF-saved → HF module names, applied in order (docs/checkpoints.md §2; anchored where a bare
 # substring would also match unrelated keys, e.g. `mtp.0.norm.weight` is not a kv_norm).
 _RENAMES: tuple[tuple[str, str], ...] = (
     (r"^embed\.weight$", "embed_tokens.weight"),
@@ -65,7 +65,7 @@ def canonical_name(name: str) -> str:
 def scale_owner(name: str) -> str | None:
     """The weight a block-scale name belongs to (same naming scheme), or None if it is not one.
 
-    FP8/FP4 block scales (spec §8) ride next to their weight as `X.scale` (DeepSeek), `X.weight_scale_inv`
+    FP8/FP4 block scales (docs/checkpoints.md §2, §5) ride next to their weight as `X.scale` (DeepSeek), `X.weight_scale_inv`
     (HF's FP8 quantizer; a multiplier despite the name), or `mlp.experts.gate_up_proj_scale_inv` for HF's
     merged expert tensors, which have no `.weight` suffix.
 

@@ -1,4 +1,4 @@
-"""MODEL1 attention (spec §4.3): one shared K=V head, per-head sinks, sliding window, compressed entries.
+"""MODEL1 attention (docs/model.md §4.3): one shared K=V head, per-head sinks, sliding window, compressed entries.
 
 Data flow for normed input x [b, t, d]:
   q_lat = q_a_norm(x · q_a)              [b, t, q]  (also the indexer's input)

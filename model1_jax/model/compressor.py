@@ -1,4 +1,4 @@
-"""KV compressors (spec §4.4–4.5): pool every `m` tokens into one compressed entry.
+"""KV compressors (docs/model.md §4.4–4.5): pool every `m` tokens into one compressed entry.
 
 Each token t yields a value C_t and gate logits Z_t (one per channel). A window's entry is the
 per-channel softmax over its slots of (Z + position_bias) weighting C, then kv_norm, then RoPE

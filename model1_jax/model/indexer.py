@@ -1,4 +1,4 @@
-"""Lightning indexer (spec §4.6): picks, per query, the top-k compressed entries a CSA layer attends.
+"""Lightning indexer (docs/model.md §4.6): picks, per query, the top-k compressed entries a CSA layer attends.
 
 Keys come from the indexer's own overlapping compressor at width j; queries from the attention's
 q latent. Score of query t for entry s:

@@ -1,4 +1,4 @@
-"""Mixture of experts (spec §4.8): every layer is MoE — k routed experts of e plus one shared expert.
+"""Mixture of experts (docs/model.md §4.8): every layer is MoE — k routed experts of e plus one shared expert.
 
 Router scores σ = sqrt(softplus(x · W)) (or sigmoid). `moe` layers select the top-k of
 σ + e_score_correction_bias (the bias steers selection only); `hash_moe` layers take the k experts

@@ -1,4 +1,4 @@
-"""Block-quantized weights (spec §8): the FP8 and FP4 formats of the released checkpoints.
+"""Block-quantized weights (docs/checkpoints.md §5): the FP8 and FP4 formats of the released checkpoints.
 
 * FP8 (`FP8`): float8_e4m3fn values, one UE8M0 scale per block (128×128 of HF's [out, in] in the
   released files; ceil-blocks at the edges).

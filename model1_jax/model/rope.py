@@ -1,4 +1,4 @@
-"""Rotary embeddings (spec §3.2): two frequency tables, interleaved pairs on the trailing channels.
+"""Rotary embeddings (docs/model.md §3.2): two frequency tables, interleaved pairs on the trailing channels.
 
 * "main": base `rope_theta` (10000), plain RoPE — sliding-only layers and the MTP block.
 * "compress": base `compress_rope_theta` (160000) with YaRN — CSA/HCA layers, their compressors and
@@ -37,7 +37,7 @@ def _inverse_frequencies(rope_dim: int, theta: float, scaling: RopeScaling | Non
     if scaling is None:
         return base_freq.astype(np.float32), 1.0
 
-    # YaRN (spec §3.2): pairs rotating fast enough keep their frequency, slow ones are divided by
+    # YaRN (docs/model.md §3.2): pairs rotating fast enough keep their frequency, slow ones are divided by
     # `factor`, with a linear blend between the two correction dimensions.
     def correction_dim(rotations: float) -> float:
         return rope_dim * math.log(scaling.original_max_position_embeddings / (rotations * 2 * math.pi)) / (

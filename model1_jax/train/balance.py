@@ -1,4 +1,4 @@
-"""MoE load balancing during training (spec §4.8, §10 item 9, §11).
+"""MoE load balancing during training (docs/model.md §4.8, §7.9, §8).
 
 DeepSeek balances experts without an auxiliary loss (DeepSeek-V3 §2.1.2): after each step the
 router bias of every `moe` layer moves by a fixed rate γ towards balance,
@@ -6,13 +6,13 @@ router bias of every `moe` layer moves by a fixed rate γ towards balance,
     b_e ← b_e + γ · sign(mean_load − load_e),
 
 where load_e counts the tokens routed to expert e during the step. The bias only steers selection
-(spec §4.8), so it is not a gradient-trained parameter. An optional complementary sequence-wise
+(docs/model.md §4.8), so it is not a gradient-trained parameter. An optional complementary sequence-wise
 balance loss (V3 eq. 17–20) keeps single sequences from collapsing onto few experts:
 
     L_bal = α · Σ_e f_e · P_e,   f_e = e/(k·T) · #{t : e ∈ top-k(t)},   P_e = (1/T) Σ_t σ_te / Σ_e' σ_te'
 
 per sequence of T tokens, averaged over sequences and summed over `moe` layers. V4's exact rule and
-rates are not published (spec §11); γ and α are configuration. `hash_moe` layers route by a frozen
+rates are not published (docs/model.md §8); γ and α are configuration. `hash_moe` layers route by a frozen
 table: they are reported but never rebalanced.
 
 Routers sow their decisions under `nnx.capture(RoutingDecision)`; `decisions` collects them by path.

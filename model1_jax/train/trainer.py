@@ -9,8 +9,8 @@ and prompt tokens):
     L = Σ_t m[t+1]·CE(logits[t], ids[t+1]) / Σ m  +  w_mtp · Σ_t m[t+2]·CE(mtp_logits[t], ids[t+2]) / Σ m
       + α · Σ_moe-layers L_bal
 `mtp_logits[t]` (the MTP block on the main streams at t and the embedding of token t+1) predicts
-token t+2 (spec §4.10). The MTP weight is configuration: DeepSeek-V3 used 0.3, then 0.1; V4's is not
-published (spec §11). Sums are normalised by the target count of the whole (accumulated) batch, so
+token t+2 (docs/model.md §4.10). The MTP weight is configuration: DeepSeek-V3 used 0.3, then 0.1; V4's is not
+published (docs/model.md §8). Sums are normalised by the target count of the whole (accumulated) batch, so
 accumulating a micro-batches gives the gradient of the large batch.
 
 Precision: trainable parameters are kept in float32 (master weights, and so is the optimizer state)
@@ -19,7 +19,7 @@ the fp32 weights cast at each read (`layers.weight`). `remat` recomputes each de
 backward pass instead of storing its activations (long sequences).
 
 What trains (`trainable_filter`): every `nnx.Param` except (a) the lightning indexers, which receive
-no gradient from the LM loss — they return integer picks (spec §4.6 item 7, §10.15); training them
+no gradient from the LM loss — they return integer picks (docs/model.md §4.6, §7.14); training them
 needs their own objective (DeepSeek-V3.2 distils the main attention with a KL loss; V4's is not
 published), and AdamW's decoupled weight decay would otherwise shrink them with zero gradient —
 and (b) the MTP block when its loss weight is 0. Router biases are `Buffer`s moved by `balance`,
