@@ -60,10 +60,11 @@ def load_model(path: str, *, dtype, layout: Layout | None = None, quantized: boo
         raise SystemExit(f"--model: {e}") from None
 
 
-def random_model(config: Config, *, seed: int, dtype, layout: Layout | None = None) -> Model1:
-    """A seeded random init, created directly in its shards under a layout."""
+def random_model(config: Config, *, seed: int, dtype, param_dtype=None, layout: Layout | None = None) -> Model1:
+    """A seeded random init computing in `dtype`, weights stored in `param_dtype` (default: `dtype`), created
+    directly in its shards under a layout."""
     def make():
-        return Model1(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=dtype)
+        return Model1(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype or dtype)
 
     try:
         return make() if layout is None else create(make, layout)

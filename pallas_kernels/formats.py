@@ -205,7 +205,8 @@ def decode_records(rec_sy, kv_format: Fp8Format):
 
 
 def is_valid_index(idx, pos, length, capacity: int):
-    """docs/kernels.md §3.2: position `pos` holding `idx` is read iff pos < length and 0 <= idx < capacity (= pages · page_size).
+    """docs/kernels.md §3.2: position `pos` holding `idx` is read iff pos < length and 0 <= idx < capacity
+    (= pages · page_size).
 
     FlashMLA documents only -1 as invalid; any other out-of-range value is treated as invalid too, so no
     address is ever formed from it. Works on arrays inside and outside kernels.

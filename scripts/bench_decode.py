@@ -94,14 +94,14 @@ def step_bytes(cfg: m1.Config, model: m1.Model1, batch: int, context: int) -> di
     return {"weights": weights, "cache": cache, "total": weights + cache}
 
 
-def run_jax(model, prompts, new_tokens: int, chunk: int) -> dict:
-    kw = dict(stop_tokens=(), cache_dtype="fp8", chunk=chunk)
+def run_jax(model, prompts, new_tokens: int, chunk: int, attention_backend: str = "auto") -> dict:
+    kw = dict(stop_tokens=(), cache_dtype="fp8", chunk=chunk, attention_backend=attention_backend)
     m1.generate(model, prompts, new_tokens, **kw)  # compiles
     stats = m1.generate(model, prompts, new_tokens, **kw).stats
     return dict(prefill_tokens_per_s=stats.prefill_tokens_per_s,
                 decode_ms_per_step=stats.decode_s / stats.decode_steps * 1e3,
                 decode_tokens_per_s=stats.decode_tokens_per_s, cache_bytes=stats.cache_bytes,
-                compile_s_second_run=stats.compile_s)
+                compile_s_second_run=stats.compile_s, attention_backend=stats.cache_spec.attention_backend)
 
 
 def run_hf(hf, prompts, new_tokens: int) -> dict:
@@ -146,6 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-hf", action="store_true", help="skip transformers' side-by-side run")
     p.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR)
     p.add_argument("--smoke", action="store_true", help="CPU self-test at tiny sizes; not a measurement")
+    p.add_argument("--attention-backend", choices=m1.ATTENTION_BACKENDS, default="auto",
+                   help="attention over the caches (default: the Pallas kernel on a GPU)")
     cli.add_sharding_arguments(p)
     ns = p.parse_args(argv)
     distributed.initialize()  # multi-host: every host runs this script
@@ -201,7 +203,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     for b in batch_sizes:
         prompts = rng.integers(0, cfg.vocab_size, (b, ns.prompt_len)).tolist()
-        row = dict(batch=b, jax=run_jax(model, prompts, ns.new_tokens, ns.chunk))
+        row = dict(batch=b, jax=run_jax(model, prompts, ns.new_tokens, ns.chunk, ns.attention_backend))
         if layout is not None:
             row["per_device"] = per_device_memory(model)
         need = step_bytes(cfg, model, b, ns.prompt_len + ns.new_tokens // 2)

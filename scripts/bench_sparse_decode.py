@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Benchmark the Pallas sparse FP8 decode against the jnp reference on a GPU (docs/kernels.md §8).
 
-Cases: MODEL1 CONFIG1-4 and V3.2 (docs/kernels.md §8.3: s_q 2, attention sink on, FlashMLA's sizes) at b 2, 64, 128, 148.
+Cases: MODEL1 CONFIG1-4 and V3.2 (docs/kernels.md §8.3: s_q 2, attention sink on, FlashMLA's sizes) at b 2, 64,
+128, 148.
 For each case and backend: µs per call, TFLOP/s, GB/s and percent of the roofline with the formulas of
 `pallas_kernels.roofline`; the kernel's output is checked against the reference with FlashMLA's tolerances.
 Results go to benchmarks/results/sparse_decode_<gpu>_<date>.json with the GPU name, jax version and date.

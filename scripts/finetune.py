@@ -185,7 +185,9 @@ def build_model(args: argparse.Namespace, config: m1.Config, dtype, layout, *, q
     A LoRA base may stay FP8/FP4 (dequantized on the fly); full fine-tuning needs dense weights."""
     if args.model:
         return cli.load_model(args.model, dtype=dtype, layout=layout, quantized=quantized), args.model
-    return cli.random_model(config, seed=args.seed, dtype=dtype, layout=layout), f"random init (seed {args.seed})"
+    # fp32 storage whatever the compute dtype: the trainer keeps fp32 master weights anyway
+    model = cli.random_model(config, seed=args.seed, dtype=dtype, param_dtype=jnp.float32, layout=layout)
+    return model, f"random init (seed {args.seed})"
 
 
 def export(trainer: Trainer, lora: LoRAConfig | None, tokenizer, directory: str, skip_model: bool) -> None:

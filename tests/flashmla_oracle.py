@@ -1,8 +1,9 @@
 """Independent float64 numpy oracle for FlashMLA's sparse FP8 decode, written from docs/kernels.md.
 
-It shares no semantics code with `pallas_kernels`: byte offsets come from the tables of docs/kernels.md §4, the quantizer
-from docs/kernels.md §5 (with frexp instead of bit tricks), the attention from docs/kernels.md §3.4. Only FlashMLA's comparison rule (docs/kernels.md §7.1)
-is imported, from `pallas_kernels.compare`, so the benchmark checks with the same rule.
+It shares no semantics code with `pallas_kernels`: byte offsets come from the tables of docs/kernels.md §4, the
+quantizer from docs/kernels.md §5 (with frexp instead of bit tricks), the attention from docs/kernels.md §3.4. Only
+FlashMLA's comparison rule (docs/kernels.md §7.1) is imported, from `pallas_kernels.compare`, so the benchmark checks
+with the same rule.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def block_stride(kv_format: str, page: int) -> int:
 
 
 def token_offsets(kv_format: str, page: int, g):
-    """(NoPE byte offset, scale byte offset, RoPE byte offset) of slot g inside its block (docs/kernels.md §4.1, §4.3 tables)."""
+    """(NoPE, scale, RoPE) byte offsets of slot g inside its block (the tables of docs/kernels.md §4.1, §4.3)."""
     if kv_format == "model1":
         return 576 * g, 576 * page + 8 * g, 576 * g + 448
     return 656 * g, 656 * g + 512, 656 * g + 528

@@ -7,7 +7,7 @@ from flax import nnx
 
 import model1_jax as m1
 from model1_jax.model.layers import Buffer
-from model1_jax.model.moe import Router, RoutingDecision
+from model1_jax.model.moe import Router, RoutingDecision, record_routing
 from model1_jax.train import balance
 from tests.util import forward, random_model
 
@@ -62,7 +62,8 @@ def test_routing_capture_records_every_router_and_leaves_inference_alone():
     plain = np.asarray(forward(model, ids))
     assert {p for p, _ in nnx.to_flat_state(nnx.state(model))} == keys_before  # no state added by inference
     captured_fwd = nnx.jit(lambda m, x: nnx.capture(lambda mm: mm(x), RoutingDecision)(m))
-    logits, captured = captured_fwd(model, ids)
+    assert captured_fwd(model, ids)[1] == nnx.State({})  # routers not switched on: nothing is recorded
+    logits, captured = captured_fwd(record_routing(nnx.clone(model)), ids)
     np.testing.assert_array_equal(np.asarray(logits), plain)
     decisions = balance.decisions(captured)
     assert sorted(decisions) == [("layers", i, "mlp", "gate") for i in range(4)]  # __call__ does not run MTP

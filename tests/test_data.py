@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from model1_jax.text import tokenizers
 from model1_jax.train import data
 
 
@@ -22,7 +23,7 @@ def test_text_and_jsonl_documents(tmp_path):
     jsonl = write(tmp_path / "b.jsonl", json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
     docs = list(data.read_documents([txt, jsonl]))
     assert docs == [[("plain file", True)], [("one", True)], [("two", True)]]
-    ids, mask = data.tokenize(docs, data.ByteTokenizer(), eos_id=1)
+    ids, mask = data.tokenize(docs, tokenizers.ByteTokenizer(), eos_id=1)
     assert bytes(ids.astype(np.uint8).tolist()) == b"plain file\x01one\x01two\x01" and mask.all()
 
 
@@ -31,7 +32,7 @@ def test_chat_targets_are_the_assistant_turns(tmp_path):
                          {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye?"},
                          {"role": "assistant", "content": "Bye."}]}
     path = write(tmp_path / "c.jsonl", json.dumps(chat) + "\n")
-    ids, mask = data.tokenize(data.read_documents([path]), data.ByteTokenizer(), eos_id=1)
+    ids, mask = data.tokenize(data.read_documents([path]), tokenizers.ByteTokenizer(), eos_id=1)
     text = bytes(ids.astype(np.uint8).tolist()).decode()
     assert text == (f"{data.BOS}Be brief.<｜User｜>Hi?<｜Assistant｜>Hello.{data.EOS_TEXT}"
                     f"<｜User｜>Bye?<｜Assistant｜>Bye.{data.EOS_TEXT}")  # no extra EOS id after the marker
@@ -57,10 +58,10 @@ def test_missing_file(tmp_path):
 
 
 def test_byte_tokenizer_as_tokenizer_json(tmp_path):
-    data.ByteTokenizer().save(tmp_path / "tokenizer.json")
-    hf = data.HFTokenizer(tmp_path / "tokenizer.json")
+    tokenizers.ByteTokenizer().save(tmp_path / "tokenizer.json")
+    hf = tokenizers.HFTokenizer(tmp_path / "tokenizer.json")
     text = "déjà vu\n\tdef f(): return '✓'\x00\x7f"
-    assert hf.vocab_size == 256 and hf.encode(text) == data.ByteTokenizer().encode(text)
+    assert hf.vocab_size == 256 and hf.encode(text) == tokenizers.ByteTokenizer().encode(text)
     assert hf.tokenizer.decode(hf.encode(text)) == text
 
 
@@ -70,15 +71,15 @@ def test_hf_tokenizer(tmp_path):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
-    hf = data.HFTokenizer(tmp_path)  # a directory holding tokenizer.json
+    hf = tokenizers.HFTokenizer(tmp_path)  # a directory holding tokenizer.json
     assert hf.vocab_size == 4 and hf.encode("hello world again") == [2, 3, 0]
     path = write(tmp_path / "t.txt", "hello world " * 8)
     packed = data.build_dataset([path], hf, seq_len=4, eos_id=1, vocab_size=8)
     assert packed.train_ids.shape == (4, 4) and set(packed.train_ids.ravel().tolist()) == {2, 3}  # EOS in the tail
     with pytest.raises(data.DataError, match="has 4 tokens but the model's vocab_size is 3"):
         data.build_dataset([path], hf, seq_len=4, eos_id=1, vocab_size=3)
-    with pytest.raises(data.DataError, match="no tokenizer.json"):
-        data.HFTokenizer(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        tokenizers.HFTokenizer(tmp_path / "missing")
 
 
 def test_packing_and_held_out_split():

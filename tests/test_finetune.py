@@ -15,6 +15,7 @@ from flax import nnx
 
 import model1_jax as m1
 from model1_jax import cli
+from model1_jax.text import tokenizers
 from model1_jax.train import data as mdata
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -105,7 +106,7 @@ def test_final_model_loads_with_from_pretrained(straight):
     assert got.keys() == want.keys()
     for path in want:
         np.testing.assert_array_equal(got[path], want[path], err_msg=str(path))
-    tokenizer = mdata.HFTokenizer(tmp / "ckpt" / "model")  # what scripts/generate.py --model reads
+    tokenizer = tokenizers.HFTokenizer(tmp / "ckpt" / "model")  # what scripts/generate.py --model reads
     assert tokenizer.encode(TEXT[:20]) == list(TEXT[:20].encode())
 
 

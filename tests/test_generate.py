@@ -189,10 +189,10 @@ def test_speculative_acceptance_keeps_the_target_distribution():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
+    (dict(prompts=[[1, 2], []]), "prompt 1: empty sequence"),
     (dict(prompts=[]), "non-empty list"),
-    (dict(prompts=[[1, 2, TINY.vocab_size]]), r"outside \[0, 256\)"),
-    (dict(prompts=[[-1]]), "outside"),
+    (dict(prompts=[[1, 2, TINY.vocab_size]]), r"prompt 0: token ids must be in \[0, 256\); found \[256\]"),
+    (dict(prompts=[[-1]]), r"token ids must be in \[0, 256\); found \[-1\]"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(max_new_tokens=-3), "max_new_tokens"),
     (dict(max_len=4), "prompt has 5 tokens, over max_len 4"),

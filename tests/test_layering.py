@@ -147,3 +147,14 @@ def test_import_is_light(package):
             "print(sorted(m for m in sys.modules if m.startswith(heavy)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", f"import {package} loads {out.stdout.strip()}"
+
+
+def test_modules_read_in_one_sitting():
+    """Every module of both packages stays under ~450 lines, every line within 120 characters."""
+    problems = []
+    for name, path in _modules().items():
+        lines = path.read_text().splitlines()
+        if len(lines) > 450:
+            problems.append(f"{name}: {len(lines)} lines (split it by concern)")
+        problems += [f"{name}:{n}: {len(line)} characters" for n, line in enumerate(lines, 1) if len(line) > 120]
+    assert not problems, "\n".join(problems)

@@ -78,7 +78,8 @@ def test_rope_tables_match_hf(run):
 
 
 def test_yarn_table_of_released_settings():
-    """docs/model.md §3.2: with factor 16 / 65536 / beta 32,1 pairs 0..15 keep 160000^(-2i/64), 25..31 are divided by 16."""
+    """docs/model.md §3.2: with factor 16 / 65536 / beta 32,1 pairs 0..15 keep 160000^(-2i/64), 25..31 are divided
+    by 16."""
     freq = rope.inverse_frequencies(m1.Config.v4_flash(), rope.COMPRESS)
     base = 160000.0 ** (-np.arange(0, 64, 2) / 64)
     np.testing.assert_allclose(freq[:16], base[:16], rtol=1e-6)

@@ -1,4 +1,4 @@
-"""Roofline formulas against the figures of docs/kernels.md §8.1–8.4, and the comparison rule of docs/kernels.md §7.1."""
+"""Roofline formulas against the figures of docs/kernels.md §8.1–8.4; the comparison rule of docs/kernels.md §7.1."""
 
 from __future__ import annotations
 

@@ -18,12 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import model1_jax as m1
 import pallas_kernels as pk
 from model1_jax import parallel as sh
 from model1_jax.inference import sharded as sharded_decode
 from model1_jax.inference import steps as decode
+from model1_jax.parallel.mesh import spec_entry
 from tests.test_sharding import CFG, expert_weight_gathers, layout_of
 from tests.util import forward, random_model
 
@@ -64,20 +67,19 @@ def test_sharded_kernel_equals_unsharded(name, kv_format, s_q):
     case = make_case(kv_format, s_q)
     kw = dict(kv_format=kv_format, page_size=PAGE, extra_page_size=PAGE, backend="xla")
     want_out, want_lse = sharded_decode.sparse_mla_decode(None, **case, **kw)
-    placed = {k: jax.device_put(v, sh.NamedSharding(layout.mesh, spec))
+    placed = {k: jax.device_put(v, NamedSharding(layout.mesh, spec))
               for (k, v), spec in zip(case.items(), specs_for(layout))}
     out, lse = jax.jit(lambda c: sharded_decode.sparse_mla_decode(layout, **c, **kw))(placed)
     np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-6)
     heads = sharded_decode.head_axes(layout, H)
-    assert (*out.sharding.spec, None, None, None)[2] == sharded_decode._part(heads)
+    assert (*out.sharding.spec, None, None, None)[2] == spec_entry(heads)
 
 
 def specs_for(layout):
     """The placement the decode step gives its inputs: sequences over batch axes, heads over tensor."""
-    P = sh.P
-    bx = sharded_decode._part(sharded_decode.batch_axes(layout, B))
-    hx = sharded_decode._part(sharded_decode.head_axes(layout, H))
+    bx = spec_entry(sharded_decode.batch_axes(layout, B))
+    hx = spec_entry(sharded_decode.head_axes(layout, H))
     return [P(bx, None, hx), P(bx), P(bx), P(bx), P(bx), P(bx), P(bx), P(hx)]
 
 
@@ -137,7 +139,7 @@ def test_prefill_and_decode_logits_match_single_device(sharded, reference):
     want, _ = reference
     scale, lengths = np.abs(want).max(), np.array(PROMPTS)
     state = new_state(model, layout)
-    assert state.layers[0].window.sharding.spec[0] == sharded_decode._part(sharded_decode.batch_axes(layout, 8))
+    assert state.layers[0].window.sharding.spec[0] == spec_entry(sharded_decode.batch_axes(layout, 8))
     logits, state = m1.prefill(model, state, IDS[:, :lengths.max()], lengths)
     errors = [np.abs(np.asarray(logits)[b] - want[b, n - 1]).max() / scale for b, n in enumerate(lengths)]
     pos = lengths.copy()

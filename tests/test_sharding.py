@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import model1_jax as m1
@@ -359,7 +360,7 @@ def test_memory_plan_and_report():
     distributed.check_fits({"params": plan}, budget_bytes=total)
     with pytest.raises(MemoryError, match=r"cpu:0 needs \d+\.\d+ KiB \(params \d+\.\d+ KiB \+ cache 8 B\) but its "
                                           r"budget is 1000 B"):
-        cache = jax.ShapeDtypeStruct((8, 2), jnp.float32, sharding=sh.NamedSharding(layout.mesh, P("expert")))
+        cache = jax.ShapeDtypeStruct((8, 2), jnp.float32, sharding=NamedSharding(layout.mesh, P("expert")))
         distributed.check_fits({"params": plan, "cache": cache}, budget_bytes=1000)
     report = distributed.memory_report({"params": plan})
     assert report.count("\n") == len(jax.local_devices()) and "free: not reported" in report

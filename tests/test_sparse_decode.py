@@ -37,7 +37,8 @@ def _sampled_ref_cases():
 
 
 CORNER_REF_CASES = [
-    # Every combination of {all invalid rows, zero-length requests, sink} with at least one active (docs/kernels.md §7.2).
+    # Every combination of {all invalid rows, zero-length requests, sink} with at least one active
+    # (docs/kernels.md §7.2).
     *[Case("model1", b=3, s_q=3, h_q=64, main=Scope(64, 61, 200), extra=Scope(64, 61, 200), topk_length=True,
            extra_topk_length=True, sink=s, all_invalid=a, zero_len=z, seed=7)
       for a, z, s in itertools.product([False, True], repeat=3) if a or z or s],

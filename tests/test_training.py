@@ -138,7 +138,7 @@ def test_accumulation_remat_and_sharding_match_one_device_step(reference_step):
     hidden over `data`, heads over `tensor`) == one batch of 4 on one device: same gradients, router loads
     and metrics, and the state stays in its shardings. (One compilation covers the three mechanisms.)"""
     layout = m1.Layout.build("data=2,tensor=2", "fsdp", devices=jax.devices()[:4])
-    model = m1.sharding.create(lambda: random_model(STEP_CFG, seed=4), layout)
+    model = m1.parallel.create(lambda: random_model(STEP_CFG, seed=4), layout)
     (d1, b1, m1_, trainer), (d2, b2, m2_, _) = one_step(model, remat=True, split=True), reference_step
     scale = max(np.abs(d).max() for d in d2.values())
     for k in d1:

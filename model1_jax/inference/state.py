@@ -243,12 +243,6 @@ def allocate(config: Config, spec: CacheSpec) -> DecodeState:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state_shapes(config, spec))
 
 
-def reset(state: DecodeState) -> DecodeState:
-    """All sequences back to length 0; the caches are left as they are (nothing stale is ever visible)."""
-    zeros = jnp.zeros_like(state.lengths)
-    return state.replace(lengths=zeros, mtp_lengths=None if state.mtp_lengths is None else zeros)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Memory
 

@@ -65,9 +65,9 @@ def canonical_name(name: str) -> str:
 def scale_owner(name: str) -> str | None:
     """The weight a block-scale name belongs to (same naming scheme), or None if it is not one.
 
-    FP8/FP4 block scales (docs/checkpoints.md §2, §5) ride next to their weight as `X.scale` (DeepSeek), `X.weight_scale_inv`
-    (HF's FP8 quantizer; a multiplier despite the name), or `mlp.experts.gate_up_proj_scale_inv` for HF's
-    merged expert tensors, which have no `.weight` suffix.
+    FP8/FP4 block scales (docs/checkpoints.md §2, §5) ride next to their weight as `X.scale` (DeepSeek),
+    `X.weight_scale_inv` (HF's FP8 quantizer; a multiplier despite the name), or
+    `mlp.experts.gate_up_proj_scale_inv` for HF's merged expert tensors, which have no `.weight` suffix.
 
     `X.scale` is ambiguous: mHC parameters are also called `scale`, so the caller must check that the
     returned weight exists (`X.weight`) before treating `X.scale` as a block scale.

@@ -1,4 +1,4 @@
-"""Manifold-constrained hyper-connections (docs/model.md §3.3) and the final stream collapse (§3.4) — same document, number unchanged.
+"""Manifold-constrained hyper-connections (docs/model.md §3.3) and the final stream collapse (§3.4).
 
 The residual stream is c parallel copies `X [b, t, c, d]`. Around each block, an mHC computes from X
 (all in fp32):

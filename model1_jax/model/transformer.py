@@ -1,4 +1,4 @@
-"""The MODEL1 causal LM (docs/model.md §2, §4.1–4.2, §4.9) and its MTP head (§4.10) — same document, number unchanged.
+"""The MODEL1 causal LM (docs/model.md §2, §4.1–4.2, §4.9) and its MTP head (§4.10).
 
 ids [b, t] → embed → c identical streams X [b, t, c, d]
 each layer:  X = mHC_attn(X, attention(input_layernorm(·)));  X = mHC_ffn(X, moe(post_attention_layernorm(·), ids))

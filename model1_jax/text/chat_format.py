@@ -104,4 +104,3 @@ EFFORT_PREFIXES = {
     "0731": {None: "", "": "", "low": "", "high": EFFORT_TEXT_ABSOLUTE_MAXIMUM,
              "max": EFFORT_TEXT_BEYOND_MAXIMUM},
 }
-REVISIONS = tuple(EFFORT_PREFIXES)
