@@ -1,6 +1,6 @@
 """Generate tokens with MODEL1: prefill, then jit-compiled decode steps over an FP8 paged KV cache.
 
-    python scripts/generate.py                                  # embedded demo config, RANDOM weights
+    python scripts/generate.py                                  # Config.demo(), RANDOM weights
     python scripts/generate.py --mtp --temperature 0.8 --top-p 0.9
     python scripts/generate.py --model DIR --prompt "Hello"     # HF or Orbax checkpoint (+ tokenizer.json)
     python scripts/generate.py --model DIR --mesh data=2,expert=4  # over 8 devices (every host: see README)
@@ -32,7 +32,7 @@ from model1_jax.parallel import distributed
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="checkpoint directory (HF or Orbax); default: the demo config, random weights")
+    p.add_argument("--model", help="checkpoint directory (HF or Orbax); default: Config.demo(), random weights")
     p.add_argument("--prompt", action="append", help="prompt text (needs tokenizer.json in --model); repeatable")
     p.add_argument("--prompt-ids", action="append", help="comma-separated token ids; repeatable")
     p.add_argument("--batch", type=int, default=2, help="random prompts when none are given (default 2)")
@@ -84,7 +84,7 @@ def main() -> None:
             model = make() if layout is None else sh.create(make, layout)  # sharded: never whole on one device
         except ValueError as e:
             sys.exit(f"error: {e}")
-        print(f"model   embedded demo config with RANDOM weights (seed {args.seed}): the generated tokens are "
+        print(f"model   Config.demo() with RANDOM weights (seed {args.seed}): the generated tokens are "
               "meaningless; shapes, cache bytes and speed are real")
     init_s = time.perf_counter() - t0
     cfg = model.config
