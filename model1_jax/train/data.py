@@ -28,6 +28,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from model1_jax.common import positive_int
+
 Segment = tuple[str, bool]      # (text, is it a training target)
 Document = list[Segment]
 
@@ -181,8 +183,8 @@ class Batches:
     """Deterministic, resumable training batches: `batch(i)` is ids/mask of shape [accum, batch, seq_len]."""
 
     def __init__(self, data: PackedData, batch_size: int, accum_steps: int = 1, seed: int = 0):
-        if batch_size < 1 or accum_steps < 1:
-            raise DataError(f"batch_size and accum_steps must be positive, got {batch_size}, {accum_steps}")
+        positive_int(batch_size, "Batches: batch_size")
+        positive_int(accum_steps, "Batches: accum_steps")
         self.data, self.batch_size, self.accum_steps, self.seed = data, batch_size, accum_steps, seed
         self._perm: tuple[int, np.ndarray] | None = None  # (epoch, permutation) last used
 

@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from model1_jax.common import positive_int
 from model1_jax.train import balance
 from model1_jax.train.data import Batches, PackedData, eval_batches
 from model1_jax.train.trainer import Trainer
@@ -31,8 +32,7 @@ class TrainCheckpointer:
     """Periodic training checkpoints in `directory/<step>/` (the newest `keep` are kept)."""
 
     def __init__(self, directory: str | os.PathLike, *, every: int, keep: int = 2):
-        if every < 1:
-            raise ValueError(f"TrainCheckpointer: `every` must be a positive number of steps, got {every}")
+        positive_int(every, "TrainCheckpointer: every (steps between checkpoints)")
         self.directory = os.path.abspath(os.fspath(directory))
         # Synchronous saves: the step donates the state's buffers right after a save returns.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,

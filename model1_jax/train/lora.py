@@ -31,6 +31,7 @@ from flax import nnx
 from optax.contrib import MuonDimensionNumbers
 from safetensors.numpy import load_file, save_file
 
+from model1_jax.common import positive_int
 from model1_jax.model.layers import Linear, weight
 from model1_jax.model.quant import is_quantized
 
@@ -51,8 +52,7 @@ class LoRAConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
-        if not (isinstance(self.rank, int) and self.rank >= 1):
-            raise ValueError(f"LoRAConfig.rank: expected a positive integer, got {self.rank!r}")
+        positive_int(self.rank, "LoRAConfig.rank")
         if not self.targets:
             raise ValueError("LoRAConfig.targets: at least one target is required")
         for t in self.targets:
