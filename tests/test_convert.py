@@ -12,15 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
-from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
 import model1_jax as m1
 from model1_jax import convert, quant
 from model1_jax.safetensors_io import write
 from tests import synthetic as syn
-from tests.test_loading import tensors_of, to_original_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = syn.CONFIG
@@ -64,7 +61,12 @@ def params(model) -> dict:
     return out
 
 
+@pytest.mark.oracle
 def test_synthetic_checkpoints_are_named_and_shaped_like_transformers(tmp_path):
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    from tests.test_loading import tensors_of, to_original_names
+
     hf = DeepseekV4ForCausalLM(DeepseekV4Config(**CFG.to_hf()))
     dense = syn.original_tensors(CFG, mtp=False)
     want = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
