@@ -25,6 +25,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+: "${HOME:=$(getent passwd "$(id -u)" | cut -d: -f6)}"  # CI may run without HOME
 if [[ -z "${PY313_PREFIX:-}" ]]; then
     if [[ -w /opt ]]; then PY313_PREFIX=/opt/py313; else PY313_PREFIX="$HOME/.cache/model1-jax/py313"; fi
 fi
@@ -60,7 +61,7 @@ build_python() {
         say "error: $PY313_PREFIX exists but holds no usable python3.13; remove it or set PY313_PREFIX"
         return 1
     fi
-    local work apt_opts start=$SECONDS
+    local work apt_opts version start=$SECONDS
     BUILD_DIR="$(mktemp -d)"
     trap 'rm -rf "$BUILD_DIR"' EXIT
     work="$BUILD_DIR"
@@ -74,7 +75,8 @@ build_python() {
     apt-get "${apt_opts[@]}" -qq update
     (cd "$work" && apt-get "${apt_opts[@]}" -qq source --download-only python3.13 >/dev/null)
     tar xf "$work"/python3.13_*.orig.tar.xz -C "$work/src" --strip-components=1
-    say "building CPython $(sed -n 's/^#define PY_VERSION *"\(.*\)"/\1/p' "$work/src/Include/patchlevel.h") into $PY313_PREFIX"
+    version="$(sed -n 's/^#define PY_VERSION *"\(.*\)"/\1/p' "$work/src/Include/patchlevel.h")"
+    say "building CPython $version into $PY313_PREFIX"
     (cd "$work/src" && ./configure -q --prefix="$PY313_PREFIX" --without-ensurepip >"$work/configure.log" 2>&1 \
         && make -s -j"$(nproc)" >"$work/make.log" 2>&1 \
         && make -s install DESTDIR="$work/stage" >"$work/install.log" 2>&1) || {
@@ -113,11 +115,12 @@ if [[ $mode == find ]]; then echo "$PY"; exit 0; fi
 
 start=$SECONDS
 "$PY" -m venv --clear "$VENV"
-# No version pins: this leg exists to run the newest releases. No torch / transformers (see above).
-"$VENV/bin/pip" install -q -e . jax flax optax orbax-checkpoint pytest
+# No version pins: this leg exists to run the newest releases. No torch / transformers (see above); the
+# compile-check extra (Triton) for tests/test_compile_check.py.
+"$VENV/bin/pip" install -q -e ".[compile-check]" jax flax optax orbax-checkpoint pytest
 "$VENV/bin/python" - <<'EOF'
 import sys, importlib.metadata as md
-names = ["jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml_dtypes", "pytest"]
+names = ["jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml_dtypes", "triton", "pytest"]
 print("[python313] Python", sys.version.split()[0], "|", ", ".join(f"{n} {md.version(n)}" for n in names),
       file=sys.stderr)
 EOF

@@ -3,7 +3,8 @@
 Grid (R rows = b·s_q, S splits, N / H head blocks). A program owns one query row, one head block of H =
 min(h_q, 64) heads (M = 64 feeds wgmma) and one split: a contiguous share of the row's *valid* index tiles
 (main scope tiles first, then extra scope tiles; tiles past topk_length are never visited). Per 64-token
-tile it gathers the token records, dequantizes them to a bf16 K tile and runs an online softmax in base 2.
+tile it gathers the token records, dequantizes them to bf16 K in chunks of 256 or 512 columns (one accumulator
+per chunk, `d_chunk_for`) and runs an online softmax in base 2.
 With one split the program writes the final bf16 output and natural-log lse (sink applied); otherwise it
 writes fp32 O/L and log2(L) + m per split and `combine_splits` merges them in jnp.
 
@@ -32,6 +33,9 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 BLOCK_T = 64  # tokens per tile (one wgmma N / K step)
 D_V = 512
+# V columns dequantized and accumulated per dot: 256 (two halves, two accumulators) or 512 (whole rows); see
+# `d_chunk_for` and docs/compile_check.md §4.
+D_CHUNKS = (256, 512)
 NEG_BIG = -1e30  # running-max start and masked logit: finite, so m_old - m_new never is inf - inf
 # Scheduling cost model, in units of one tile's work: every program loads Q and stores its output (~2 tiles);
 # a split program also stores fp32 O/L that the combine reads back (~4 tiles more of traffic for 64 heads).
@@ -65,7 +69,7 @@ def choose_num_splits(rows: int, head_blocks: int, work_tiles: int, num_sms: int
     return min(range(1, max(work_tiles, 1) + 1), key=lambda s: (cost(s), s))
 
 
-def tile_addresses(idx_t, valid_t, layout: Fp8Layout, page_size: int):
+def tile_addresses(idx_t, valid_t, layout: Fp8Layout, page_size: int, col0: int = 0, width: int = D_V):
     """uint16-word addresses of one tile's fields; an invalid index is replaced by slot 0 first, so every address
     is inside the cache whatever the index holds.
 
@@ -74,7 +78,7 @@ def tile_addresses(idx_t, valid_t, layout: Fp8Layout, page_size: int):
     """
     slot_t = jnp.where(valid_t, idx_t, 0)
     g = (slot_t % page_size)[:, None]
-    cols = jnp.arange(D_V, dtype=jnp.int32)[None, :]
+    cols = col0 + jnp.arange(width, dtype=jnp.int32)[None, :]
     nope = (layout.nope_offset(g) + cols) // 2
     rope = layout.rope_offset(g) // 2 + (cols - layout.d_nope)
     word_t512 = jnp.where(cols < layout.d_nope, nope, rope)
@@ -85,14 +89,14 @@ def _low_or_high_byte(w, odd):
     return jnp.where(odd, w >> 8, w & 0xFF).astype(jnp.uint8)
 
 
-def _load_kv_tile(cache_ref, idx_t, valid_t, layout: Fp8Layout, page_size: int):
-    """Gathers and dequantizes one tile: (kv [T, 512] bf16 = V = K[:, :512], rope [T, 64] bf16 or None)."""
-    blk_t1, word_t512, scale_word_t1, rope_word_t1 = tile_addresses(idx_t, valid_t, layout, page_size)
-    w_t512 = cache_ref[blk_t1, word_t512]
-    cols = jnp.arange(D_V, dtype=jnp.int32)[None, :]
-    fp8 = lax.bitcast_convert_type(_low_or_high_byte(w_t512, (cols & 1) == 1), jnp.float8_e4m3fn)
-    n_tiles = D_V // layout.tile  # MODEL1: 8 (the 8th "scale" is the pad byte, its columns hold RoPE)
-    j = jnp.arange(n_tiles, dtype=jnp.int32)[None, :]
+def _load_kv_tile(cache_ref, idx_t, valid_t, layout: Fp8Layout, page_size: int, col0: int, width: int):
+    """Gathers and dequantizes columns [col0, col0 + width) of one tile: kv [T, width] bf16 (V = K[:, :512])."""
+    blk_t1, word_tw, scale_word_t1, _ = tile_addresses(idx_t, valid_t, layout, page_size, col0, width)
+    w_tw = cache_ref[blk_t1, word_tw]
+    cols = col0 + jnp.arange(width, dtype=jnp.int32)[None, :]
+    fp8 = lax.bitcast_convert_type(_low_or_high_byte(w_tw, (cols & 1) == 1), jnp.float8_e4m3fn)
+    n_tiles = width // layout.tile  # MODEL1: the 8th "scale" is the pad byte, its columns hold RoPE
+    j = col0 // layout.tile + jnp.arange(n_tiles, dtype=jnp.int32)[None, :]
     if layout.scale_format == "ue8m0":
         e = _low_or_high_byte(cache_ref[blk_t1, scale_word_t1 + j // 2], (j & 1) == 1).astype(jnp.int32)
         scale = jnp.where(e == 0xFF, jnp.nan, lax.bitcast_convert_type(e << 23, jnp.float32))
@@ -101,40 +105,51 @@ def _load_kv_tile(cache_ref, idx_t, valid_t, layout: Fp8Layout, page_size: int):
         hi = cache_ref[blk_t1, scale_word_t1 + 2 * j + 1].astype(jnp.uint32)
         scale = lax.bitcast_convert_type(lo | (hi << 16), jnp.float32)
         scale = scale.astype(jnp.bfloat16).astype(jnp.float32)  # SM90 multiplies by a bf16 scale
-    nope = (fp8.astype(jnp.float32).reshape(-1, n_tiles, layout.tile) * scale[:, :, None]).reshape(-1, D_V)
-    if layout.d_nope == D_V:  # V3.2: RoPE is a separate 64-wide tile, not part of V
-        kv = jnp.where(valid_t[:, None], nope, 0.0).astype(jnp.bfloat16)
-        rope_words = cache_ref[blk_t1, rope_word_t1 + jnp.arange(layout.d_rope, dtype=jnp.int32)[None, :]]
-        rope = lax.bitcast_convert_type(rope_words, jnp.bfloat16)
-        return kv, jnp.where(valid_t[:, None], rope, jnp.zeros_like(rope))
-    rope = lax.bitcast_convert_type(w_t512, jnp.bfloat16).astype(jnp.float32)
-    kv = jnp.where(cols < layout.d_nope, nope, rope)
-    return jnp.where(valid_t[:, None], kv, 0.0).astype(jnp.bfloat16), None
+    nope = (fp8.astype(jnp.float32).reshape(-1, n_tiles, layout.tile) * scale[:, :, None]).reshape(-1, width)
+    if layout.d_nope < D_V:  # MODEL1: the last 64 columns of V are the bf16 RoPE values
+        nope = jnp.where(cols < layout.d_nope, nope, lax.bitcast_convert_type(w_tw, jnp.bfloat16).astype(jnp.float32))
+    return jnp.where(valid_t[:, None], nope, 0.0).astype(jnp.bfloat16)
+
+
+def _load_rope_tile(cache_ref, idx_t, valid_t, layout: Fp8Layout, page_size: int):
+    """V3.2's separate RoPE part of K (not part of V): [T, 64] bf16."""
+    blk_t1, _, _, rope_word_t1 = tile_addresses(idx_t, valid_t, layout, page_size, 0, layout.d_rope)
+    rope_words = cache_ref[blk_t1, rope_word_t1 + jnp.arange(layout.d_rope, dtype=jnp.int32)[None, :]]
+    rope = lax.bitcast_convert_type(rope_words, jnp.bfloat16)
+    return jnp.where(valid_t[:, None], rope, jnp.zeros_like(rope))
 
 
 def _attend_tile(carry, q_hd, qr_hd, idx_ref, cache_ref, tile, length, scope: Scope, layout, logit_scale):
-    """One online-softmax step over index tile `tile` of a scope; carry = (m [H], l [H], acc [H, 512])."""
+    """One online-softmax step over index tile `tile` of a scope; carry = (m [H], l [H], acc: chunks [H, C] of the
+    512 output columns); q_hd: chunks [H, C] of q's first 512 dims."""
     m, l, acc = carry
+    d_chunk = acc[0].shape[1]
     start = pl.multiple_of(tile * BLOCK_T, BLOCK_T)
     idx_t = idx_ref[pl.ds(start, BLOCK_T)]
     pos_t = start + jnp.arange(BLOCK_T, dtype=jnp.int32)
     valid_t = is_valid_index(idx_t, pos_t, length, scope.capacity)
-    kv_td, rope_td = _load_kv_tile(cache_ref, idx_t, valid_t, layout, scope.page_size)
+    kv_td = [_load_kv_tile(cache_ref, idx_t, valid_t, layout, scope.page_size, c * d_chunk, d_chunk)
+             for c in range(len(acc))]
     dims = (((1,), (1,)), ((), ()))
-    s_ht = lax.dot_general(q_hd, kv_td, dims, preferred_element_type=jnp.float32)
-    if rope_td is not None:
+    s_ht = lax.dot_general(q_hd[0], kv_td[0], dims, preferred_element_type=jnp.float32)
+    for q_c, kv_c in zip(q_hd[1:], kv_td[1:]):
+        s_ht += lax.dot_general(q_c, kv_c, dims, preferred_element_type=jnp.float32)
+    if qr_hd is not None:
+        rope_td = _load_rope_tile(cache_ref, idx_t, valid_t, layout, scope.page_size)
         s_ht += lax.dot_general(qr_hd, rope_td, dims, preferred_element_type=jnp.float32)
     s_ht = jnp.where(valid_t[None, :], s_ht * logit_scale, NEG_BIG)
     m_new = jnp.maximum(m, s_ht.max(axis=1))
     alpha = jnp.exp2(m - m_new)
     p_ht = jnp.where(valid_t[None, :], jnp.exp2(s_ht - m_new[:, None]), 0.0)
     l = l * alpha + p_ht.sum(axis=1)
-    acc = acc * alpha[:, None] + jnp.dot(p_ht.astype(jnp.bfloat16), kv_td, preferred_element_type=jnp.float32)
+    p_ht = p_ht.astype(jnp.bfloat16)
+    acc = tuple(a * alpha[:, None] + jnp.dot(p_ht, kv_c, preferred_element_type=jnp.float32)
+                for a, kv_c in zip(acc, kv_td))
     return m_new, l, acc
 
 
 def _decode_kernel(*refs, layout: Fp8Layout, main: Scope, extra: Scope | None, num_splits: int,
-                   block_h: int, logit_scale: float):
+                   block_h: int, d_chunk: int, logit_scale: float):
     refs = list(refs)
     row, split = pl.program_id(0), pl.program_id(1)  # read at the top: not inside loops (guide rule 6)
     len_ref, sink_ref, q_ref = refs.pop(0), refs.pop(0), refs.pop(0)
@@ -143,7 +158,8 @@ def _decode_kernel(*refs, layout: Fp8Layout, main: Scope, extra: Scope | None, n
     xlen_ref, xidx_ref, xcache_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if extra else (None, None, None)
     out_refs = refs
 
-    q_hd = q_ref[...]
+    chunks = [pl.ds(c * d_chunk, d_chunk) for c in range(D_V // d_chunk)]
+    q_hd = [q_ref[:, c] for c in chunks]
     qr_hd = qr_ref[...] if qr_ref is not None else None
     # Valid work of this row, in tiles; this program's share is [lo, hi) of main tiles followed by extra tiles.
     length = len_ref[row]
@@ -155,7 +171,7 @@ def _decode_kernel(*refs, layout: Fp8Layout, main: Scope, extra: Scope | None, n
     hi = jnp.minimum(lo + per_split, n_main + n_extra)
 
     carry = (jnp.full((block_h,), NEG_BIG, jnp.float32), jnp.zeros((block_h,), jnp.float32),
-             jnp.zeros((block_h, D_V), jnp.float32))
+             tuple(jnp.zeros((block_h, d_chunk), jnp.float32) for _ in chunks))
     main_step = functools.partial(_attend_tile, q_hd=q_hd, qr_hd=qr_hd, idx_ref=idx_ref, cache_ref=cache_ref,
                                   length=length, scope=main, layout=layout, logit_scale=logit_scale)
     carry = lax.fori_loop(jnp.minimum(lo, n_main), jnp.minimum(hi, n_main),
@@ -173,12 +189,14 @@ def _decode_kernel(*refs, layout: Fp8Layout, main: Scope, extra: Scope | None, n
         out_ref, lse_ref = out_refs
         sink2 = sink_ref[...] * LOG2E
         denom = l + jnp.exp2(sink2 - m)  # FlashMLA's final step: o = O / (L + 2^(sink - m))
-        o = jnp.where(nonempty[:, None], acc / jnp.where(nonempty, denom, 1.0)[:, None], 0.0)
-        out_ref[...] = o.astype(out_ref.dtype)
+        for c, acc_c in zip(chunks, acc):
+            out_ref[:, c] = jnp.where(nonempty[:, None], acc_c / jnp.where(nonempty, denom, 1.0)[:, None],
+                                      0.0).astype(out_ref.dtype)
         lse_ref[...] = jnp.where(nonempty, lse2 * LN2, jnp.inf)
     else:
         o_ref, lse2_ref = out_refs
-        o_ref[...] = jnp.where(nonempty[:, None], acc / jnp.where(nonempty, l, 1.0)[:, None], 0.0)
+        for c, acc_c in zip(chunks, acc):
+            o_ref[:, c] = jnp.where(nonempty[:, None], acc_c / jnp.where(nonempty, l, 1.0)[:, None], 0.0)
         lse2_ref[...] = jnp.where(nonempty, lse2, -jnp.inf)
 
 
@@ -213,6 +231,21 @@ def _row_lengths(length_b, s_q, topk, b):
     return jnp.repeat(length_b.astype(jnp.int32), s_q)
 
 
+def d_chunk_for(compute_capability: str | None, block_h: int) -> int:
+    """V columns per dot. Halves (256) compile with about half of whole rows' register spills on sm_90a, and none
+    for head blocks of 16 / 32; where Triton uses tcgen05 (compute capability >= 10 with a head block of 64), Triton
+    3.6 and 3.8 compile halves to a bare trap, so those keep whole rows (512). No GPU (None): as for sm_90, which
+    jax lowers for when it has no GPU."""
+    major = int(compute_capability.split(".")[0]) if compute_capability else 9
+    return 512 if major >= 10 and block_h >= 64 else 256
+
+
+def default_d_chunk(block_h: int) -> int:
+    """`d_chunk_for` the default device."""
+    dev = jax.devices()[0]
+    return d_chunk_for(str(dev.compute_capability) if dev.platform == "gpu" else None, block_h)
+
+
 def num_sms() -> int:
     """SM count of the default device; 132 (H100 SXM) when it is not a GPU (interpret mode)."""
     dev = jax.devices()[0]
@@ -222,9 +255,12 @@ def num_sms() -> int:
 def sparse_mla_decode_triton(q_btnd, kv_cache, idx_btk, *, layout: Fp8Layout, page_size: int,
                              topk_length_b=None, extra_kv_cache=None, extra_idx_btk=None, extra_page_size=None,
                              extra_topk_length_b=None, attn_sink_n=None, softmax_scale: float,
-                             num_splits: int | None = None, num_warps: int = 8, num_stages: int = 2,
-                             interpret: bool = False):
-    """The kernel path of `sparse_mla_decode` on already validated inputs; returns (out bf16, lse [b, N, s_q])."""
+                             num_splits: int | None = None, d_chunk: int | None = None, num_warps: int = 8,
+                             num_stages: int = 2, interpret: bool = False):
+    """The kernel path of `sparse_mla_decode` on already validated inputs; returns (out bf16, lse [b, N, s_q]).
+
+    num_splits: default `choose_num_splits`; d_chunk: V columns per dot, default `d_chunk_for` the device.
+    """
     b, s_q, h_q, d_qk = q_btnd.shape
     rows, block_h = b * s_q, min(h_q, 64)
     head_blocks = h_q // block_h
@@ -270,8 +306,11 @@ def sparse_mla_decode_triton(q_btnd, kv_cache, idx_btk, *, layout: Fp8Layout, pa
         out_specs = [pl.BlockSpec((None, None, block_h, D_V), lambda r, s, h: (r, s, h, 0)),
                      pl.BlockSpec((None, None, block_h), lambda r, s, h: (r, s, h))]
 
+    d_chunk = default_d_chunk(block_h) if d_chunk is None else d_chunk
+    if d_chunk not in D_CHUNKS:
+        raise ValueError(f"d_chunk must be one of {D_CHUNKS}, got {d_chunk}")
     kernel = functools.partial(_decode_kernel, layout=layout, main=main, extra=extra, num_splits=num_splits,
-                               block_h=block_h, logit_scale=softmax_scale * LOG2E)
+                               block_h=block_h, d_chunk=d_chunk, logit_scale=softmax_scale * LOG2E)
     res = pl.pallas_call(
         kernel, grid=(rows, num_splits, head_blocks), in_specs=specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),

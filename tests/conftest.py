@@ -81,5 +81,5 @@ def pytest_terminal_summary(terminalreporter, config):
     left = config.oracle_left_out
     if config.getoption("--no-oracle"):
         terminalreporter.write_line(
-            f"--no-oracle: {left['tests']} tests marked oracle deselected; modules marked oracle as a whole, not imported: "
-            f"{', '.join(sorted(left['modules'])) or 'none'}")
+            f"--no-oracle: {left['tests']} tests marked oracle deselected; modules marked oracle as a whole, not "
+            f"imported: {', '.join(sorted(left['modules'])) or 'none'}")
