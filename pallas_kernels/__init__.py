@@ -8,6 +8,9 @@ Public API:
   quantize_kv(k, layout), dequantize_kv(cache, layout, page_size), write_kv(cache, slots, k_new, *, layout,
   page_size), read_tokens(cache, slots, layout, page_size)
   roofline: decode_flop_and_bytes, roofline_time (spec §6.2)
+
+Tooling, imported by path: `pallas_kernels.compile_check` (the kernels compiled for sm_90a / sm_100a on the CPU;
+needs the `compile-check` extra, Triton).
 """
 
 from pallas_kernels.decode import BACKENDS, sparse_mla_decode

@@ -6,9 +6,9 @@ and cubin (ptxas needs no GPU), and ptxas's report gives registers, spills and s
 gives the shared memory, the PTX whether tensor-core instructions (wgmma on sm_90a, tcgen05 on sm_100a) were
 emitted. A GPU build compiles with XLA's bundled Triton, not this one: the figures are a proxy.
 
-jax embeds the IR as MLIR bytecode in the backend config of a `__gpu$xla.gpu.triton` custom call (jaxlib <= 0.10.2;
-newer jaxlibs compile the kernel while lowering, which needs a GPU). It is printed as text with jax's own MLIR
-(the bytecode of jax's newer MLIR is not readable by Triton's) and parsed back by Triton.
+jax embeds the IR as MLIR bytecode in the backend config of a `__gpu$xla.gpu.triton` custom call (jax 0.10.2 and
+0.12.0.1 both; a jax that embeds it otherwise gets a CompileCheckError). It is printed as text with jax's own MLIR
+(Triton's parser rejects the bytecode of jax's newer MLIR) and parsed back by Triton.
 
 Letters: as in triton_decode.py.
 """
@@ -25,6 +25,9 @@ import pathlib
 import re
 import tempfile
 import time
+
+import jax
+import jax.numpy as jnp
 
 from pallas_kernels import cache_shape, get_layout
 from pallas_kernels.triton_decode import d_chunk_for, sparse_mla_decode_triton
@@ -102,8 +105,6 @@ class CompileStats:
 
 def cuda_lowering_context():
     """jax >= 0.11 asks the (abstract) device for its GPU kind; jax 0.10 assumes sm_90 when there is no GPU."""
-    import jax
-
     if jax.__version_info__ < (0, 11) or jax.default_backend() == "gpu":
         return contextlib.nullcontext()
     device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
@@ -112,8 +113,6 @@ def cuda_lowering_context():
 
 def lower_for_cuda(fn, *specs):
     """jax.jit(fn) lowered for CUDA on whatever machine this is."""
-    import jax
-
     with cuda_lowering_context():
         return jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",))
 
@@ -127,9 +126,6 @@ def arch_d_chunk(arch: str, block_h: int) -> int:
 def _launch_specs(cfg: KernelConfig, d_chunk: int):
     """(function, input specs) launching `cfg` the way sparse_mla_decode's kernel path does: b 2, s_q 2, top-k 512
     (main) and 256 (extra), MODEL1 pages of 256 main / 64 extra tokens and V3.2 pages of 64 (the benchmark's)."""
-    import jax
-    import jax.numpy as jnp
-
     kv_format = get_layout(cfg.kv_format)
     b, s_q, page, extra_page = 2, 2, (256 if cfg.kv_format == "model1" else 64), 64
     # A cache over 4 GiB: Pallas switches the whole-array ref to 64-bit offsets.
@@ -160,8 +156,7 @@ def capture_ir(cfg: KernelConfig, d_chunk: int) -> list[KernelIR]:
 
 def triton_kernels(lowered) -> list[KernelIR]:
     """The Pallas-Triton kernels inside a `Lowered` (jax.jit(...).lower(lowering_platforms=("cuda",)))."""
-    import jax
-    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir import ir  # jax's MLIR bindings (no public path)
 
     module = lowered.compiler_ir("stablehlo")
     calls = []
@@ -189,7 +184,8 @@ def triton_kernels(lowered) -> list[KernelIR]:
     if not kernels:
         raise CompileCheckError(
             f"no {TRITON_CUSTOM_CALL} custom call in the lowered module (custom calls: {sorted(targets)}); jax "
-            f"{jax.__version__} may embed Pallas-Triton kernels differently (the check reads jaxlib <= 0.10.2's form)")
+            f"{jax.__version__} may embed Pallas-Triton kernels differently (the check reads the form of jax 0.10.2 "
+            "to 0.12.0.1)")
     return kernels
 
 

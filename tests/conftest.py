@@ -52,7 +52,7 @@ class _BlockOracleImports(importlib.abc.MetaPathFinder):
 
 
 def pytest_configure(config):
-    config.oracle_left_out = {"modules": [], "tests": 0}
+    config.oracle_left_out = {"modules": set(), "tests": 0}
     if config.getoption("--no-oracle"):
         sys.meta_path.insert(0, _BlockOracleImports())
 
@@ -62,7 +62,7 @@ def pytest_ignore_collect(collection_path, config):
     path = pathlib.Path(collection_path)
     if (config.getoption("--no-oracle") and path.suffix == ".py" and path.name.startswith("test_")
             and path.parent == oracle_marks.TESTS and oracle_marks.module_marked(path)):
-        config.oracle_left_out["modules"].append(path.name)
+        config.oracle_left_out["modules"].add(path.name)
         return True
     return None
 
