@@ -1,15 +1,17 @@
 """Pallas-Triton sparse FP8 decode: split-KV kernel plus a jnp combine (docs/kernels.md §3.4, §6.1–6.3).
 
-Grid (t rows = b·s_q, z splits, heads / block_h head blocks). A program owns one query row, one head block of H =
+Grid (t rows = b·s_q, z splits, h_q / block_h head blocks). A program owns one query row, one head block of
 min(h_q, 64) heads (M = 64 feeds wgmma) and one split: a contiguous share of the row's *valid* index tiles
 (main scope tiles first, then extra scope tiles; tiles past topk_length are never visited). Per 64-token
-tile it gathers the token records, dequantizes them to a bf16 K tile and runs an online softmax in base 2.
+tile it gathers the token records, dequantizes them to bf16 K in chunks of 256 or 512 columns (one accumulator
+per chunk, `d_chunk_for`) and runs an online softmax in base 2.
 With one split the program writes the final bf16 output and natural-log lse (sink applied); otherwise it
 writes fp32 O/L and log2(L) + m per split and `combine_splits` merges them in jnp.
 
 The cache is passed as a uint16 view `[u, block_stride / 2]`: every field of both formats starts at an even
 byte, a bf16 RoPE value is one word, and element offsets stay below 2^31 for caches under 4 GiB (Pallas
-switches to 64-bit offsets above 4 GiB). An invalid index is replaced by slot 0 of block 0 before any address is formed.
+switches to 64-bit offsets above 4 GiB). An invalid index is replaced by slot 0 of block 0 before any address is
+formed.
 
 Shape letters follow the project's one table (docs/model.md §0): t query rows (b·s_q, flattened), z KV splits,
 n heads (of the program's head block), k index positions (of a 64-wide tile), h head dims, r RoPE dims,
@@ -34,6 +36,9 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 BLOCK_T = 64  # tokens per tile (one wgmma N / K step)
 D_V = 512
+# V columns dequantized and accumulated per dot: 256 (two halves, two accumulators) or 512 (whole rows); see
+# `d_chunk_for` and docs/compile_check.md §4.
+D_CHUNKS = (256, 512)
 NEG_BIG = -1e30  # running-max start and masked logit: finite, so m_old - m_new never is inf - inf
 # Scheduling cost model, in units of one tile's work: every program loads Q and stores its output (~2 tiles);
 # a split program also stores fp32 O/L that the combine reads back (~4 tiles more of traffic for 64 heads).
@@ -67,7 +72,7 @@ def choose_num_splits(rows: int, head_blocks: int, work_tiles: int, num_sms: int
     return min(range(1, max(work_tiles, 1) + 1), key=lambda s: (cost(s), s))
 
 
-def tile_addresses(idx_k, valid_k, kv_format: Fp8Format, page_size: int):
+def tile_addresses(idx_k, valid_k, kv_format: Fp8Format, page_size: int, col0: int = 0, width: int = D_V):
     """uint16-word addresses of one tile's fields; an invalid index is replaced by slot 0 first, so every address
     is inside the cache whatever the index holds.
 
@@ -76,7 +81,7 @@ def tile_addresses(idx_k, valid_k, kv_format: Fp8Format, page_size: int):
     """
     slot_k = jnp.where(valid_k, idx_k, 0)
     g = (slot_k % page_size)[:, None]
-    cols = jnp.arange(D_V, dtype=jnp.int32)[None, :]
+    cols = col0 + jnp.arange(width, dtype=jnp.int32)[None, :]
     nope = (kv_format.nope_offset(g) + cols) // 2
     rope = kv_format.rope_offset(g) // 2 + (cols - kv_format.d_nope)
     word_kh = jnp.where(cols < kv_format.d_nope, nope, rope)
@@ -88,14 +93,14 @@ def _low_or_high_byte(w, odd):
     return jnp.where(odd, w >> 8, w & 0xFF).astype(jnp.uint8)
 
 
-def _load_kv_tile(cache_ref, idx_k, valid_k, kv_format: Fp8Format, page_size: int):
-    """Gathers and dequantizes one tile: (kv [k, 512] bf16 = V = K[:, :512], rope [k, 64] bf16 or None)."""
-    page_k1, word_kh, scale_word_k1, rope_word_k1 = tile_addresses(idx_k, valid_k, kv_format, page_size)
+def _load_kv_tile(cache_ref, idx_k, valid_k, kv_format: Fp8Format, page_size: int, col0: int, width: int):
+    """Gathers and dequantizes columns [col0, col0 + width) of one tile: kv [k, width] bf16 (V = K[:, :512])."""
+    page_k1, word_kh, scale_word_k1, _ = tile_addresses(idx_k, valid_k, kv_format, page_size, col0, width)
     w_kh = cache_ref[page_k1, word_kh]
-    cols = jnp.arange(D_V, dtype=jnp.int32)[None, :]
+    cols = col0 + jnp.arange(width, dtype=jnp.int32)[None, :]
     fp8 = lax.bitcast_convert_type(_low_or_high_byte(w_kh, (cols & 1) == 1), jnp.float8_e4m3fn)
-    n_tiles = D_V // kv_format.tile  # MODEL1: 8 (the 8th "scale" is the pad byte, its columns hold RoPE)
-    j = jnp.arange(n_tiles, dtype=jnp.int32)[None, :]
+    n_tiles = width // kv_format.tile  # MODEL1: the 8th "scale" is the pad byte, its columns hold RoPE
+    j = col0 // kv_format.tile + jnp.arange(n_tiles, dtype=jnp.int32)[None, :]
     if kv_format.scale_format == "ue8m0":
         e = _low_or_high_byte(cache_ref[page_k1, scale_word_k1 + j // 2], (j & 1) == 1).astype(jnp.int32)
         scale = jnp.where(e == 0xFF, jnp.nan, lax.bitcast_convert_type(e << 23, jnp.float32))
@@ -104,40 +109,52 @@ def _load_kv_tile(cache_ref, idx_k, valid_k, kv_format: Fp8Format, page_size: in
         hi = cache_ref[page_k1, scale_word_k1 + 2 * j + 1].astype(jnp.uint32)
         scale = lax.bitcast_convert_type(lo | (hi << 16), jnp.float32)
         scale = scale.astype(jnp.bfloat16).astype(jnp.float32)  # SM90 multiplies by a bf16 scale
-    nope = (fp8.astype(jnp.float32).reshape(-1, n_tiles, kv_format.tile) * scale[:, :, None]).reshape(-1, D_V)
-    if kv_format.d_nope == D_V:  # V3.2: RoPE is a separate 64-wide tile, not part of V
-        kv = jnp.where(valid_k[:, None], nope, 0.0).astype(jnp.bfloat16)
-        rope_words = cache_ref[page_k1, rope_word_k1 + jnp.arange(kv_format.d_rope, dtype=jnp.int32)[None, :]]
-        rope = lax.bitcast_convert_type(rope_words, jnp.bfloat16)
-        return kv, jnp.where(valid_k[:, None], rope, jnp.zeros_like(rope))
-    rope = lax.bitcast_convert_type(w_kh, jnp.bfloat16).astype(jnp.float32)
-    kv = jnp.where(cols < kv_format.d_nope, nope, rope)
-    return jnp.where(valid_k[:, None], kv, 0.0).astype(jnp.bfloat16), None
+    nope = (fp8.astype(jnp.float32).reshape(-1, n_tiles, kv_format.tile) * scale[:, :, None]).reshape(-1, width)
+    if kv_format.d_nope < D_V:  # MODEL1: the last 64 columns of V are the bf16 RoPE values
+        rope = lax.bitcast_convert_type(w_kh, jnp.bfloat16).astype(jnp.float32)
+        nope = jnp.where(cols < kv_format.d_nope, nope, rope)
+    return jnp.where(valid_k[:, None], nope, 0.0).astype(jnp.bfloat16)
+
+
+def _load_rope_tile(cache_ref, idx_k, valid_k, kv_format: Fp8Format, page_size: int):
+    """V3.2's separate RoPE part of K (not part of V): [k, 64] bf16."""
+    page_k1, _, _, rope_word_k1 = tile_addresses(idx_k, valid_k, kv_format, page_size, 0, kv_format.d_rope)
+    rope_words = cache_ref[page_k1, rope_word_k1 + jnp.arange(kv_format.d_rope, dtype=jnp.int32)[None, :]]
+    rope = lax.bitcast_convert_type(rope_words, jnp.bfloat16)
+    return jnp.where(valid_k[:, None], rope, jnp.zeros_like(rope))
 
 
 def _attend_tile(carry, q_nh, qrope_nr, idx_ref, cache_ref, tile, length, scope: Scope, kv_format, logit_scale):
-    """One online-softmax step over index tile `tile` of a scope; carry = (m [n], l [n], acc [n, 512])."""
+    """One online-softmax step over index tile `tile` of a scope; carry = (m [n], l [n], acc: chunks [n, d_chunk] of the
+    512 output columns); q_nh: chunks [n, d_chunk] of q's first 512 dims."""
     m, l, acc = carry
+    d_chunk = acc[0].shape[1]
     start = pl.multiple_of(tile * BLOCK_T, BLOCK_T)
     idx_k = idx_ref[pl.ds(start, BLOCK_T)]
     pos_k = start + jnp.arange(BLOCK_T, dtype=jnp.int32)
     valid_k = is_valid_index(idx_k, pos_k, length, scope.capacity)
-    kv_kh, rope_kr = _load_kv_tile(cache_ref, idx_k, valid_k, kv_format, scope.page_size)
+    kv_kh = [_load_kv_tile(cache_ref, idx_k, valid_k, kv_format, scope.page_size, c * d_chunk, d_chunk)
+             for c in range(len(acc))]
     dims = (((1,), (1,)), ((), ()))
-    s_nk = lax.dot_general(q_nh, kv_kh, dims, preferred_element_type=jnp.float32)
-    if rope_kr is not None:
+    s_nk = lax.dot_general(q_nh[0], kv_kh[0], dims, preferred_element_type=jnp.float32)
+    for q_c, kv_c in zip(q_nh[1:], kv_kh[1:]):
+        s_nk += lax.dot_general(q_c, kv_c, dims, preferred_element_type=jnp.float32)
+    if qrope_nr is not None:
+        rope_kr = _load_rope_tile(cache_ref, idx_k, valid_k, kv_format, scope.page_size)
         s_nk += lax.dot_general(qrope_nr, rope_kr, dims, preferred_element_type=jnp.float32)
     s_nk = jnp.where(valid_k[None, :], s_nk * logit_scale, NEG_BIG)
     m_new = jnp.maximum(m, s_nk.max(axis=1))
     alpha = jnp.exp2(m - m_new)
     p_nk = jnp.where(valid_k[None, :], jnp.exp2(s_nk - m_new[:, None]), 0.0)
     l = l * alpha + p_nk.sum(axis=1)
-    acc = acc * alpha[:, None] + jnp.dot(p_nk.astype(jnp.bfloat16), kv_kh, preferred_element_type=jnp.float32)
+    p_nk = p_nk.astype(jnp.bfloat16)
+    acc = tuple(a * alpha[:, None] + jnp.dot(p_nk, kv_c, preferred_element_type=jnp.float32)
+                for a, kv_c in zip(acc, kv_kh))
     return m_new, l, acc
 
 
 def _decode_kernel(*refs, kv_format: Fp8Format, main: Scope, extra: Scope | None, num_splits: int,
-                   block_h: int, logit_scale: float):
+                   block_h: int, d_chunk: int, logit_scale: float):
     refs = list(refs)
     row, split = pl.program_id(0), pl.program_id(1)  # read at the top: not inside loops (docs/kernels.md §6.5)
     len_ref, sink_ref, q_ref = refs.pop(0), refs.pop(0), refs.pop(0)
@@ -146,7 +163,8 @@ def _decode_kernel(*refs, kv_format: Fp8Format, main: Scope, extra: Scope | None
     xlen_ref, xidx_ref, xcache_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if extra else (None, None, None)
     out_refs = refs
 
-    q_nh = q_ref[...]
+    chunks = [pl.ds(c * d_chunk, d_chunk) for c in range(D_V // d_chunk)]
+    q_nh = [q_ref[:, c] for c in chunks]
     qrope_nr = qrope_ref[...] if qrope_ref is not None else None
     # Valid work of this row, in tiles; this program's share is [lo, hi) of main tiles followed by extra tiles.
     length = len_ref[row]
@@ -158,7 +176,7 @@ def _decode_kernel(*refs, kv_format: Fp8Format, main: Scope, extra: Scope | None
     hi = jnp.minimum(lo + per_split, n_main + n_extra)
 
     carry = (jnp.full((block_h,), NEG_BIG, jnp.float32), jnp.zeros((block_h,), jnp.float32),
-             jnp.zeros((block_h, D_V), jnp.float32))
+             tuple(jnp.zeros((block_h, d_chunk), jnp.float32) for _ in chunks))
     main_step = functools.partial(_attend_tile, q_nh=q_nh, qrope_nr=qrope_nr, idx_ref=idx_ref, cache_ref=cache_ref,
                                   length=length, scope=main, kv_format=kv_format, logit_scale=logit_scale)
     carry = lax.fori_loop(jnp.minimum(lo, n_main), jnp.minimum(hi, n_main),
@@ -177,12 +195,14 @@ def _decode_kernel(*refs, kv_format: Fp8Format, main: Scope, extra: Scope | None
         out_ref, lse_ref = out_refs
         sink2 = sink_ref[...] * LOG2E
         denom = l + jnp.exp2(sink2 - m)  # FlashMLA's final step: o = O / (L + 2^(sink - m))
-        o = jnp.where(nonempty[:, None], acc / jnp.where(nonempty, denom, 1.0)[:, None], 0.0)
-        out_ref[...] = o.astype(out_ref.dtype)
+        for c, acc_c in zip(chunks, acc):
+            out_ref[:, c] = jnp.where(nonempty[:, None], acc_c / jnp.where(nonempty, denom, 1.0)[:, None],
+                                      0.0).astype(out_ref.dtype)
         lse_ref[...] = jnp.where(nonempty, lse2 * LN2, jnp.inf)
     else:
         o_ref, lse2_ref = out_refs
-        o_ref[...] = jnp.where(nonempty[:, None], acc / jnp.where(nonempty, l, 1.0)[:, None], 0.0)
+        for c, acc_c in zip(chunks, acc):
+            o_ref[:, c] = jnp.where(nonempty[:, None], acc_c / jnp.where(nonempty, l, 1.0)[:, None], 0.0)
         lse2_ref[...] = jnp.where(nonempty, lse2, -jnp.inf)
 
 
@@ -217,6 +237,21 @@ def _row_lengths(length_b, s_q, topk, b):
     return jnp.repeat(length_b.astype(jnp.int32), s_q)
 
 
+def d_chunk_for(compute_capability: str | None, block_h: int) -> int:
+    """V columns per dot. Halves (256) compile with about half of whole rows' register spills on sm_90a, and none
+    for head blocks of 16 / 32; where Triton uses tcgen05 (compute capability >= 10 with a head block of 64), Triton
+    3.6 and 3.8 compile halves to a bare trap, so those keep whole rows (512). No GPU (None): as for sm_90, which
+    jax lowers for when it has no GPU."""
+    major = int(compute_capability.split(".")[0]) if compute_capability else 9
+    return 512 if major >= 10 and block_h >= 64 else 256
+
+
+def default_d_chunk(block_h: int) -> int:
+    """`d_chunk_for` the default device."""
+    dev = jax.devices()[0]
+    return d_chunk_for(str(dev.compute_capability) if dev.platform == "gpu" else None, block_h)
+
+
 def num_sms() -> int:
     """SM count of the default device; 132 (H100 SXM) when it is not a GPU (interpret mode)."""
     dev = jax.devices()[0]
@@ -226,9 +261,12 @@ def num_sms() -> int:
 def sparse_mla_decode_triton(q_btnh, kv_cache, idx_btk, *, kv_format: Fp8Format, page_size: int,
                              topk_length_b=None, extra_kv_cache=None, extra_idx_btk=None, extra_page_size=None,
                              extra_topk_length_b=None, attn_sink_n=None, softmax_scale: float,
-                             num_splits: int | None = None, num_warps: int = 8, num_stages: int = 2,
-                             interpret: bool = False):
-    """The kernel path of `sparse_mla_decode` on already validated inputs; returns (out bf16, lse [b, n, s_q])."""
+                             num_splits: int | None = None, d_chunk: int | None = None, num_warps: int = 8,
+                             num_stages: int = 2, interpret: bool = False):
+    """The kernel path of `sparse_mla_decode` on already validated inputs; returns (out bf16, lse [b, n, s_q]).
+
+    num_splits: default `choose_num_splits`; d_chunk: V columns per dot, default `d_chunk_for` the device.
+    """
     b, s_q, h_q, d_qk = q_btnh.shape
     rows, block_h = b * s_q, min(h_q, 64)
     head_blocks = h_q // block_h
@@ -274,8 +312,11 @@ def sparse_mla_decode_triton(q_btnh, kv_cache, idx_btk, *, kv_format: Fp8Format,
         out_specs = [pl.BlockSpec((None, None, block_h, D_V), lambda r, s, h: (r, s, h, 0)),
                      pl.BlockSpec((None, None, block_h), lambda r, s, h: (r, s, h))]
 
+    d_chunk = default_d_chunk(block_h) if d_chunk is None else d_chunk
+    if d_chunk not in D_CHUNKS:
+        raise ValueError(f"d_chunk must be one of {D_CHUNKS}, got {d_chunk}")
     kernel = functools.partial(_decode_kernel, kv_format=kv_format, main=main, extra=extra, num_splits=num_splits,
-                               block_h=block_h, logit_scale=softmax_scale * LOG2E)
+                               block_h=block_h, d_chunk=d_chunk, logit_scale=softmax_scale * LOG2E)
     res = pl.pallas_call(
         kernel, grid=(rows, num_splits, head_blocks), in_specs=specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),

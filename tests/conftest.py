@@ -1,6 +1,10 @@
-"""Suite-wide JAX settings: exact fp32 matmuls and 8 simulated CPU devices for the sharding tests."""
+"""Suite-wide JAX settings (exact fp32 matmuls, 8 simulated CPU devices for the sharding tests) and the
+--no-oracle option that leaves out the tests marked `oracle` (they need PyTorch and transformers)."""
 
+import importlib.abc
 import os
+import pathlib
+import sys
 
 # Must be set before JAX initialises its CPU backend; harmless for single-device tests. Appended, so
 # XLA_FLAGS the caller already set are kept.
@@ -10,6 +14,8 @@ if "xla_force_host_platform_device_count" not in _flags:
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+from tests import oracle_marks  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -27,3 +33,53 @@ def eight_devices():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", before)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--no-oracle", action="store_true",
+                     help="deselect the tests marked `oracle` (PyTorch / transformers) and make importing torch or "
+                          "transformers fail; for a Python without a CPU PyTorch wheel (.ci/python313.sh)")
+
+
+class _BlockOracleImports(importlib.abc.MetaPathFinder):
+    """Under --no-oracle an unmarked test that reaches torch fails here, even where torch is installed."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ModuleNotFoundError(f"{name} imported under --no-oracle: mark the test `pytest.mark.oracle` "
+                                      "(tests/oracle_marks.py)", name=name)
+        return None
+
+
+def pytest_configure(config):
+    config.oracle_left_out = {"modules": set(), "tests": 0}
+    if config.getoption("--no-oracle"):
+        sys.meta_path.insert(0, _BlockOracleImports())
+
+
+def pytest_ignore_collect(collection_path, config):
+    """A module marked as a whole is not imported under --no-oracle (its imports need torch)."""
+    path = pathlib.Path(collection_path)
+    if (config.getoption("--no-oracle") and path.suffix == ".py" and path.name.startswith("test_")
+            and path.parent == oracle_marks.TESTS and oracle_marks.module_marked(path)):
+        config.oracle_left_out["modules"].add(path.name)
+        return True
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--no-oracle"):
+        return
+    oracle = [item for item in items if item.get_closest_marker("oracle")]
+    if oracle:
+        config.hook.pytest_deselected(items=oracle)
+        items[:] = [item for item in items if not item.get_closest_marker("oracle")]
+    config.oracle_left_out["tests"] = len(oracle)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    left = config.oracle_left_out
+    if config.getoption("--no-oracle"):
+        terminalreporter.write_line(
+            f"--no-oracle: {left['tests']} tests marked oracle deselected; modules marked oracle as a whole, not "
+            f"imported: {', '.join(sorted(left['modules'])) or 'none'}")

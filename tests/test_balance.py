@@ -64,7 +64,10 @@ def test_routing_capture_records_every_router_and_leaves_inference_alone():
     captured_fwd = nnx.jit(lambda m, x: nnx.capture(lambda mm: mm(x), RoutingDecision)(m))
     assert captured_fwd(model, ids)[1] == nnx.State({})  # routers not switched on: nothing is recorded
     logits, captured = captured_fwd(record_routing(nnx.clone(model)), ids)
-    np.testing.assert_array_equal(np.asarray(logits), plain)
+    # Same routing, same values up to fp32 rounding: the captured program has extra outputs, so XLA may fuse it
+    # differently (bit-identical on jax 0.10.2; ~2e-6 apart on jax 0.12 with max |logit| ~4). Any routing or
+    # state change would move logits by orders of magnitude more.
+    np.testing.assert_allclose(np.asarray(logits), plain, rtol=0, atol=1e-5 * np.abs(plain).max())
     decisions = balance.decisions(captured)
     assert sorted(decisions) == [("layers", i, "mlp", "gate") for i in range(4)]  # __call__ does not run MTP
     for path, [(experts, scores)] in decisions.items():

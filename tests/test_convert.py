@@ -13,13 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
 import model1_jax as m1
 from model1_jax.io import convert
 from model1_jax.model import quant
 from tests import synthetic as syn
-from tests.test_loading import tensors_of, to_original_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = syn.CONFIG
@@ -63,7 +61,12 @@ def params(model) -> dict:
     return out
 
 
+@pytest.mark.oracle
 def test_synthetic_checkpoints_are_named_and_shaped_like_transformers(tmp_path):
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    from tests.test_loading import tensors_of, to_original_names
+
     hf = DeepseekV4ForCausalLM(DeepseekV4Config(**CFG.to_hf()))
     dense = syn.original_tensors(CFG, mtp=False)
     want = {k: tuple(v.shape) for k, v in hf.state_dict().items()}

@@ -6,14 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
 import model1_jax as m1
 from model1_jax.inference import generation, sampling
 from model1_jax.inference import steps as decode
 from model1_jax.inference.generation import CompileClock
-from tests import hf_reference as ref
 from tests.util import random_model
 
 NEW = 32
@@ -23,17 +21,17 @@ NEW = 32
 # transformers parity
 
 
-@pytest.fixture(scope="module", params=["csa_hca_hc4", "csa_m2_hc2"])
-def hf_pair(request, tmp_path_factory):
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", ["csa_hca_hc4", "csa_m2_hc2"])
+def test_greedy_matches_transformers(name, tmp_path):
+    import torch
+
+    from tests import hf_reference as ref
+
     # 16 indexer heads: a score is exactly 0 (a tie with any other 0) only when all heads' ReLUs are 0.
-    hf = ref.make_model(request.param, seed=2, index_n_heads=16)
-    path = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(path)
-    return hf, m1.from_pretrained(path, dtype=jnp.float32)
-
-
-def test_greedy_matches_transformers(hf_pair):
-    hf, model = hf_pair
+    hf = ref.make_model(name, seed=2, index_n_heads=16)
+    hf.save_pretrained(tmp_path)
+    model = m1.from_pretrained(tmp_path, dtype=jnp.float32)
     recorder = ref.IndexerScores(hf)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead (and contention on a shared CPU)

@@ -6,7 +6,6 @@ casts); this lowering runs the whole Pallas -> Triton IR pipeline, so such code 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import re
 
@@ -15,22 +14,14 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels import MODEL1, V32, cache_shape, sparse_mla_decode
+from pallas_kernels.compile_check import lower_for_cuda
 from pallas_kernels.triton_decode import sparse_mla_decode_triton
 
 S = jax.ShapeDtypeStruct
 
 
-def _cuda_target():
-    """jax >= 0.11 asks the (abstract) device for its GPU kind; jax 0.10 assumes sm_90 when none is present."""
-    if jax.__version_info__ < (0, 11) or jax.default_backend() == "gpu":
-        return contextlib.nullcontext()
-    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device))
-
-
 def _lower_for_cuda(fn, *specs) -> str:
-    with _cuda_target():
-        text = jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_cuda(fn, *specs).as_text()
     assert any("triton" in t for t in re.findall(r"custom_call @(\S+)\(", text)), "no Triton kernel in the HLO"
     return text
 

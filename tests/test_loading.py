@@ -17,6 +17,8 @@ import model1_jax as m1
 from tests import hf_reference as ref
 from tests.util import forward_with_mtp
 
+pytestmark = pytest.mark.oracle  # the checkpoints are written by transformers and torch (tests/oracle_marks.py)
+
 _forward = nnx.jit(lambda model, ids: model(ids))
 IDS = np.random.default_rng(0).integers(0, 128, (2, 19))
 

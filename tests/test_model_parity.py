@@ -13,6 +13,8 @@ from flax import nnx
 import model1_jax as m1
 from tests import hf_reference as ref
 
+pytestmark = pytest.mark.oracle  # every test here compares with transformers (tests/oracle_marks.py)
+
 TOL = 1e-4
 _forward = nnx.jit(lambda model, ids: model(ids))
 

@@ -17,6 +17,8 @@ from model1_jax.model.attention import picks_visible
 from model1_jax.model.indexer import visible_entries
 from tests import hf_reference as ref
 
+pytestmark = pytest.mark.oracle  # every test here compares with transformers (tests/oracle_marks.py)
+
 T = 27  # > sliding window (8), 6 CSA windows (> index_topk 3), 3 HCA windows
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import DENSE, MODEL1, V32, DenseFormat, dequantize_kv, get_format, sparse_mla_decode
-from pallas_kernels.triton_decode import choose_num_splits, sparse_mla_decode_triton, tile_addresses
+from pallas_kernels.triton_decode import D_CHUNKS, choose_num_splits, sparse_mla_decode_triton, tile_addresses
 from tests import flashmla_oracle as oracle
 from tests.decode_cases import Case, Scope, make_inputs, oracle_decode
 
@@ -102,22 +102,24 @@ def test_reference_matches_oracle(case):
 
 
 _kernel = jax.jit(sparse_mla_decode_triton, static_argnames=(
-    "kv_format", "page_size", "extra_page_size", "softmax_scale", "num_splits", "interpret"))
+    "kv_format", "page_size", "extra_page_size", "softmax_scale", "num_splits", "d_chunk", "interpret"))
 
 
-def _run_kernel(args, kv_format, num_splits):
+def _run_kernel(args, kv_format, num_splits, d_chunk=None):
     a = _jnp(args)
     return _kernel(a["q"], a["kv_cache"], a["indices"], kv_format=get_format(kv_format), page_size=a["page_size"],
                    topk_length_b=a["topk_length"], extra_kv_cache=a.get("extra_kv_cache"),
                    extra_idx_btk=a.get("extra_indices"), extra_page_size=a.get("extra_page_size"),
                    extra_topk_length_b=a.get("extra_topk_length"), attn_sink_n=a.get("attn_sink"),
-                   softmax_scale=a["softmax_scale"], num_splits=num_splits, interpret=True)
+                   softmax_scale=a["softmax_scale"], num_splits=num_splits, d_chunk=d_chunk, interpret=True)
 
 
-@pytest.mark.parametrize("case,num_splits", KERNEL_CASES, ids=lambda x: str(x))
-def test_kernel_matches_oracle(case, num_splits):
+# Cases alternate between whole 512-column rows and two 256-column halves (the sm_90a choice), so both are checked.
+@pytest.mark.parametrize("case,num_splits,d_chunk", [(c, s, D_CHUNKS[i % 2]) for i, (c, s) in enumerate(KERNEL_CASES)],
+                         ids=lambda x: str(x))
+def test_kernel_matches_oracle(case, num_splits, d_chunk):
     args = make_inputs(case)
-    out, lse = _run_kernel(args, case.kv_format, num_splits)
+    out, lse = _run_kernel(args, case.kv_format, num_splits, d_chunk)
     assert out.dtype == jnp.bfloat16 and lse.shape == (case.b, case.h_q, case.s_q)
     oracle.check_decode(out, lse, *oracle_decode(case, args))
 

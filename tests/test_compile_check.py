@@ -1,0 +1,60 @@
+"""Static GPU compile check on the CPU (docs/compile_check.md): representative Pallas-Triton kernel variants compile
+with Triton for sm_90a and sm_100a within the shared-memory limit and the spill budget, with their matmuls on the
+tensor cores. `python scripts/compile_check.py` runs every variant and writes the figures."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import compile_check as cc
+
+
+def test_representative_variants_compile_within_limits():
+    configs = [c for c in cc.configurations() if c.name in cc.REPRESENTATIVE]
+    assert [c.name for c in configs] == sorted(cc.REPRESENTATIVE, key=[c.name for c in configs].index)
+    records = cc.check_matrix(configs, list(cc.ARCHS), jobs=2)
+    assert len(records) == len(configs) * len(cc.ARCHS)
+    problems = [p for r in records for p in r["problems"]]
+    assert not problems, "\n".join(problems)
+    for r in records:  # the figures were read, not defaulted
+        assert 0 < r["registers"] <= 255 and r["shared_bytes"] > 0 and r["ptx_lines"] > 100, r
+
+
+def test_configurations_cover_every_launchable_variant():
+    names = [c.name for c in cc.configurations()]
+    assert len(names) == len(set(names))
+    got = {(c.kv_format, c.block_h, c.split, c.extra) for c in cc.configurations()}
+    want = {(f, b, s, x) for f in ("model1", "v32") for b in (16, 32, 64) for s in (False, True) for x in (False, True)}
+    assert want <= got
+    assert {c.h_q for c in cc.configurations()} == {16, 32, 64, 128}
+    assert any(c.large_cache for c in cc.configurations())
+
+
+def test_the_limits_can_fail():
+    cfg = cc.KernelConfig("model1", 64, False, False)
+    ok = cc.CompileStats(arch="sm_90a", registers=255, spill_store_bytes=0, spill_load_bytes=0, stack_bytes=0,
+                         shared_bytes=cc.SMEM_LIMIT_BYTES, mma="wgmma", trap=False, ptx_lines=1000, seconds=1.0)
+    assert cc.problems(cfg, ok) == []
+    for change, what in [(dict(shared_bytes=cc.SMEM_LIMIT_BYTES + 1), "shared memory"),
+                         (dict(spill_store_bytes=cc.SPILL_BUDGET_BYTES + 4), "spill"),
+                         (dict(trap=True), "trap"), (dict(mma="mma.sync"), "expected wgmma")]:
+        [problem] = cc.problems(cfg, dataclasses.replace(ok, **change))
+        assert what in problem
+    small = cc.KernelConfig("v32", 32, True, True)
+    assert cc.problems(small, dataclasses.replace(ok, arch="sm_100a", mma="mma.sync")) == []
+
+
+def test_chunk_choice_per_architecture():
+    """Two 256-column halves except where Triton uses tcgen05 (sm_100a, head block 64): those compile to a trap."""
+    assert cc.arch_d_chunk("sm_90a", 64) == 256 and cc.arch_d_chunk("sm_100a", 64) == 512
+    assert cc.arch_d_chunk("sm_100a", 32) == 256 and cc.arch_d_chunk("sm_90a", 16) == 256
+
+
+def test_a_module_without_a_triton_kernel_is_reported():
+    lowered = cc.lower_for_cuda(lambda x: x * 2, jax.ShapeDtypeStruct((4,), jnp.float32))
+    with pytest.raises(cc.CompileCheckError, match="no __gpu\\$xla.gpu.triton custom call"):
+        cc.triton_kernels(lowered)
