@@ -17,7 +17,7 @@ Names below are loaded on first use, so `import model1_jax` pulls in neither opt
 
 import importlib
 
-from model1_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING, Config, RopeScaling
+from model1_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING, Config, DSparkConfig, RopeScaling
 
 # public name -> module that defines it
 _LAZY = {
@@ -60,9 +60,9 @@ _LAZY = {
 _SUBPACKAGES = ("model", "parallel", "io", "inference", "train", "text", "cli", "common", "config")
 
 __all__ = ["ATTENTION_BACKENDS", "BalanceConfig", "BlockQuantized", "CACHE_DTYPES", "CSA", "CacheSpec",
-           "CheckpointError", "Config", "DecodeState", "Generation", "GenerationStats", "HASH_MOE", "HCA", "Layout",
-           "LoRAConfig", "MOE", "MemoryReport", "Model1", "OptimizerConfig", "RopeScaling", "Rules", "SLIDING",
-           "Sampling", "TrainCheckpointer", "TrainConfig", "Trainer", "apply_lora", "decode_step", "fit",
+           "CheckpointError", "Config", "DSparkConfig", "DecodeState", "Generation", "GenerationStats", "HASH_MOE",
+           "HCA", "Layout", "LoRAConfig", "MOE", "MemoryReport", "Model1", "OptimizerConfig", "RopeScaling", "Rules",
+           "SLIDING", "Sampling", "TrainCheckpointer", "TrainConfig", "Trainer", "apply_lora", "decode_step", "fit",
            "from_pretrained", "generate", "init_state", "load", "load_adapters", "make_mesh", "make_spec",
            "max_len_for_budget", "memory_report", "merge_lora", "prefill", "save", "save_adapters"]
 

@@ -2,13 +2,17 @@
 
     gen = m1.generate(model, [[5, 7, 9], [3]], max_new_tokens=32)          # greedy
     gen.tokens        # generated ids per prompt (up to and including a stop token)
-    gen.stats         # timings, throughput, cache bytes, MTP acceptance rate
+    gen.stats         # timings, throughput, cache bytes, MTP / DSpark acceptance
 
 MTP speculative decoding (`mtp=True`): each step feeds the pending token and the MTP block's draft of the
 next one (s_q = 2), accepts the draft by the speculative-sampling rule (in greedy mode: iff it equals the
 argmax), then lets the MTP block draft again from the last kept position. A rejected draft is undone by
 resetting the sequence's length: every cache slot it wrote (window ring, compressor buffers, entries) is
 rewritten before any later query can read it (see `decode_state`), so rollback is exact.
+
+DSpark speculative decoding (`speculative="dspark"`, the 0731 / 0813 checkpoints' drafter): each step drafts
+G = 5 tokens and verifies G + 1 = 6 in one target call (`inference.speculative`); `stats.mean_accepted_length`
+is the tokens emitted per sequence and step (1 to 6), `gen.confidence` the drafter's confidence per draft.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from tqdm.auto import tqdm
 from model1_jax.common import check_token_ids, positive_int
 from model1_jax.inference import sampling as sampling_lib
 from model1_jax.inference import sharded as sharded_decode
+from model1_jax.inference import speculative as speculative_lib
 from model1_jax.inference import state as decode_state
 from model1_jax.inference import steps as decode
 from model1_jax.inference.sampling import Sampling
@@ -70,8 +75,10 @@ class GenerationStats:
     decode_steps: int
     cache_bytes: int
     cache_spec: decode_state.CacheSpec  # the state generation ran on (see `m1.memory_report`)
-    drafts: int = 0  # MTP drafts verified
+    drafts: int = 0  # MTP / DSpark drafts verified
     accepted: int = 0  # of which accepted
+    sequence_steps: int = 0  # decode steps summed over the sequences active in each
+    step_tokens: int = 0  # tokens those steps emitted (before truncation at max_new_tokens / a stop token)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -86,11 +93,22 @@ class GenerationStats:
     def acceptance_rate(self) -> float | None:
         return self.accepted / self.drafts if self.drafts else None
 
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Tokens emitted per sequence and decode step (accepted drafts + 1; 1.0 without speculation)."""
+        return self.step_tokens / self.sequence_steps if self.sequence_steps else None
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        return self.decode_s / self.decode_steps if self.decode_steps else None
+
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
     tokens: list[list[int]]  # generated ids per prompt
     stats: GenerationStats
+    # DSpark: per prompt, sigmoid(confidence) of the G drafts of each step it took part in [steps, G]
+    confidence: list[np.ndarray] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -166,7 +184,8 @@ def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
 def generate(model: Model1, prompts, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] | None = None, cache_dtype: str = "auto",
              mtp: bool = False, max_len: int | None = None, max_batch: int | None = None, chunk: int = 64,
-             page_size: int = 64, attention_backend: str = "auto", progress: bool = False) -> Generation:
+             page_size: int = 64, attention_backend: str = "auto", progress: bool = False,
+             speculative: str | None = None) -> Generation:
     """Generates up to `max_new_tokens` tokens after each prompt.
 
     prompts: token-id lists (different lengths are fine). temperature 0 = greedy; top_k / top_p filter the
@@ -174,7 +193,8 @@ def generate(model: Model1, prompts, max_new_tokens: int, *, temperature: float 
     () disables). cache_dtype: "fp8" (FlashMLA's v4 format), "bf16" or "float32" (unquantized), or "auto" (fp8
     where the format fits the config, else the model's dtype). attention_backend: "auto", "xla", "pallas",
     "interpret" (`inference.state.ATTENTION_BACKENDS`); `stats.cache_spec` records what was picked.
-    mtp: speculative decoding with the model's MTP block. max_len: the state's capacity (default: longest
+    speculative: None, "mtp" (the preview's MTP block: 1 draft, verify 2; `mtp=True` is the same) or "dspark"
+    (the DSpark drafter: 5 drafts, verify 6). max_len: the state's capacity (default: longest
     prompt + max_new_tokens); max_batch: the state's batch (default: the number of prompts); chunk: prefill
     tokens per call. All arguments are checked before anything is allocated or computed.
     """
@@ -187,13 +207,23 @@ def generate(model: Model1, prompts, max_new_tokens: int, *, temperature: float 
     stop = cfg.eos_token_ids if stop_tokens is None else tuple(int(s) for s in stop_tokens)
     if any(not 0 <= s < cfg.vocab_size for s in stop):
         raise ValueError(f"generate: stop_tokens must be ids in [0, {cfg.vocab_size}), got {list(stop)}")
+    if speculative not in (None, "mtp", "dspark"):
+        raise ValueError(f"generate: speculative must be None, 'mtp' or 'dspark', got {speculative!r}")
+    if mtp and speculative == "dspark":
+        raise ValueError("generate: mtp=True and speculative='dspark' name two different drafters")
+    mtp = mtp or speculative == "mtp"
+    dspark = speculative == "dspark"
     if mtp and model.mtp is None:
-        raise ValueError("generate: mtp=True needs a model with an MTP block (num_nextn_predict_layers=1)")
+        raise ValueError("generate: speculative='mtp' needs a model with an MTP block (num_nextn_predict_layers=1)")
+    if dspark and model.dspark is None:
+        raise ValueError("generate: speculative='dspark' needs a model with a DSpark drafter (the 0731 / 0813 "
+                         "checkpoints; config.dspark)")
     longest = max(len(p) for p in prompts)
     max_len = longest + max_new_tokens if max_len is None else max_len
     max_batch = len(prompts) if max_batch is None else max_batch
     spec = decode_state.make_spec(cfg, max_batch=max_batch, max_len=max_len, cache_dtype=cache_dtype, chunk=chunk,
-                                  page_size=page_size, dtype=model.dtype, mtp=mtp, attention_backend=attention_backend)
+                                  page_size=page_size, dtype=model.dtype, mtp=mtp, attention_backend=attention_backend,
+                                  speculative="dspark" if dspark else None)
     if len(prompts) > spec.max_batch:
         raise ValueError(f"generate: {len(prompts)} prompts exceed max_batch {spec.max_batch}")
     if longest > max_len:
@@ -212,7 +242,8 @@ def generate(model: Model1, prompts, max_new_tokens: int, *, temperature: float 
     graphdef, params = nnx.split(model)
     outputs: list[list[int]] = [[] for _ in prompts]
     done = np.arange(b) >= len(prompts)
-    drafts = accepted = steps = 0
+    drafts = accepted = steps = sequence_steps = step_tokens = 0
+    confidence: list[list[np.ndarray]] = [[] for _ in prompts]
     bar = tqdm(total=len(prompts) * max_new_tokens, unit="tok", disable=not progress, desc="generate")
 
     def emit(row: int, token: int) -> None:
@@ -243,7 +274,16 @@ def generate(model: Model1, prompts, max_new_tokens: int, *, temperature: float 
             steps += 1
             active = ~done
             step_key = jax.random.fold_in(key, steps)
-            if mtp:
+            if dspark:
+                emitted, count, pending, acc, conf, state = speculative_lib.compiled_dspark_step(
+                    graphdef, params, state, pending, jnp.asarray(active), step_key, sampling_arrays)
+                g = model.dspark.block_size
+                drafts += int(np.minimum(max_len - lengths_now - 1, g)[active].sum())
+                accepted += int(to_host(acc)[active].sum())
+                conf = to_host(conf)
+                for row in np.flatnonzero(active[:len(prompts)]):
+                    confidence[row].append(conf[row])
+            elif mtp:
                 has_draft &= active & (lengths_now + 2 <= max_len)
                 emitted, count, pending, draft, draft_probs, acc, state = _speculative_step(
                     graphdef, params, state, pending, draft, draft_probs, jnp.asarray(has_draft), jnp.asarray(active),
@@ -257,6 +297,8 @@ def generate(model: Model1, prompts, max_new_tokens: int, *, temperature: float 
                 pending = emitted[:, 0]
             emitted, count = to_host(emitted), to_host(count)
             lengths_now += count
+            sequence_steps += int(active.sum())
+            step_tokens += int(count[active].sum())
             for row in np.flatnonzero(active):
                 for j in range(count[row]):
                     if not done[row]:
@@ -268,5 +310,6 @@ def generate(model: Model1, prompts, max_new_tokens: int, *, temperature: float 
         prompt_tokens=int(lengths.sum()), generated_tokens=sum(len(o) for o in outputs),
         prefill_s=max(prefill_s - prefill_compile, 0.0), decode_s=max(decode_s - decode_compile, 0.0),
         compile_s=clock.seconds, decode_steps=steps, cache_bytes=cache_bytes, cache_spec=spec, drafts=drafts,
-        accepted=accepted)
-    return Generation(tokens=outputs, stats=stats)
+        accepted=accepted, sequence_steps=sequence_steps, step_tokens=step_tokens)
+    conf_out = [np.stack(c) if c else np.zeros((0, model.dspark.block_size)) for c in confidence] if dspark else None
+    return Generation(tokens=outputs, stats=stats, confidence=conf_out)

@@ -87,3 +87,32 @@ def accept_draft(key: jax.Array, target_bv: jax.Array, draft_bv: jax.Array, draf
     residual_bv = jnp.where(residual_bv.sum(-1, keepdims=True) > 0, residual_bv, target_bv)
     corrected_b = draw(r_key, residual_bv / residual_bv.sum(-1, keepdims=True))
     return accepted_b, jnp.where(accepted_b, draft_b, corrected_b)
+
+
+def accept_block(key: jax.Array, target_bjv: jax.Array, draft_bgv: jax.Array, drafts_bg: jax.Array,
+                 limit_b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Speculative sampling over a block of g drafts (docs/dspark.md §8.1), lossless like `accept_draft`.
+
+    target [b, g+1, v]: q_0 .. q_g, the target's distributions after the pending token and after each draft;
+    draft [b, g, v]: p_1 .. p_g, what each draft was drawn from; drafts [b, g]; limit [b]: at most this many
+    drafts may be accepted (fewer than g when the sequence nears its capacity).
+    In order, draft j is accepted with probability min(1, q_{j−1}(d_j) / p_j(d_j)); the first rejection emits a
+    draw from normalise(max(q_{j−1} − p_j, 0)); after `limit` acceptances a draw from q_limit (the bonus token).
+    With one-hot (greedy) distributions this accepts exactly the drafts that equal the target's argmax.
+    Returns (accepted count a [b], the token emitted after the accepted drafts [b]).
+    """
+    b, g, v = draft_bgv.shape
+    u_key, r_key, q_key = jax.random.split(key, 3)
+    q_bg = jnp.take_along_axis(target_bjv[:, :g], drafts_bg[..., None], axis=-1)[..., 0]
+    p_bg = jnp.take_along_axis(draft_bgv, drafts_bg[..., None], axis=-1)[..., 0]
+    ok_bg = (jax.random.uniform(u_key, (b, g)) * p_bg < q_bg) & (jnp.arange(g) < limit_b[:, None])
+    accepted_b = jnp.sum(jnp.cumprod(ok_bg.astype(jnp.int32), axis=1), axis=1)
+    residual = jnp.maximum(target_bjv[:, :g] - draft_bgv, 0.0)
+    residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, target_bjv[:, :g])
+    residual = residual / residual.sum(-1, keepdims=True)
+    rejected_bg = draw(r_key, residual.reshape(b * g, v)).reshape(b, g)
+    plain_bj = draw(q_key, target_bjv.reshape(b * (g + 1), v)).reshape(b, g + 1)
+    at_b1 = accepted_b[:, None]
+    replacement_b = jnp.take_along_axis(rejected_bg, jnp.minimum(at_b1, g - 1), axis=1)[:, 0]
+    bonus_b = jnp.take_along_axis(plain_bj, at_b1, axis=1)[:, 0]
+    return accepted_b, jnp.where(accepted_b < limit_b, replacement_b, bonus_b)

@@ -10,16 +10,20 @@ Per sequence (up to `max_batch` of them) and per layer:
     count, is what masks the unwritten tail.
   * compressor buffers — the raw values C and gate logits Z of the most recent positions, slot =
     position mod B: B = rate for HCA, B = 2·rate for CSA (the previous complete window is the overlap
-    half of the next entry). Nothing is ever cleared: a buffer slot, a ring slot or an entry slot is
-    rewritten before any query can see it again. That is what makes rejecting a speculative draft (one
-    token past the kept ones) exact by resetting `lengths` alone — no snapshot, no copy: the draft's
-    ring slot held a key older than any window still needs, its buffer slot a position of an already
-    pooled window, and an entry it completed is recomputed when the real token arrives.
+    half of the next entry), plus `drafts − 1` slots when a step verifies `drafts` speculative tokens.
+    Nothing is ever cleared: a buffer slot, a ring slot or an entry slot is rewritten before any query can
+    see it again. That is what makes rejecting speculative drafts exact by resetting `lengths` alone — no
+    snapshot, no copy: a rejected token's ring slot held a key older than any window still needs (the ring
+    has `chunk` ≥ drafts + 1 spare slots), its buffer slot a position no future window reads (B ≥ (1 + overlap)·
+    rate + drafts − 1: the rejected positions end at most drafts − 1 past the kept length), and an entry it
+    completed is recomputed when the real token arrives (docs/dspark.md §8.2).
   * CSA only: the indexer's compressed keys, a plain `[b, entries, j]` array at compute precision, and
     the indexer compressor's buffers.
   * `lengths [b]` — tokens in the caches; the next position of sequence b is lengths[b].
 With an MTP block: the same for its layer, `mtp_lengths [b]` and the main model's last residual streams
-(the MTP block's input for the next position).
+(the MTP block's input for the next position). With a DSpark drafter (docs/dspark.md §7): one paged cache per
+stage, W ring slots (slot = position mod W, the stage's K=V rows of the last W committed positions; only
+committed positions are ever written, so it needs no rollback) then G scratch slots for the drafted block.
 
 Cache modes: "fp8" is FlashMLA's MODEL1 layout (448 fp8 + 64 bf16 dims, 584 bytes per token; needs
 head_dim 512 with 64 RoPE dims); "bf16" and "float32" store plain `[pages, page_size, head_dim]` arrays
@@ -64,6 +68,9 @@ class CacheSpec:
     compute_dtype: str  # dtype of compressor buffers, indexer keys and carried streams
     mtp: bool
     attention_backend: str = "xla"  # resolved: "xla", "pallas" or "interpret" (never "auto")
+    dspark: bool = False  # the DSpark drafter's rings
+    drafts: int = 0  # speculative tokens a step verifies after the pending one (MTP 1, DSpark G)
+    dspark_stages: int = 0
 
     @property
     def uses_kernel(self) -> bool:
@@ -74,6 +81,11 @@ class CacheSpec:
     def ring(self) -> int:
         """Sliding-window slots per sequence."""
         return _round_up(self.window + self.chunk, self.page_size)
+
+    @property
+    def dspark_slots(self) -> int:
+        """Slots per sequence of a DSpark stage's cache: the W-slot ring, then the block's G scratch slots."""
+        return _round_up(self.window + self.drafts, self.page_size)
 
     def entries(self, rate: int) -> int:
         """Compressed-entry slots per sequence for a compressor of `rate`."""
@@ -120,6 +132,7 @@ class DecodeState:
     mtp: LayerState | None = None
     mtp_lengths: jax.Array | None = None  # [b] int32: positions the MTP block has seen
     last_streams: jax.Array | None = None  # [b, c, d] main streams at position lengths − 1 (MTP input)
+    dspark: tuple[jax.Array, ...] | None = None  # per drafter stage: W ring slots + G scratch slots
     spec: CacheSpec = struct.field(pytree_node=False, default=None)
 
 
@@ -169,11 +182,14 @@ def resolve_attention_backend(config: Config, backend: str, cache_dtype: str) ->
 
 
 def make_spec(config: Config, *, max_batch: int, max_len: int, cache_dtype: str = "auto", chunk: int = 64,
-              page_size: int = 64, dtype=jnp.float32, mtp: bool = False, attention_backend: str = "auto") -> CacheSpec:
+              page_size: int = 64, dtype=jnp.float32, mtp: bool = False, attention_backend: str = "auto",
+              speculative: str | None = None) -> CacheSpec:
     """Checks the request against the config and returns the static description of a state.
 
     `cache_dtype` "auto" picks "fp8" where FlashMLA's v4 format fits the config, else the compute dtype;
-    `attention_backend` is one of `ATTENTION_BACKENDS`. The returned spec holds the resolved choices.
+    `attention_backend` is one of `ATTENTION_BACKENDS`. `speculative` None, "mtp" (same as `mtp=True`) or
+    "dspark" adds the drafter's state and sizes the buffers for exact rollback of its drafts. The returned
+    spec holds the resolved choices.
     """
     for name, value in (("max_batch", max_batch), ("max_len", max_len), ("chunk", chunk), ("page_size", page_size)):
         positive_int(value, f"decode state: {name}")
@@ -182,17 +198,34 @@ def make_spec(config: Config, *, max_batch: int, max_len: int, cache_dtype: str 
     if max_len > config.max_position_embeddings:
         raise ValueError(f"decode state: max_len {max_len} exceeds the config's max_position_embeddings "
                          f"{config.max_position_embeddings}")
+    if speculative not in (None, "mtp", "dspark"):
+        raise ValueError(f"decode state: speculative must be None, 'mtp' or 'dspark', got {speculative!r}")
+    mtp = bool(mtp) or speculative == "mtp"
+    if mtp and speculative == "dspark":
+        raise ValueError("decode state: mtp=True and speculative='dspark' are two different drafters")
     if mtp and not config.num_nextn_predict_layers:
         raise ValueError("decode state: mtp=True but the config has no MTP block (num_nextn_predict_layers=0)")
-    if mtp and chunk < 2:
-        raise ValueError("decode state: speculative decoding verifies 2 tokens per call; chunk must be >= 2")
+    if speculative == "dspark" and config.dspark is None:
+        raise ValueError("decode state: speculative='dspark' but the config has no DSpark drafter (config.dspark)")
+    drafts = 1 if mtp else config.dspark.block_size if speculative == "dspark" else 0
+    if drafts and chunk < drafts + 1:
+        raise ValueError(f"decode state: speculative decoding verifies {drafts + 1} tokens per call; chunk must be "
+                         f">= {drafts + 1}, got {chunk}")
     return CacheSpec(max_batch=int(max_batch), max_len=int(max_len), chunk=int(chunk), cache_dtype=cache_dtype,
                      page_size=int(page_size), head_dim=config.head_dim, window=config.sliding_window,
-                     compute_dtype=jnp.dtype(dtype).name, mtp=bool(mtp), attention_backend=backend)
+                     compute_dtype=jnp.dtype(dtype).name, mtp=mtp, attention_backend=backend,
+                     dspark=speculative == "dspark", drafts=drafts,
+                     dspark_stages=config.dspark.num_stages if speculative == "dspark" else 0)
+
+
+def compressor_slots(spec: CacheSpec, rate: int, overlap: bool) -> int:
+    """Buffer slots of a compressor: its window (and the previous one for CSA), plus room for the rejected drafts
+    of a speculative step to land where no future window reads (see the module docstring)."""
+    return (2 * rate if overlap else rate) + max(spec.drafts - 1, 0)
 
 
 def _compressor_shapes(spec: CacheSpec, rate: int, overlap: bool, width: int) -> CompressorState:
-    slots = 2 * rate if overlap else rate
+    slots = compressor_slots(spec, rate, overlap)
     shape = (spec.max_batch, slots, *((2,) if overlap else ()), width)
     buf = jax.ShapeDtypeStruct(shape, jnp.dtype(spec.compute_dtype))
     return CompressorState(kv=buf, gate=buf)
@@ -221,20 +254,23 @@ def state_shapes(config: Config, spec: CacheSpec) -> DecodeState:
         mtp = dict(mtp=_layer_shapes(config, spec, config.mtp_layer_type), mtp_lengths=lengths,
                    last_streams=jax.ShapeDtypeStruct((spec.max_batch, config.hc_mult, config.hidden_size),
                                                      jnp.dtype(spec.compute_dtype)))
+    if spec.dspark:
+        mtp["dspark"] = tuple(spec.kv_cache_shape(spec.dspark_slots) for _ in range(spec.dspark_stages))
     layers = tuple(_layer_shapes(config, spec, t) for t in config.layer_types)
     return DecodeState(layers=layers, lengths=lengths, spec=spec, **mtp)
 
 
 def init_state(config: Config, *, max_batch: int, max_len: int, cache_dtype: str = "auto", chunk: int = 64,
-               page_size: int = 64, dtype=jnp.float32, mtp: bool = False, attention_backend: str = "auto"
-               ) -> DecodeState:
+               page_size: int = 64, dtype=jnp.float32, mtp: bool = False, attention_backend: str = "auto",
+               speculative: str | None = None) -> DecodeState:
     """Allocates an empty state (all sequences at length 0). See `make_spec` for the arguments; the state's
     `spec` says which cache dtype and attention backend were picked.
 
     `dtype` is the model's compute dtype; `chunk` bounds the tokens per sequence of one prefill call.
     """
     spec = make_spec(config, max_batch=max_batch, max_len=max_len, cache_dtype=cache_dtype, chunk=chunk,
-                     page_size=page_size, dtype=dtype, mtp=mtp, attention_backend=attention_backend)
+                     page_size=page_size, dtype=dtype, mtp=mtp, attention_backend=attention_backend,
+                     speculative=speculative)
     return allocate(config, spec)
 
 
@@ -294,6 +330,12 @@ def memory_report(config: Config, spec: CacheSpec) -> MemoryReport:
     groups = [(kinds[t], config.layer_types.count(t), t) for t in (SLIDING, CSA, HCA) if t in config.layer_types]
     if spec.mtp:
         groups.append((f"MTP ({kinds[config.mtp_layer_type]})", 1, config.mtp_layer_type))
+    if spec.dspark:
+        ring = spec.kv_cache_shape(spec.dspark_slots)
+        rows_extra = [MemoryRow("DSpark ring", spec.dspark_stages, round(_nbytes(ring) / spec.max_batch), 0.0,
+                                spec.dspark_stages * _nbytes(ring))]
+    else:
+        rows_extra = []
     rows = []
     for kind, count, layer_type in groups:
         shapes = _layer_shapes(config, spec, layer_type)
@@ -306,7 +348,7 @@ def memory_report(config: Config, spec: CacheSpec) -> MemoryReport:
             per_token = per_entry / rate
         rows.append(MemoryRow(kind, count, round(fixed / spec.max_batch), per_token,
                               round(count * per_seq_total * spec.max_batch)))
-    return MemoryReport(spec, tuple(rows), _nbytes(state_shapes(config, spec)))
+    return MemoryReport(spec, tuple(rows + rows_extra), _nbytes(state_shapes(config, spec)))
 
 
 def max_len_for_budget(config: Config, budget_bytes: int, **spec_kwargs) -> int:

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from model1_jax.common import check_token_ids
+from model1_jax.inference import drafter
 from model1_jax.inference import sharded as sharded_decode
 from model1_jax.inference.state import CompressorState, DecodeState, LayerState
 from model1_jax.model.attention import Attention
@@ -58,7 +59,7 @@ def compressor_step(comp: Compressor, cs: CompressorState, x_btd: jax.Array, len
     the new buffers). w = the most windows t tokens can complete.
     """
     m, slots = comp.rate, cs.kv.shape[1]
-    lead = slots - m  # CSA also gathers the previous window: its Ca half is the first entry's overlap
+    lead = m if comp.overlap else 0  # CSA also gathers the previous window: its Ca half is the first entry's overlap
     t = x_btd.shape[1]
     kv_new, gate_new = comp.project(x_btd)
     num_windows = (m - 1 + t) // m
@@ -173,9 +174,9 @@ def cached_attention(ls: LayerState, positions_bt: jax.Array, lengths_b: jax.Arr
 # Whole model
 
 
-def model_step(model: Model1, state: DecodeState, ids_bt: jax.Array, n_new_b: jax.Array
-               ) -> tuple[jax.Array, DecodeState]:
-    """Main model over n_new[b] tokens per sequence: (final residual streams [b, t, c, d], new state)."""
+def model_step(model: Model1, state: DecodeState, ids_bt: jax.Array, n_new_b: jax.Array, capture: bool = False):
+    """Main model over n_new[b] tokens per sequence: (final residual streams [b, t, c, d], new state); with
+    `capture`, (streams, the DSpark drafter's captured rows [b, t, k·d], new state)."""
     lengths_b = state.lengths
     positions_bt = lengths_b[:, None] + jnp.arange(ids_bt.shape[1], dtype=jnp.int32)
     updated: list[LayerState] = []
@@ -183,8 +184,9 @@ def model_step(model: Model1, state: DecodeState, ids_bt: jax.Array, n_new_b: ja
     def attention(i: int, attn: Attention, x_btd: jax.Array) -> jax.Array:
         return cached_attention(state.layers[i], positions_bt, lengths_b, n_new_b, state.spec, updated)(attn, x_btd)
 
-    streams_btcd = model.streams(ids_bt, positions_bt, attention=attention)
-    return streams_btcd, state.replace(layers=tuple(updated), lengths=lengths_b + n_new_b)
+    out = model.streams(ids_bt, positions_bt, attention=attention, capture=capture)
+    state = state.replace(layers=tuple(updated), lengths=lengths_b + n_new_b)
+    return (*out, state) if capture else (out, state)
 
 
 def mtp_step(model: Model1, state: DecodeState, streams_bucd: jax.Array, next_ids_bu: jax.Array,
@@ -224,7 +226,11 @@ def chunk_step(model: Model1, state: DecodeState, ids_bt: jax.Array, n_new_b: ja
     next token is in this call. Returns (logits, mtp_logits or None, state); logits are [b, v] at each
     sequence's last fed token, or [b, t, v] for every row with `all_logits`."""
     lengths_b = state.lengths
-    streams_btcd, state = model_step(model, state, ids_bt, n_new_b)
+    if state.spec.dspark:  # the drafter's rings take every committed position (docs/dspark.md §6 step 2)
+        streams_btcd, hidden_btk, state = model_step(model, state, ids_bt, n_new_b, capture=True)
+        state = drafter.write_rings(model, state, hidden_btk, lengths_b, n_new_b)
+    else:
+        streams_btcd, state = model_step(model, state, ids_bt, n_new_b)
     last_btcd = last_rows(streams_btcd, n_new_b)
     logits = model.head(streams_btcd if all_logits else last_btcd)
     mtp_logits = None
@@ -257,6 +263,8 @@ def check_state(model: Model1, state: DecodeState) -> None:
                          f"in {jnp.dtype(model.dtype).name}")
     if spec.mtp and model.mtp is None:
         raise ValueError("decode state has MTP caches but the model has no MTP block")
+    if spec.dspark and (model.dspark is None or len(model.dspark.stages) != spec.dspark_stages):
+        raise ValueError("decode state has DSpark rings but the model has no such drafter")
 
 
 def prefill(model: Model1, state: DecodeState, ids, lengths=None, *, all_logits: bool = False,

@@ -90,9 +90,11 @@ def describe(plan: CheckpointPlan, mem: MemoryPlan, *, quantized: bool) -> str:
     hb = human_bytes
     return "\n".join([
         f"source      {plan.path}: {len(plan.files)} file(s), {len(tensors)} tensors, {human_bytes(mem.source_bytes)}",
+        f"schema      {plan.schema.describe()}",
         f"model       {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.n_routed_experts} experts"
-        f"{', MTP block' if cfg.num_nextn_predict_layers else ''}; {len(plan.targets)} parameters in "
-        f"{len(plan.units)} units",
+        f"{', MTP block' if cfg.num_nextn_predict_layers else ''}"
+        f"{f', DSpark drafter ({cfg.dspark.num_stages} stages)' if cfg.dspark else ''}; {len(plan.targets)} "
+        f"parameters in {len(plan.units)} units",
         f"storage     {', '.join(formats) + ' (' + kept + ')' if formats else 'dense'}",
         f"output      {human_bytes(mem.output_bytes)}",
         f"memory      item budget {hb(mem.budget)} (largest source file {hb(mem.largest_file)}), largest "

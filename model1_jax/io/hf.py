@@ -23,6 +23,8 @@ import numpy as np
 from flax import nnx
 
 from model1_jax.config import Config
+from model1_jax.config.dspark import family_problems
+from model1_jax.io import schema as mtp_schema
 from model1_jax.io.names import (
     Slot,
     canonical_name,
@@ -149,22 +151,25 @@ def _quant_format(info: TensorInfo, scale: TensorInfo | None, fp8_block: tuple[i
 
 
 def plan(infos: list[TensorInfo], targets: dict[tuple, jax.ShapeDtypeStruct], source: str, *,
-         fp8_block: tuple[int, int] = DEFAULT_FP8_BLOCK, keep_quantized: bool = False) -> list[Assignment]:
+         fp8_block: tuple[int, int] = DEFAULT_FP8_BLOCK, keep_quantized: bool = False, drafter: str = "mtp",
+         problems: list[str] | None = None) -> list[Assignment]:
     """Matches tensors (and block scales) to parameters; raises `CheckpointError` with every mismatch.
 
     `keep_quantized`: the FP8/FP4 blocks will be kept as `BlockQuantized` in the model's arrangement, so each
     block must map onto a box of model axes (a 128-row block of q_b must not straddle two heads, say). A dense
     load dequantizes in the checkpoint's own [out, in] axes first, so any spec-valid block grid loads.
+    `drafter` says what `mtp.*` holds ("mtp" or "dspark", from `io.schema`); `problems` found earlier (config,
+    schema) are reported with these.
     """
-    problems: list[str] = []
-    canonical = {canonical_name(i.name): i for i in infos}
+    problems = list(problems or [])
+    canonical = {canonical_name(i.name, drafter): i for i in infos}
     scales: dict[str, TensorInfo] = {}
     weights: list[TensorInfo] = []
     for info in infos:
-        owner = scale_owner(canonical_name(info.name))
+        owner = scale_owner(canonical_name(info.name, drafter))
         if owner is not None and owner in canonical:
             scales[owner] = info
-        elif owner is not None and slots_for(owner):  # looks like the scale of a model weight that is absent
+        elif owner is not None and slots_for(owner, drafter):  # looks like the scale of a model weight that is absent
             problems.append(f"block scale {info.name!r} has no weight")
         else:
             weights.append(info)
@@ -173,11 +178,11 @@ def plan(infos: list[TensorInfo], targets: dict[tuple, jax.ShapeDtypeStruct], so
     covered: dict[tuple, set] = defaultdict(set)
     seen: dict[tuple, str] = {}
     for info in weights:
-        slots = slots_for(info.name)
+        slots = slots_for(info.name, drafter)
         if not slots:
             problems.append(f"unexpected tensor {info.name!r} {list(info.shape)} (no such parameter)")
             continue
-        scale = scales.get(canonical_name(info.name))
+        scale = scales.get(canonical_name(info.name, drafter))
         fmt, hf_block, problem = _quant_format(info, scale, fp8_block)
         for slot in slots:  # present, even if unusable below: report it once, not also as missing
             if slot.path in targets:
@@ -389,6 +394,7 @@ class CheckpointPlan:
 
     path: str
     config: Config
+    schema: mtp_schema.Schema
     files: tuple[str, ...]
     graphdef: nnx.GraphDef
     flat: list
@@ -406,16 +412,24 @@ def plan_checkpoint(path: str | os.PathLike, *, dtype=jnp.bfloat16, keep_quantiz
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path!r} is not a directory")
-    config = Config.from_hf(path)
     with open(os.path.join(path, "config.json")) as f:
         raw_config = json.load(f)
     files = safetensors_files(path)
     infos = read_headers(files)
-    if config.num_nextn_predict_layers and not any(s.path[0] == "mtp" for i in infos for s in slots_for(i.name)):
-        # HF drops `mtp.*` when it loads or saves, so HF-saved checkpoints carry no MTP block.
-        logger.info("%s: no MTP tensors in the checkpoint; loading without the MTP block", path)
-        config = config.replace(num_nextn_predict_layers=0)
+    # What `mtp.*` holds comes from the names, not from config keys (docs/dspark.md §4). A relative of V4
+    # (Vision-Exp, V4.1) is reported with every sign of it in the config and the names, and nothing else.
+    schema = mtp_schema.detect(i.name for i in infos)
+    family = family_problems(raw_config) + [p for p in schema.problems if p.startswith("DeepSeek-V4")]
+    if family:
+        raise CheckpointError(path, family)
+    config = Config.from_hf(raw_config)
+    declared = "an MTP block" if config.num_nextn_predict_layers else "a DSpark drafter" if config.dspark else None
+    config, problems = mtp_schema.reconcile(config, schema, raw_config, path)
+    if declared and schema.kind == mtp_schema.NONE:
+        # HF drops `mtp.*` when it loads or saves, and fine-tunes keep the dspark_* keys without the tensors.
+        logger.info("%s: config.json declares %s but there are no mtp.* tensors; loading the trunk", path, declared)
     graphdef, flat = abstract_model(config, dtype)
     targets = {p: v.get_value() for p, v in flat}
-    assignments = plan(infos, targets, path, fp8_block=fp8_block_size(raw_config), keep_quantized=keep_quantized)
-    return CheckpointPlan(path, config, tuple(files), graphdef, flat, targets, units(assignments))
+    assignments = plan(infos, targets, path, fp8_block=fp8_block_size(raw_config), keep_quantized=keep_quantized,
+                       drafter=schema.kind, problems=problems)
+    return CheckpointPlan(path, config, schema, tuple(files), graphdef, flat, targets, units(assignments))

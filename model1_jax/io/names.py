@@ -3,7 +3,9 @@
 Three naming schemes occur in the wild, all handled by first canonicalising to HF module names:
 * HF module names      `model.layers.0.self_attn.q_a_proj.weight`, `lm_head.weight`, merged experts;
 * DeepSeek's originals `layers.0.attn.wq_a.weight`, `head.weight`, `hc_head_fn`, per-expert
-                       `ffn.experts.{e}.w1.weight`, `mtp.0.*` (the MTP block);
+                       `ffn.experts.{e}.w1.weight`, and under `mtp.*` either the preview's MTP block
+                       (`mtp.0.*`) or the DSpark drafter's stages (`mtp.{s}.*`, docs/dspark.md §3) —
+                       which one is decided from the names first (`io.schema`) and passed as `drafter`;
 * what transformers 5.23 `save_pretrained` writes: the originals with a `model.` prefix, except
   `model.embed_tokens.weight` / `model.hc_head.hc_fn`, and `attn.norm` for the attention kv_norm.
 
@@ -50,12 +52,16 @@ _RENAMES: tuple[tuple[str, str], ...] = (
     (r"\.shared_experts\.w3\.", ".shared_experts.up_proj."),
 )
 _RENAMES_RE = tuple((re.compile(p), r) for p, r in _RENAMES)
+_DSPARK_STAGE_RE = re.compile(r"^mtp\.(\d+)\.")
 
-def canonical_name(name: str) -> str:
-    """Any of the three schemes → HF module names without the `model.` prefix; `mtp.0.` → `mtp.`."""
+def canonical_name(name: str, drafter: str = "mtp") -> str:
+    """Any of the three schemes → HF module names without the `model.` prefix. Under `mtp.*`: with
+    drafter="mtp" (the preview's block) `mtp.0.` → `mtp.`; with drafter="dspark" `mtp.{s}.` → `dspark.stages.{s}.`."""
     if name.startswith("model."):
         name = name[len("model."):]
-    if name.startswith("mtp.0."):
+    if drafter == "dspark":
+        name = _DSPARK_STAGE_RE.sub(r"dspark.stages.\1.", name)
+    elif name.startswith("mtp.0."):
         name = "mtp." + name[len("mtp.0."):]
     for pattern, replacement in _RENAMES_RE:
         name = pattern.sub(replacement, name)
@@ -151,7 +157,21 @@ _MTP_RULES = {
     "hc_head.hc_base": (("mtp", "hc_head", "hc_base"), "copy", 1),
     "hc_head.hc_scale": (("mtp", "hc_head", "hc_scale"), "copy", 1),
 }
+# The drafter's own tensors (docs/dspark.md §3.1), named relative to their stage: main_proj / main_norm live in
+# stage 0 and the heads in the last stage (`io.schema` checks that), the rest of a stage is a decoder layer.
+_DSPARK_RULES = {
+    "main_proj.weight": (("dspark", "main_proj", "kernel"), "linear", 1),
+    "main_norm.weight": (("dspark", "main_norm", "weight"), "copy", 1),
+    "norm.weight": (("dspark", "norm", "weight"), "copy", 1),
+    "hc_head.hc_fn": (("dspark", "hc_head", "hc_fn"), "linear", 2),
+    "hc_head.hc_base": (("dspark", "hc_head", "hc_base"), "copy", 1),
+    "hc_head.hc_scale": (("dspark", "hc_head", "hc_scale"), "copy", 1),
+    "markov_head.markov_w1.weight": (("dspark", "markov_w1"), "copy", 1),
+    "markov_head.markov_w2.weight": (("dspark", "markov_w2", "kernel"), "linear", 1),
+    "confidence_head.proj.weight": (("dspark", "confidence", "kernel"), "linear", 1),
+}
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+_DSPARK_RE = re.compile(r"^dspark\.stages\.(\d+)\.(.+)$")
 
 
 def _layer_slots(prefix: tuple, rest: str) -> list[Slot]:
@@ -168,9 +188,10 @@ def _layer_slots(prefix: tuple, rest: str) -> list[Slot]:
     return []
 
 
-def slots_for(name: str) -> list[Slot]:
-    """Model slots that a checkpoint tensor fills; empty if the name is not a model tensor."""
-    name = canonical_name(name)
+def slots_for(name: str, drafter: str = "mtp") -> list[Slot]:
+    """Model slots that a checkpoint tensor fills; empty if the name is not a model tensor. `drafter` says what
+    `mtp.*` holds, as in `canonical_name`."""
+    name = canonical_name(name, drafter)
     if name in _GLOBAL_RULES:
         path, kind, n_in = _GLOBAL_RULES[name]
         return [Slot(path, kind, n_in)]
@@ -183,6 +204,12 @@ def slots_for(name: str) -> list[Slot]:
             path, kind, n_in = _MTP_RULES[rest]
             return [Slot(path, kind, n_in)]
         return _layer_slots(("mtp", "layer"), rest)
+    m = _DSPARK_RE.match(name)
+    if m:
+        if m.group(2) in _DSPARK_RULES:
+            path, kind, n_in = _DSPARK_RULES[m.group(2)]
+            return [Slot(path, kind, n_in)]
+        return _layer_slots(("dspark", "stages", int(m.group(1))), m.group(2))
     return []
 
 

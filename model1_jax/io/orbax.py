@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
-from model1_jax.config import Config, RopeScaling
+from model1_jax.config import Config, DSparkConfig, RopeScaling
 from model1_jax.io.hf import CheckpointError
 from model1_jax.model import quant
 from model1_jax.model.transformer import Model1, abstract_model, merge
@@ -63,6 +63,8 @@ def config_from_json(d: Mapping[str, Any]) -> Config:
     d = dict(d)
     if d.get("rope_scaling") is not None:
         d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    if d.get("dspark") is not None:
+        d["dspark"] = DSparkConfig(**d["dspark"])
     unknown = set(d) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
         raise ValueError(f"checkpoint config has fields this version does not know: {sorted(unknown)}")

@@ -1,11 +1,12 @@
-"""The MODEL1 causal LM (docs/model.md §2, §4.1–4.2, §4.9) and its MTP head (§4.10).
+"""The MODEL1 causal LM (docs/model.md §2, §4.1–4.2, §4.9), its MTP head (§4.10) or DSpark drafter (docs/dspark.md).
 
 ids [b, t] → embed → c identical streams X [b, t, c, d]
 each layer:  X = mHC_attn(X, attention(input_layernorm(·)));  X = mHC_ffn(X, moe(post_attention_layernorm(·), ids))
 logits = lm_head(norm(hc_head(X)))   float32 [b, t, v]
 
 The full-sequence forward, prefill, decode and speculative verification all run `streams`; decode passes
-an `attention` function that replaces each layer's attention block by one over its caches.
+an `attention` function that replaces each layer's attention block by one over its caches, and
+`capture=True` also returns the rows a DSpark drafter reads (docs/dspark.md §5).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from model1_jax.common import check_token_ids
 from model1_jax.config import Config
 from model1_jax.model.attention import Attention
 from model1_jax.model.decoder import DecoderLayer
+from model1_jax.model.dspark import DSpark, Draft, DrawFn, greedy
 from model1_jax.model.hyper import HyperHead
 from model1_jax.model.layers import Embed, Linear, RMSNorm, constrain
 from model1_jax.model.mtp import MTPBlock
@@ -61,6 +63,7 @@ class Model1(nnx.Module):
         self.lm_head = None if config.tie_word_embeddings else Linear(
             "btd,dv->btv", (config.hidden_size, config.vocab_size), ("embed", "vocab"), std=std, **kw)
         self.mtp = MTPBlock(config, **kw) if config.num_nextn_predict_layers else None
+        self.dspark = DSpark(config, **kw) if config.dspark is not None else None
 
     # -- pieces ------------------------------------------------------------------------------------
 
@@ -79,13 +82,19 @@ class Model1(nnx.Module):
         return self.logits(self.norm(self.hc_head(streams_btcd)))
 
     def streams(self, input_ids: jax.Array, positions_bt: jax.Array | None = None, *,
-                attention: LayerAttentionFn | None = None, remat: bool = False) -> jax.Array:
+                attention: LayerAttentionFn | None = None, remat: bool = False, capture: bool = False):
         """Residual streams after the last layer, before the head: [b, t, c, d].
 
         `positions_bt` default to 0..t−1 (a full sequence). `attention(i, attn, x)` replaces layer i's
         attention block (decode runs it over its caches). `remat=True` recomputes each decoder layer in the
         backward pass instead of keeping its activations (training memory); the values are identical.
+        `capture=True` returns (streams, main_hidden [b, t, k·d]): the output streams of the drafter's target
+        layers averaged over c, concatenated in `dspark.target_layer_ids` order (docs/dspark.md §5).
         """
+        taps = self.config.dspark.target_layer_ids if capture and self.config.dspark is not None else ()
+        if capture and not taps:
+            raise ValueError("Model1.streams: capture=True needs a config with a DSpark drafter (config.dspark)")
+        captured = {}
         check_token_ids(input_ids, self.config.vocab_size)
         ids_bt = jnp.asarray(input_ids, jnp.int32)
         if positions_bt is None:
@@ -98,6 +107,10 @@ class Model1(nnx.Module):
             else:
                 streams_btcd = (_remat_layer if remat else _call_layer)(layer, streams_btcd, ids_bt, positions_bt)
             streams_btcd = constrain(streams_btcd, self.layout, "batch", "seq", None, "act_embed")
+            if i in taps:
+                captured[i] = jnp.mean(streams_btcd, axis=2)
+        if capture:
+            return streams_btcd, jnp.concatenate([captured[i] for i in taps], axis=-1)
         return streams_btcd
 
     # -- public forward ----------------------------------------------------------------------------
@@ -124,6 +137,15 @@ class Model1(nnx.Module):
             positions_bt = jnp.broadcast_to(jnp.arange(next_ids_bt.shape[1], dtype=jnp.int32), next_ids_bt.shape)
         x_btcd = self.mtp(streams_btcd, self.embed_tokens(next_ids_bt), positions_bt, attention)
         return self.logits(self.mtp.hidden(x_btcd))
+
+
+    def draft(self, main_hidden_bpk: jax.Array, anchor_b: jax.Array, draw: DrawFn = greedy) -> Draft:
+        """One DSpark drafting call over plain arrays (docs/dspark.md §6): the captured rows of committed positions
+        0 .. P−1 [b, P, k·d] and the anchor token at P [b] → `Draft` (G tokens, their logits, confidence).
+        `draw(i, logits_bv)` picks each draft (default greedy). Decoding uses `inference.speculative` instead."""
+        if self.dspark is None:
+            raise ValueError("Model1.draft: this model has no DSpark drafter (config.dspark is None)")
+        return self.dspark.draft(main_hidden_bpk, anchor_b, self.embed_tokens, self.logits, draw)
 
 
 def abstract_model(config: Config, dtype) -> tuple[nnx.GraphDef, list]:

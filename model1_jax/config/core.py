@@ -14,33 +14,21 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-SLIDING = "sliding_attention"
-CSA = "compressed_sparse_attention"
-HCA = "heavily_compressed_attention"
-LAYER_TYPES = (SLIDING, CSA, HCA)
-HASH_MOE = "hash_moe"
-MOE = "moe"
-MLP_LAYER_TYPES = (HASH_MOE, MOE)
-SCORING_FUNCS = ("sqrtsoftplus", "sigmoid")
-
-# Legacy `compress_ratios` entries select the layer type only; the rate itself comes from the
-# per-type rate (docs/model.md §1.4).
-_RATIO_TO_LAYER_TYPE = {0: SLIDING, 4: CSA, 128: HCA}
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-    """YaRN parameters of the "compress" rope (CSA/HCA layers). The "main" rope is never scaled."""
-
-    factor: float
-    original_max_position_embeddings: int
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    # HF forces the cos/sin magnitude factor to 1.0 for this model unless a config sets it.
-    attention_factor: float = 1.0
-
-    def to_hf(self) -> dict[str, Any]:
-        return {"rope_type": "yarn", **dataclasses.asdict(self)}
+from model1_jax.config.base import (
+    CSA,
+    HASH_MOE,
+    HCA,
+    LAYER_TYPES,
+    MLP_LAYER_TYPES,
+    MOE,
+    RATIO_TO_LAYER_TYPE,
+    SCORING_FUNCS,
+    SLIDING,
+    RopeScaling,
+    default_mlp_types,
+    rope_scaling_from_dict,
+)
+from model1_jax.config.dspark import DSPARK_KEYS, DSparkConfig, dspark_from_hf, family_problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +69,8 @@ class Config:
     num_nextn_predict_layers: int = 1
     # Attention type of the MTP block (`compress_ratios[num_hidden_layers]` in released configs).
     mtp_layer_type: str = SLIDING
+    # The DSpark drafter of the 0731 / 0813 checkpoints (`mtp.{0,1,2}.*`); exclusive with the MTP block.
+    dspark: DSparkConfig | None = None
     router_jitter_noise: float = 0.0
     hidden_act: str = "silu"
     initializer_range: float = 0.02
@@ -106,10 +96,12 @@ class Config:
             )
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if not self.mlp_layer_types:
-            object.__setattr__(self, "mlp_layer_types", _default_mlp_types(self.num_hidden_layers, 3))
+            object.__setattr__(self, "mlp_layer_types", default_mlp_types(self.num_hidden_layers, 3))
         object.__setattr__(self, "mlp_layer_types", tuple(self.mlp_layer_types))
         if isinstance(self.hf_extra, Mapping):
             object.__setattr__(self, "hf_extra", _freeze(self.hf_extra))
+        if isinstance(self.dspark, Mapping):
+            object.__setattr__(self, "dspark", DSparkConfig(**self.dspark))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if isinstance(self.rope_scaling, Mapping):
@@ -118,7 +110,7 @@ class Config:
             if "rope_type" not in self.rope_scaling and "type" not in self.rope_scaling:
                 raise ValueError("Config.rope_scaling: a dict needs rope_type ('yarn' or 'default'); "
                                  "or pass a RopeScaling")
-            object.__setattr__(self, "rope_scaling", _rope_scaling_from_dict(dict(self.rope_scaling)))
+            object.__setattr__(self, "rope_scaling", rope_scaling_from_dict(dict(self.rope_scaling)))
         self.validate()
 
     # ----------------------------------------------------------------------------------------
@@ -209,6 +201,12 @@ class Config:
         need(self.mtp_layer_type in LAYER_TYPES, "mtp_layer_type", f"one of {LAYER_TYPES}", self.mtp_layer_type)
         need(self.num_nextn_predict_layers in (0, 1), "num_nextn_predict_layers",
              "0 or 1 (one MTP block, as released)", self.num_nextn_predict_layers)
+        if self.dspark is not None:
+            need(isinstance(self.dspark, DSparkConfig), "dspark", "a DSparkConfig", self.dspark)
+            need(not self.num_nextn_predict_layers, "num_nextn_predict_layers",
+                 "0 with a DSpark drafter (checkpoints hold one of the two under mtp.*)", self.num_nextn_predict_layers)
+            problems = self.dspark.problems(self.num_hidden_layers, self.vocab_size)
+            need(not problems, "dspark", "a drafter that fits the model", "; ".join(problems))
         need(self.rms_norm_eps > 0, "rms_norm_eps", "a positive float", self.rms_norm_eps)
         need(self.hc_eps > 0, "hc_eps", "a positive float", self.hc_eps)
         need(self.swiglu_limit > 0, "swiglu_limit", "a positive float", self.swiglu_limit)
@@ -242,7 +240,7 @@ class Config:
             num_attention_heads=64, head_dim=512, qk_rope_head_dim=64, q_lora_rank=1024,
             num_experts_per_tok=6, n_routed_experts=256, routed_scaling_factor=1.5,
             layer_types=(SLIDING, SLIDING) + (CSA, HCA) * 20 + (CSA,),
-            mlp_layer_types=_default_mlp_types(43, 3),
+            mlp_layer_types=default_mlp_types(43, 3),
             rope_scaling=RopeScaling(factor=16.0, original_max_position_embeddings=65536),
             o_groups=8, o_lora_rank=1024, index_n_heads=64, index_head_dim=128, index_topk=512,
         )
@@ -255,7 +253,7 @@ class Config:
             num_attention_heads=128, head_dim=512, qk_rope_head_dim=64, q_lora_rank=1536,
             num_experts_per_tok=6, n_routed_experts=384, routed_scaling_factor=2.5,
             layer_types=(HCA, HCA) + (CSA, HCA) * 29 + (CSA,),
-            mlp_layer_types=_default_mlp_types(61, 3),
+            mlp_layer_types=default_mlp_types(61, 3),
             rope_scaling=RopeScaling(factor=16.0, original_max_position_embeddings=65536),
             o_groups=16, o_lora_rank=1024, index_n_heads=64, index_head_dim=128, index_topk=1024,
         )
@@ -314,7 +312,7 @@ class Config:
         """A dict that `transformers.DeepseekV4Config(**d)` accepts and that `from_hf` reads back."""
         d = {**self.hf_extras, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
         for name in ("compress_rate_csa", "compress_rate_hca", "rope_scaling", "qk_rope_head_dim",
-                     "mtp_layer_type", "hf_extra"):
+                     "mtp_layer_type", "hf_extra", "dspark"):
             d.pop(name)
         d["model_type"] = "deepseek_v4"
         d["layer_types"] = list(self.layer_types)
@@ -322,46 +320,27 @@ class Config:
         d["compress_rates"] = self.compress_rates
         d["partial_rotary_factor"] = self.partial_rotary_factor
         d["rope_parameters"] = self.rope_parameters
-        # HF has no field for the MTP block's attention type; released configs carry it as the extra last
-        # entry of the legacy `compress_ratios`, which HF ignores when `layer_types` is given.
+        # HF has no field for the MTP block's attention type nor for the drafter's stage count; released configs
+        # carry them as the extra entries of the legacy `compress_ratios`, which HF ignores when `layer_types` is given.
         ratio = {SLIDING: 0, CSA: 4, HCA: 128}
-        d["compress_ratios"] = [ratio[t] for t in (*self.layer_types, self.mtp_layer_type)]
+        extra = [0] * self.dspark.num_stages if self.dspark is not None else [ratio[self.mtp_layer_type]]
+        d["compress_ratios"] = [ratio[t] for t in self.layer_types] + extra
+        if self.dspark is not None:
+            d.update(self.dspark.to_hf())
         if isinstance(self.eos_token_id, tuple):
             d["eos_token_id"] = list(self.eos_token_id)
         return d
 
 
-def _default_mlp_types(num_layers: int, num_hash_layers: int) -> tuple[str, ...]:
-    n_hash = min(num_layers, num_hash_layers)
-    return (HASH_MOE,) * n_hash + (MOE,) * (num_layers - n_hash)
-
-
-def _rope_scaling_from_dict(d: dict[str, Any]) -> RopeScaling | None:
-    rope_type = d.get("rope_type", d.get("type", "default"))
-    if rope_type == "default":
-        return None
-    if rope_type != "yarn":
-        raise ValueError(f"Config.rope_scaling: rope_type must be 'yarn' or 'default', got {rope_type!r}")
-    missing = [k for k in ("factor", "original_max_position_embeddings") if d.get(k) is None]
-    if missing:
-        raise ValueError(f"Config.rope_scaling: yarn needs {missing}")
-    return RopeScaling(
-        factor=float(d["factor"]),
-        original_max_position_embeddings=int(d["original_max_position_embeddings"]),
-        beta_fast=float(d.get("beta_fast") or 32.0),
-        beta_slow=float(d.get("beta_slow") or 1.0),
-        attention_factor=float(d["attention_factor"]) if d.get("attention_factor") is not None else 1.0,
-    )
-
-
 _FIELD_NAMES = {f.name for f in dataclasses.fields(Config)}
 _DIRECT_FIELDS = _FIELD_NAMES - {
     "layer_types", "mlp_layer_types", "compress_rate_csa", "compress_rate_hca", "rope_scaling",
-    "qk_rope_head_dim", "mtp_layer_type", "rope_theta", "compress_rope_theta", "hf_extra"}
+    "qk_rope_head_dim", "mtp_layer_type", "rope_theta", "compress_rope_theta", "hf_extra", "dspark"}
 # config.json keys `from_hf` reads into other fields (aliases, legacy forms, derived values).
 _CONSUMED_HF_KEYS = {"model_type", "num_local_experts", "intermediate_size", "compress_rates", "compress_ratios",
                      "num_hash_layers", "partial_rotary_factor", "rope_parameters", "rope_scaling",
-                     "qk_rope_head_dim", "layer_types", "mlp_layer_types", "rope_theta", "compress_rope_theta"}
+                     "qk_rope_head_dim", "layer_types", "mlp_layer_types", "rope_theta", "compress_rope_theta",
+                     *DSPARK_KEYS}
 
 
 def _freeze(extra: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
@@ -379,6 +358,13 @@ def _fields_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
     if "intermediate_size" in raw and "moe_intermediate_size" not in raw:
         kw["moe_intermediate_size"] = raw["intermediate_size"]
     num_layers = kw.get("num_hidden_layers", Config.num_hidden_layers)
+    # Relatives that are not DeepSeek-V4 text models, and the drafter's keys: every problem in one error.
+    dspark, problems = dspark_from_hf(raw, num_layers) if isinstance(num_layers, int) else (None, [])
+    problems = family_problems(raw) + problems
+    if problems:
+        raise ValueError("Config.from_hf: " + "; ".join(problems))
+    if dspark is not None:  # 0731 still writes num_nextn_predict_layers=1 though it ships no MTP block
+        kw.update(dspark=dspark, num_nextn_predict_layers=0)
 
     rates = dict(raw.get("compress_rates") or {})
     if "compress_rate_csa" in raw:
@@ -396,15 +382,15 @@ def _fields_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
     layer_types = raw.get("layer_types")
     ratios = raw.get("compress_ratios")
     if ratios is not None:
-        bad = [r for r in ratios if r not in _RATIO_TO_LAYER_TYPE]
+        bad = [r for r in ratios if r not in RATIO_TO_LAYER_TYPE]
         if bad:
-            raise ValueError(f"Config.compress_ratios: entries must be from {sorted(_RATIO_TO_LAYER_TYPE)}, "
+            raise ValueError(f"Config.compress_ratios: entries must be from {sorted(RATIO_TO_LAYER_TYPE)}, "
                              f"got {bad}")
-        # Entries past num_hidden_layers describe the MTP block(s).
-        if len(ratios) > num_layers:
-            kw["mtp_layer_type"] = _RATIO_TO_LAYER_TYPE[ratios[num_layers]]
+        # Entries past num_hidden_layers describe the MTP block or the drafter's stages (dspark_from_hf).
+        if len(ratios) > num_layers and dspark is None:
+            kw["mtp_layer_type"] = RATIO_TO_LAYER_TYPE[ratios[num_layers]]
         if layer_types is None:
-            layer_types = [_RATIO_TO_LAYER_TYPE[r] for r in ratios]
+            layer_types = [RATIO_TO_LAYER_TYPE[r] for r in ratios]
     if layer_types is None:
         raise ValueError("Config.from_hf: config.json has neither `layer_types` nor `compress_ratios`; "
                          "an explicit schedule is required (HF's implicit default matches no released model)")
@@ -413,7 +399,7 @@ def _fields_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
     mlp_types = raw.get("mlp_layer_types")
     if mlp_types is None:
         n_hash = raw.get("num_hash_layers")
-        mlp_types = _default_mlp_types(num_layers, 3 if n_hash is None else n_hash)
+        mlp_types = default_mlp_types(num_layers, 3 if n_hash is None else n_hash)
     kw["mlp_layer_types"] = tuple(mlp_types[:num_layers])
 
     head_dim = kw.get("head_dim", Config.head_dim)
@@ -432,13 +418,13 @@ def _fields_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
         kw["rope_theta"] = float(main.get("rope_theta", raw.get("rope_theta", Config.rope_theta)))
         kw["compress_rope_theta"] = float(compress.get("rope_theta",
                                                        raw.get("compress_rope_theta", Config.compress_rope_theta)))
-        kw["rope_scaling"] = _rope_scaling_from_dict(dict(compress))
+        kw["rope_scaling"] = rope_scaling_from_dict(dict(compress))
     else:
         # A flat dict (rope_parameters or legacy rope_scaling) describes the compress rope only.
         flat = {k: v for k, v in {**(raw.get("rope_scaling") or {}), **rope}.items() if k not in ("main", "compress")}
         kw["rope_theta"] = float(raw.get("rope_theta", Config.rope_theta))
         kw["compress_rope_theta"] = float(raw.get("compress_rope_theta", Config.compress_rope_theta))
-        kw["rope_scaling"] = _rope_scaling_from_dict(flat)
+        kw["rope_scaling"] = rope_scaling_from_dict(flat)
 
     if raw.get("num_key_value_heads") is None:
         kw.pop("num_key_value_heads", None)
