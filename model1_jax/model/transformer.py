@@ -21,7 +21,7 @@ from model1_jax.common import check_token_ids
 from model1_jax.config import Config
 from model1_jax.model.attention import Attention
 from model1_jax.model.decoder import DecoderLayer
-from model1_jax.model.dspark import DSpark, Draft, DrawFn, greedy
+from model1_jax.model.dspark import Draft, DrawFn, DSpark, greedy
 from model1_jax.model.hyper import HyperHead
 from model1_jax.model.layers import Embed, Linear, RMSNorm, constrain
 from model1_jax.model.mtp import MTPBlock
