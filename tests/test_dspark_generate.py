@@ -176,3 +176,20 @@ def test_sampled_speculation_matches_the_target_distribution():
         observed = np.bincount(tokens[:, position], minlength=v) / n
         bound = 5 * np.sqrt(exact * (1 - exact) / n) + 1 / n
         assert (np.abs(observed - exact) <= bound).all(), (position, observed, exact)
+
+
+def test_kernel_and_reference_attention_draft_and_verify_alike():
+    """Drafting (the block over ring + scratch slots) and the 6-token verify through the Pallas kernel (interpret
+    mode, FP8 v4 cache) and through the jnp reference: the same tokens."""
+    cfg = m1.Config.tiny().replace(
+        head_dim=512, qk_rope_head_dim=64, index_head_dim=128, num_attention_heads=16, num_hidden_layers=3,
+        layer_types=(m1.SLIDING, m1.CSA, m1.HCA), mlp_layer_types=(m1.HASH_MOE, m1.MOE, m1.MOE),
+        num_nextn_predict_layers=0, dspark=m1.DSparkConfig(5, 200, (0, 1, 2), 8))
+    model = random_model(cfg, seed=3, std=0.05, dtype=jnp.bfloat16)
+    prompts = [list(range(1, 20)), list(range(40, 51))]
+    runs = {backend: m1.generate(model, prompts, 6, stop_tokens=(), chunk=16, page_size=16,
+                                 attention_backend=backend, speculative="dspark")
+            for backend in ("xla", "interpret")}
+    for backend, gen in runs.items():
+        assert (gen.stats.cache_spec.attention_backend, gen.stats.cache_spec.cache_dtype) == (backend, "fp8")
+    assert runs["xla"].tokens == runs["interpret"].tokens
