@@ -3,6 +3,7 @@
     python scripts/generate.py                                  # Config.demo(), RANDOM weights
     python scripts/generate.py --mtp --temperature 0.8 --top-p 0.9
     python scripts/generate.py --model DIR --prompt "Hello"     # HF or Orbax checkpoint (+ tokenizer.json)
+    python scripts/generate.py --model V4-FLASH-0731-DIR          # its DSpark drafter: 5 drafts, 6-token verify
     python scripts/generate.py --model DIR --mesh data=2,expert=4  # over 8 devices (every host: see README)
 
 Without --model the weights are seeded random numbers: the tokens are meaningless, the shapes, cache
@@ -45,7 +46,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", type=lambda s: [int(x) for x in s.split(",") if x], default=None,
                    help="comma-separated stop token ids (default: the config's eos; '' for none)")
-    p.add_argument("--mtp", action="store_true", help="MTP speculative decoding (draft 1 token, verify 2)")
+    p.add_argument("--speculative", choices=["auto", "none", "mtp", "dspark"], default="auto",
+                   help="speculative decoding: mtp (the preview's MTP block: 1 draft, verify 2), dspark (the 0731/0813 "
+                        "drafter: 5 drafts, verify 6), none; auto (default): dspark when the model has the drafter")
+    p.add_argument("--mtp", action="store_true", help="same as --speculative mtp")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument("--chunk", type=int, default=64, help="prefill tokens per sequence per call")
     p.add_argument("--budget-gb", type=float, help="also print the longest max_len whose cache fits this many GiB")
@@ -88,10 +92,16 @@ def main() -> None:
               "meaningless; shapes, cache bytes and speed are real")
     init_s = time.perf_counter() - t0
     cfg = model.config
+    speculative = "mtp" if args.mtp else args.speculative
+    if speculative == "auto":
+        speculative = "dspark" if model.dspark is not None else "none"
+    speculative = None if speculative == "none" else speculative
     kinds = {m1.SLIDING: "sliding", m1.CSA: f"CSA(m={cfg.compress_rate_csa})",
              m1.HCA: f"HCA(m={cfg.compress_rate_hca})"}
     print(f"        {cfg.num_hidden_layers} layers ({', '.join(kinds[t] for t in cfg.layer_types)}"
-          f"{' + MTP' if model.mtp is not None else ''}), hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads x "
+          f"{' + MTP' if model.mtp is not None else ''}"
+          f"{f' + DSpark drafter ({cfg.dspark.num_stages} stages)' if model.dspark is not None else ''}), "
+          f"hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads x "
           f"{cfg.head_dim}, {human_count(sum(parameter_counts(model).values()))} params; init {init_s:.1f} s on "
           f"{jax.devices()[0].platform}")
 
@@ -111,15 +121,15 @@ def main() -> None:
         if layout is not None:  # the decode state generate() will allocate, planned per device first
             spec = m1.make_spec(cfg, max_batch=len(prompts), max_len=args.max_len or max(map(len, prompts))
                                 + args.max_new_tokens, cache_dtype=args.cache_dtype, chunk=args.chunk, dtype=dtype,
-                                mtp=args.mtp, attention_backend=args.attention_backend)
+                                speculative=speculative, attention_backend=args.attention_backend)
             plan = sharded_decode.state_plan(layout, cfg, spec)
             print(f"mesh    {sh.describe(layout.mesh)}, layout {args.layout}")
             print(distributed.memory_report({"params": nnx.state(model), "decode state": plan}))
             distributed.check_fits({"decode state": plan})  # the parameters are already in place
         gen = m1.generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, stop_tokens=args.stop, cache_dtype=args.cache_dtype,
-                          mtp=args.mtp, max_len=args.max_len, chunk=args.chunk, progress=not args.no_progress,
-                          attention_backend=args.attention_backend)
+                          speculative=speculative, max_len=args.max_len, chunk=args.chunk,
+                          progress=not args.no_progress, attention_backend=args.attention_backend)
     except (ValueError, MemoryError) as e:
         sys.exit(f"error: {e}")
     s = gen.stats
@@ -130,15 +140,17 @@ def main() -> None:
     print(m1.memory_report(cfg, s.cache_spec))
     if args.budget_gb:
         longest = m1.max_len_for_budget(cfg, int(args.budget_gb * 2**30), max_batch=len(prompts),
-                                        cache_dtype=args.cache_dtype, chunk=args.chunk, dtype=dtype, mtp=args.mtp)
+                                        cache_dtype=args.cache_dtype, chunk=args.chunk, dtype=dtype,
+                                        speculative=speculative)
         print(f"budget  {args.budget_gb:g} GiB of cache holds {len(prompts)} sequences of up to {longest:,} tokens")
     print(f"compile {s.compile_s:.1f} s (tracing + XLA, all steps)")
     print(f"prefill {s.prompt_tokens} tokens in {s.prefill_s * 1e3:.0f} ms: {s.prefill_tokens_per_s:,.0f} tokens/s")
     print(f"decode  {s.generated_tokens} tokens, {s.decode_steps} steps in {s.decode_s * 1e3:.0f} ms: "
           f"{s.decode_tokens_per_s:,.0f} tokens/s ({s.decode_s / max(s.decode_steps, 1) * 1e3:.1f} ms/step)")
-    if args.mtp:
+    if speculative:
         rate = s.acceptance_rate
-        print(f"MTP     {s.accepted}/{s.drafts} drafts accepted" + (f" ({rate:.0%})" if rate is not None else ""))
+        print(f"{speculative.upper():<7} mean accepted length {s.mean_accepted_length:.2f} tokens per step; "
+              f"{s.accepted}/{s.drafts} drafts accepted" + (f" ({rate:.0%})" if rate is not None else ""))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ _GROUPS = (
     ("embed_tokens", "embedding"),
     ("lm_head", "lm_head"),
     ("mtp", "MTP block"),
+    ("dspark", "DSpark drafter"),
     ("indexer", "lightning indexer"),
     ("compressor", "CSA/HCA compressors"),
     ("self_attn", "attention (q/kv/o, sinks)"),
