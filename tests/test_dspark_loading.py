@@ -9,21 +9,23 @@ DeepSeek names, FP8/FP4 storage, three DSpark stages in their own shards, releas
 * the converter, `m1.save` / `m1.load` and the `--dry-run` schema line handle the drafter.
 """
 
+import contextlib
+import io
 import json
+import os
+import runpy
+import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
-from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
 import model1_jax as m1
 from model1_jax.io import convert
 from model1_jax.model import quant
 from tests import synthetic as syn
 from tests import synthetic_dspark as sd
-from tests.test_convert import params, run_cli
 
 CFG = sd.TRUNK
 IDS = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 11))  # ≤ index_topk CSA entries: no top-k ties
@@ -42,7 +44,33 @@ def write_variant(path, config: dict, stored: dict, **kw):
     return sd.write_released(path, config, stored, **kw)
 
 
+def params(model) -> dict:
+    """path → dense float32 value (block-quantized parameters dequantized) of every weight."""
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        value = var.get_value()
+        out[path] = np.asarray(value.dequantize(jnp.float32) if isinstance(value, quant.BlockQuantized) else value)
+    return out
+
+
+def run_cli(*args) -> tuple[int, str]:
+    """scripts/convert_checkpoint.py in this process: (exit code, stdout)."""
+    out, argv = io.StringIO(), sys.argv
+    sys.argv = ["convert_checkpoint.py", *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as code:
+            runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts",
+                                        "convert_checkpoint.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+    return code.value.code, out.getvalue()
+
+
+@pytest.mark.oracle
 def test_trunk_logits_equal_transformers(released):
+    import torch
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
     _, stored, model = released
     dense = sd.dequantize_tensors({k: v for k, v in stored.items() if not k.startswith("mtp.")})
     hf = DeepseekV4ForCausalLM(DeepseekV4Config(**CFG.to_hf())).eval()
@@ -149,6 +177,6 @@ def test_converter_orbax_and_dry_run(released, tmp_path):
     again = m1.load(saved, dtype=jnp.float32)
     assert again.config == model.config and again.dspark is not None
     np.testing.assert_array_equal(np.asarray(again.dspark.markov_w1[...]), np.asarray(model.dspark.markov_w1[...]))
-    code, out, _ = run_cli(path, "--dry-run")
+    code, out = run_cli(path, "--dry-run")
     assert code == 0 and "schema      DSpark drafter, 3 stages (169 mtp.* tensors)" in out
     assert "DSpark drafter (3 stages)" in out
