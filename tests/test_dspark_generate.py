@@ -6,7 +6,8 @@
 * sampled speculation draws from the target's distribution: on a 16-token vocabulary the first three tokens
   of 3,000 sequences match the exact marginals (computed by full forwards) within 5 standard errors;
 * a step that rejects drafts leaves the decode state's live part bit-identical to feeding only the kept tokens,
-  and both states continue identically.
+  and both states continue identically;
+* through the Pallas kernel (interpret mode, FP8 cache) drafting and the s_q = 6 verify keep greedy output too.
 """
 
 import jax
@@ -178,18 +179,19 @@ def test_sampled_speculation_matches_the_target_distribution():
         assert (np.abs(observed - exact) <= bound).all(), (position, observed, exact)
 
 
-def test_kernel_and_reference_attention_draft_and_verify_alike():
+def test_speculation_through_the_kernel_emits_plain_greedy_tokens():
     """Drafting (the block over ring + scratch slots) and the 6-token verify through the Pallas kernel (interpret
-    mode, FP8 v4 cache) and through the jnp reference: the same tokens."""
+    mode, FP8 v4 cache): the tokens of plain greedy decoding through the same kernel. (Across the two backends
+    bf16 rounding may break a near tie differently; within one backend speculation must not change a token.)"""
     cfg = m1.Config.tiny().replace(
         head_dim=512, qk_rope_head_dim=64, index_head_dim=128, num_attention_heads=16, num_hidden_layers=3,
         layer_types=(m1.SLIDING, m1.CSA, m1.HCA), mlp_layer_types=(m1.HASH_MOE, m1.MOE, m1.MOE),
         num_nextn_predict_layers=0, dspark=m1.DSparkConfig(5, 200, (0, 1, 2), 8))
     model = random_model(cfg, seed=3, std=0.05, dtype=jnp.bfloat16)
-    prompts = [list(range(1, 20)), list(range(40, 51))]
-    runs = {backend: m1.generate(model, prompts, 6, stop_tokens=(), chunk=16, page_size=16,
-                                 attention_backend=backend, speculative="dspark")
-            for backend in ("xla", "interpret")}
-    for backend, gen in runs.items():
-        assert (gen.stats.cache_spec.attention_backend, gen.stats.cache_spec.cache_dtype) == (backend, "fp8")
-    assert runs["xla"].tokens == runs["interpret"].tokens
+    prompts = [list(range(1, 12)), list(range(40, 49))]  # past the window (8) and both compression rates
+    runs = {spec: m1.generate(model, prompts, 4, stop_tokens=(), chunk=16, page_size=16,
+                              attention_backend="interpret", speculative=spec)
+            for spec in (None, "dspark")}
+    for gen in runs.values():
+        assert (gen.stats.cache_spec.attention_backend, gen.stats.cache_spec.cache_dtype) == ("interpret", "fp8")
+    assert runs["dspark"].tokens == runs[None].tokens
