@@ -17,7 +17,7 @@ so no [t, t] or [t, k, s] array exists, and keeps only o and lse; the backward (
 each block's gather instead of storing [t, k, h] per-query copies. With ℓ = logaddexp(lse, sink) the
 per-head log-normaliser, P_s = exp(z_s − ℓ), dO the output cotangent and D = dO · o:
 
-    dz_s   = P_s · (dO · keys[s] − D')             D' = D − dlse · exp(ℓ − lse)   (lse's own cotangent folded in)
+    dz_s   = P_s · (dO · keys[s] − D')         D' = D − dlse · exp(ℓ − lse)  (lse's own cotangent folded in)
     dq     = scale · Σ_s dz_s · keys[s]
     dkeys[s] += scale · Σ_{t,n} dz_s · q[t, n] + Σ_{t,n} P_s · dO[t, n]          (scatter-add over every row
                                                                                    that lists s: K = V)
@@ -41,7 +41,8 @@ from jax import lax
 
 F32 = jnp.float32
 BACKENDS = ("auto", "xla", "pallas")
-BLOCK_ELEMENTS = 1 << 23  # jnp backend: ≈ elements of one gathered [b, block_t, k, h] block (32 MiB in fp32)
+BLOCK_ELEMENTS = 1 << 20  # jnp backend: most elements of one gathered [b, block_t, k, h] block (4 MiB in fp32);
+# small blocks stay in the CPU caches (measured: 8 queries of 192 rows x 512 beat 32 and 128 by 1.4x and 3x)
 
 
 def valid_indices(idx_btk: jax.Array, num_keys: int) -> jax.Array:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.sparse_attention import default_block_t, sparse_attention
+from pallas_kernels.sparse_attention import BLOCK_ELEMENTS, default_block_t, sparse_attention
 from tests import sparse_attention_oracle as oracle
 
 INVALID = (-1, -7, 10**6)  # plus s itself, added per case
@@ -154,7 +154,7 @@ def test_memory_is_linear_in_queries():
 
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, keys, sinks).jaxpr
     assert _largest_intermediate(jaxpr) <= max(b * t * k * n, b * t * n * h, b * 16 * k * h, b * s * h)
-    assert default_block_t(1, 32768, 640, 512) * 640 * 512 <= 1 << 23
+    assert default_block_t(1, 32768, 640, 512) * 640 * 512 <= BLOCK_ELEMENTS
 
 
 @pytest.mark.parametrize("bad,message", [
