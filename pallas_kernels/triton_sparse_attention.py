@@ -72,7 +72,7 @@ def _load_tile(idx_ref, kv_ref, tile, base, num_keys: int, block_k: int, width: 
 
 def _forward_kernel(ntiles_ref, sink_ref, q_ref, idx_ref, kv_ref, o_ref, lse_ref, *, num_keys, block_k,
                     logit_scale):
-    bi, ti = pl.program_id(0), pl.program_id(1)  # at the top: never inside loops (guide rule 6)
+    bi, ti = pl.program_id(0), pl.program_id(1)  # at the top: interpret mode fails on program_id inside loops
     q = q_ref[...]
     block_h, width = q.shape
     n_tiles = ntiles_ref[bi, ti]
