@@ -113,13 +113,13 @@ def _split_blocks(x, block_t, fill):
     pad = -t % block_t
     if pad:
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-    return jnp.moveaxis(x.reshape(b, -1, block_t, *x.shape[2:]), 1, 0)
+    return jnp.moveaxis(x.reshape(b, (t + pad) // block_t, block_t, *x.shape[2:]), 1, 0)
 
 
 def _merge_blocks(x, t):
     """Inverse of `_split_blocks`: [nb, b, block_t, ...] -> [b, t, ...]."""
-    x = jnp.moveaxis(x, 0, 1)
-    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :t]
+    nb, b, block_t = x.shape[:3]
+    return jnp.moveaxis(x, 0, 1).reshape(b, nb * block_t, *x.shape[3:])[:, :t]
 
 
 def xla_forward(q_btnh, keys_bsh, idx_btk, sinks_n, *, scale: float, block_t: int):

@@ -123,13 +123,16 @@ WIDE = m1.Config.tiny().replace(head_dim=512, qk_rope_head_dim=64, index_head_di
 
 
 def rounded_forward(model, ids, stored):
-    """The full forward with every attention key (sliding and compressed) replaced by `stored(keys)`."""
+    """The full forward with every attention key (sliding and compressed) replaced by `stored(keys)`, through
+    the dense reference attention (`attend`, where the keys can be replaced in one place)."""
     original = attention.attend
     attention.attend = lambda q, keys, *args: original(q, stored(keys), *args)
+    attention.use_full_attention(model, "dense")
     try:  # a fresh jit: the patched `attend` is read while tracing
         return np.asarray(nnx.jit(lambda m, x: m(x))(model, ids))
     finally:
         attention.attend = original
+        attention.use_full_attention(model, "auto")
 
 
 def fp8_stored(k):

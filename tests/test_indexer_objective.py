@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model1_jax.indexer_objective import kl_per_query, recall_at_k, teacher
+from model1_jax.model.indexer_objective import kl_per_query, recall_at_k, teacher
 from pallas_kernels.sparse_attention import sparse_attention
 
 # Two heads, one window key (row 0), two entries (rows 1, 2), sinks 0; keys are unit vectors, so the logits

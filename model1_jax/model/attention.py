@@ -8,7 +8,17 @@ Data flow for normed input x [b, t, d]:
           picks, HCA: all visible)
   o     = Σ_s softmax(q·k_s/√h ∪ sink_n) · k_s, then inverse rope at the query position
   y     = grouped low-rank projection: per group of n/g heads → o_lora, then → d.
-The softmax core is `attend`, the one function a kernel replaces (decode uses the sparse FP8 kernel).
+
+The full-sequence forward runs `pallas_kernels.sparse_attention` over per-query index lists (window rows,
+then CSA picks or every visible HCA entry; `model/index_lists.py`), linear in t (docs/training.md §1).
+`full_attention` picks its backend: "auto" (Pallas kernels on a GPU, else jnp), "xla", "pallas",
+"interpret", or "dense" — the masked softmax `attend` over all rows, quadratic, kept as the reference.
+Decode runs the sparse FP8 decode kernel instead (`inference/steps.py`).
+
+Indexer training (docs/training.md §4): with `indexer_stage` set ("warmup" or "sparse", see
+`train_indexer`), a CSA layer also sows `IndexerTerms` — the KL of its indexer to the joint-softmax teacher,
+summed over queries, and the recall@k counts — for `nnx.capture` to collect. The indexer's inputs are
+detached there, so its parameters learn only from the KL and the trunk never sees it.
 """
 
 from __future__ import annotations
@@ -20,11 +30,20 @@ from flax import nnx
 from model1_jax.config import CSA, HCA, SLIDING, Config
 from model1_jax.model import rope
 from model1_jax.model.compressor import Compressor
+from model1_jax.model.index_lists import all_entry_indices, attention_indices, window_indices
 from model1_jax.model.indexer import Indexer, visible_entries
+from model1_jax.model.indexer_objective import kl_per_query, recall_at_k, teacher
 from model1_jax.model.layers import Linear, RMSNorm, const_param, constrain, rms_norm, weight
 from model1_jax.parallel.layout import Layout
+from pallas_kernels.sparse_attention import sparse_attention
 
 F32 = jnp.float32
+FULL_ATTENTION = ("auto", "xla", "pallas", "interpret", "dense")
+INDEXER_STAGES = ("warmup", "sparse")
+
+
+class IndexerTerms(nnx.Intermediate):
+    """One CSA layer's (Σ_t KL_t, recall hits, recall slots) of an indexer-training forward (f32, i32, i32)."""
 
 
 def attend(q_btnh: jax.Array, keys_bsh: jax.Array, visible_bts: jax.Array, sinks_n: jax.Array,
@@ -62,6 +81,8 @@ class Attention(nnx.Module):
         self.config = config
         self.layer_type = layer_type
         self.layout: Layout | None = None  # set by `parallel.attach`: queries and outputs split over heads
+        self.full_attention = "auto"  # see the module docstring; `use_full_attention` sets it model-wide
+        self.indexer_stage: str | None = None  # "warmup" / "sparse" while training the indexer (`train_indexer`)
         self.rope_kind = rope.rope_kind(layer_type)
         d, n, h = config.hidden_size, config.num_attention_heads, config.head_dim
         q, g, o = config.q_lora_rank, config.o_groups, config.o_lora_rank
@@ -110,9 +131,39 @@ class Attention(nnx.Module):
     # -- full-sequence forward (training / one-shot prefill) -------------------------------------
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
-        """x [b, t, d] holds positions 0..t−1 of each sequence (`positions_bt` = arange)."""
+        """x [b, t, d]; `positions_bt` are positions inside documents (0..t−1 for one sequence; packed documents
+        restart at 0 at multiples of every compression rate, docs/training.md §6)."""
         q_btnh, q_lat_btq = self.queries(x_btd, positions_bt)
         keys_bsh = self.keys(x_btd, positions_bt)
+        if self.full_attention == "dense":
+            return self.output(self._dense(x_btd, q_btnh, q_lat_btq, keys_bsh, positions_bt), positions_bt)
+        t = x_btd.shape[1]
+        window_btw = window_indices(positions_bt, self.config.sliding_window)
+        lists_btk, picks_btk = window_btw, None
+        if self.compressor is not None:
+            entries_bsh = self.compressor(x_btd, positions_bt)
+            if self.indexer is not None:
+                picks_btk = entry_btk = self.indexer(x_btd, q_lat_btq, positions_bt)
+            else:
+                entry_btk = all_entry_indices(positions_bt, entries_bsh.shape[1], self.compressor.rate)
+            keys_bsh = jnp.concatenate([keys_bsh, entries_bsh.astype(keys_bsh.dtype)], axis=1)
+            lists_btk = attention_indices(window_btw, entry_btk, t)
+        sinks_n = weight(self.sinks, F32)
+        o_btnh, lse_btn = self._sparse(q_btnh, keys_bsh, lists_btk, sinks_n)
+        if self.indexer is not None and self.indexer_stage is not None:
+            self._indexer_terms(x_btd, q_lat_btq, q_btnh, keys_bsh, window_btw, picks_btk, lse_btn, sinks_n,
+                                positions_bt)
+        return self.output(o_btnh, positions_bt)
+
+    def _sparse(self, q_btnh, keys_bsh, lists_btk, sinks_n):
+        if self.full_attention not in FULL_ATTENTION:
+            raise ValueError(f"Attention.full_attention must be one of {FULL_ATTENTION}, got {self.full_attention!r}")
+        backend = {"interpret": "pallas"}.get(self.full_attention, self.full_attention)
+        return sparse_attention(q_btnh, keys_bsh, lists_btk, sinks_n, scale=self.config.head_dim ** -0.5,
+                                backend=backend, interpret=self.full_attention == "interpret")
+
+    def _dense(self, x_btd, q_btnh, q_lat_btq, keys_bsh, positions_bt):
+        """The quadratic reference (one unpacked sequence per row): masked softmax over every row."""
         visible_bts = sliding_visible(positions_bt, positions_bt, self.config.sliding_window)
         if self.compressor is not None:
             entries_bsh = self.compressor(x_btd)
@@ -124,5 +175,46 @@ class Attention(nnx.Module):
                 entries_visible = visible_entries(positions_bt, num_entries, self.compressor.rate)
             keys_bsh = jnp.concatenate([keys_bsh, entries_bsh.astype(keys_bsh.dtype)], axis=1)
             visible_bts = jnp.concatenate([visible_bts, entries_visible], axis=-1)
-        o_btnh = attend(q_btnh, keys_bsh, visible_bts, weight(self.sinks, F32), self.config.head_dim ** -0.5)
-        return self.output(o_btnh, positions_bt)
+        return attend(q_btnh, keys_bsh, visible_bts, weight(self.sinks, F32), self.config.head_dim ** -0.5)
+
+    def _indexer_terms(self, x_btd, q_lat_btq, q_btnh, keys_bsh, window_btw, picks_btk, lse_btn, sinks_n,
+                       positions_bt) -> None:
+        """Sows (Σ_t KL(teacher ‖ indexer), recall hits, slots). "sparse": candidates = the picks, ℓ from this
+        forward; "warmup": every visible entry, ℓ recomputed over window + all of them + sink."""
+        if self.indexer_stage not in INDEXER_STAGES:
+            raise ValueError(f"Attention.indexer_stage must be None or one of {INDEXER_STAGES}, "
+                             f"got {self.indexer_stage!r}")
+        t = x_btd.shape[1]
+        x_btd, q_lat_btq = jax.lax.stop_gradient(x_btd), jax.lax.stop_gradient(q_lat_btq)  # detached input
+        index_keys_bsj = self.indexer.compressor(x_btd, positions_bt)
+        if self.indexer_stage == "sparse":
+            cand_btc = picks_btk
+        else:
+            cand_btc = all_entry_indices(positions_bt, index_keys_bsj.shape[1], self.indexer.rate)
+            _, lse_btn = self._sparse(jax.lax.stop_gradient(q_btnh), jax.lax.stop_gradient(keys_bsh),
+                                      attention_indices(window_btw, cand_btc, t), sinks_n)
+        logz_btn = jnp.logaddexp(jax.lax.stop_gradient(lse_btn), sinks_n)
+        valid_btc = cand_btc >= 0
+        p_btc = teacher(q_btnh, keys_bsh, jnp.where(valid_btc, cand_btc + t, -1), logz_btn,
+                        scale=self.config.head_dim ** -0.5)
+        scores_btc = self.indexer.scores_at(x_btd, q_lat_btq, index_keys_bsj, cand_btc, positions_bt)
+        kl = kl_per_query(p_btc, scores_btc, valid_btc).sum()
+        hits, slots = recall_at_k(p_btc, scores_btc, valid_btc, self.indexer.top_k)
+        self.sow(IndexerTerms, "indexer", (kl, hits, slots))
+
+
+def use_full_attention(model: nnx.Module, backend: str) -> nnx.Module:
+    """Sets every attention layer's full-sequence backend (one of `FULL_ATTENTION`); returns the model."""
+    if backend not in FULL_ATTENTION:
+        raise ValueError(f"full attention backend must be one of {FULL_ATTENTION}, got {backend!r}")
+    model.set_attributes(Attention, full_attention=backend, raise_if_not_found=False)
+    return model
+
+
+def train_indexer(model: nnx.Module, stage: str | None) -> nnx.Module:
+    """Makes every CSA layer sow `IndexerTerms` for `nnx.capture(fn, IndexerTerms)` ("warmup": KL over every
+    visible entry; "sparse": over the picks); None switches it off. Call it on a copy used under capture."""
+    if stage is not None and stage not in INDEXER_STAGES:
+        raise ValueError(f"indexer stage must be None or one of {INDEXER_STAGES}, got {stage!r}")
+    model.set_attributes(Attention, indexer_stage=stage, raise_if_not_found=False)
+    return model

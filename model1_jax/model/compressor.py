@@ -34,11 +34,13 @@ def pool(kv_bwmh: jax.Array, logits_bwmh: jax.Array) -> jax.Array:
 
 
 def overlap_windows(kv_bwmph: jax.Array, logits_bwmph: jax.Array, prior_kv_bmh: jax.Array | None = None,
-                    prior_logits_bmh: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                    prior_logits_bmh: jax.Array | None = None, starts_bw: jax.Array | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
     """CSA slot layout [b, w, 2m, h]: Ca of the previous window, then Cb of this window.
 
     `prior_*` is the Ca half (values and biased logits) of the window before the first one here;
-    None means there is none (start of the sequence).
+    None means there is none (start of the sequence). `starts_bw` marks windows that begin a document
+    (packed sequences): their first half is empty too, so no entry pools tokens of two documents.
     """
     b, _, m, _, c = kv_bwmph.shape
     ca_kv, cb_kv = kv_bwmph[..., 0, :], kv_bwmph[..., 1, :]
@@ -50,6 +52,9 @@ def overlap_windows(kv_bwmph: jax.Array, logits_bwmph: jax.Array, prior_kv_bmh: 
     # Window w's first half is window w−1's Ca; shifting by one keeps exactly w windows (also for w = 0).
     prev_kv = jnp.concatenate([prior_kv_bmh[:, None].astype(ca_kv.dtype), ca_kv], axis=1)[:, :w]
     prev_lg = jnp.concatenate([prior_logits_bmh[:, None].astype(ca_lg.dtype), ca_lg], axis=1)[:, :w]
+    if starts_bw is not None:
+        prev_kv = jnp.where(starts_bw[:, :, None, None], jnp.zeros((), prev_kv.dtype), prev_kv)
+        prev_lg = jnp.where(starts_bw[:, :, None, None], -jnp.inf, prev_lg)
     return jnp.concatenate([prev_kv, cb_kv], axis=2), jnp.concatenate([prev_lg, cb_lg], axis=2)
 
 
@@ -89,19 +94,28 @@ class Compressor(nnx.Module):
         logits = gate_bth[:, :w * self.rate].reshape(shape) + weight(self.position_bias, F32)
         return kv, logits
 
-    def finish(self, pooled_bwh: jax.Array, first_window: jax.Array | int = 0) -> jax.Array:
-        """kv_norm, then RoPE at each window's first-token position (window index + first_window) · m."""
-        w = pooled_bwh.shape[1]
-        window_bw = jnp.asarray(first_window, jnp.int32)[..., None] + jnp.arange(w, dtype=jnp.int32)
-        cos, sin = rope.cos_sin(self.config, rope.COMPRESS, window_bw * self.rate)
+    def finish(self, pooled_bwh: jax.Array, first_window: jax.Array | int = 0,
+               window_positions_bw: jax.Array | None = None) -> jax.Array:
+        """kv_norm, then RoPE at each window's first-token position: (window index + first_window) · m, or
+        `window_positions_bw` when given (positions inside packed documents)."""
+        if window_positions_bw is None:
+            w = pooled_bwh.shape[1]
+            window_bw = jnp.asarray(first_window, jnp.int32)[..., None] + jnp.arange(w, dtype=jnp.int32)
+            window_positions_bw = window_bw * self.rate
+        cos, sin = rope.cos_sin(self.config, rope.COMPRESS, window_positions_bw)
         return rope.apply_rope(self.kv_norm(pooled_bwh), cos, sin)
 
-    def __call__(self, x_btd: jax.Array) -> jax.Array:
-        """Stateless compression of a whole sequence starting at position 0: entries [b, ⌊t/m⌋, h].
+    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array | None = None) -> jax.Array:
+        """Stateless compression of whole sequences: entries [b, ⌊t/m⌋, h].
 
-        A trailing partial window produces nothing (its entry would not be visible to any query yet).
+        `positions_bt` (default 0..t−1) are positions inside documents; packed documents start at multiples
+        of m, so every window lies inside one document, and a window that starts a document gets no overlap
+        half (docs/training.md §6). A trailing partial window produces nothing.
         """
         kv, logits = self.windows(*self.project(x_btd))
+        w = kv.shape[1]
+        window_positions_bw = None if positions_bt is None else positions_bt[:, :w * self.rate:self.rate]
         if self.overlap:
-            kv, logits = overlap_windows(kv, logits)
-        return self.finish(pool(kv, logits))
+            starts_bw = None if window_positions_bw is None else window_positions_bw == 0
+            kv, logits = overlap_windows(kv, logits, starts_bw=starts_bw)
+        return self.finish(pool(kv, logits), window_positions_bw=window_positions_bw)

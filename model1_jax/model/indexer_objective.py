@@ -38,7 +38,7 @@ def teacher(q_btnh: jax.Array, keys_bsh: jax.Array, cand_btc: jax.Array, logz_bt
 
     def split(x, fill):
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill) if pad else x
-        return jnp.moveaxis(x.reshape(b, -1, block_t, *x.shape[2:]), 1, 0)
+        return jnp.moveaxis(x.reshape(b, (t + pad) // block_t, block_t, *x.shape[2:]), 1, 0)
 
     def block(args):
         q, cand, logz = args
@@ -50,7 +50,7 @@ def teacher(q_btnh: jax.Array, keys_bsh: jax.Array, cand_btc: jax.Array, logz_bt
         return jnp.where(total > 0, mass / jnp.where(total > 0, total, 1.0), 0.0)
 
     p = lax.map(block, (split(q_btnh, 0), split(cand_btc, -1), split(logz_btn.astype(F32), jnp.inf)))
-    return jnp.moveaxis(p, 0, 1).reshape(b, -1, cand_btc.shape[2])[:, :t]
+    return jnp.moveaxis(p, 0, 1).reshape(b, t + pad, cand_btc.shape[2])[:, :t]
 
 
 def kl_per_query(teacher_btc: jax.Array, scores_btc: jax.Array, valid_btc: jax.Array) -> jax.Array:
