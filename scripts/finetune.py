@@ -7,6 +7,8 @@
         --lora-rank 16 --optimizer muon --steps 2000 --checkpoint-dir run1
     python scripts/finetune.py ... --checkpoint-dir run1 --resume      # continue a killed run exactly
     python scripts/finetune.py --mesh data=2,tensor=4 --layout fsdp     # sharded over 8 devices
+    python scripts/finetune.py --seq-len 4096 --document-masking --remat          # long sequences
+    python scripts/finetune.py --model DIR --indexer-stage warmup --lr 1e-3 ...     # train the indexers only
 
 Data: text files (one document each) or JSONL lines {"text": ...} / {"messages": [{"role", "content"}]}
 (only assistant turns are targets). Without --tokenizer, text is tokenized as UTF-8 bytes.
@@ -27,13 +29,14 @@ from flax import nnx
 
 import model1_jax as m1
 from model1_jax import cli, parallel
-from model1_jax.common import human_count
+from model1_jax.common import human_bytes, human_count
 from model1_jax.io.pretrained import read_config
+from model1_jax.model.attention import FULL_ATTENTION, INDEXER_STAGES, use_full_attention
 from model1_jax.parallel import distributed
 from model1_jax.text.tokenizers import load_tokenizer
 from model1_jax.train import data as mdata
 from model1_jax.train.balance import BalanceConfig
-from model1_jax.train.loop import TrainCheckpointer, fit, tokens_per_second
+from model1_jax.train.loop import TrainCheckpointer, fit, measured_peak, tokens_per_second
 from model1_jax.train.lora import PRESETS, LoRAConfig, apply_lora, find_targets, merge_lora, save_adapters
 from model1_jax.train.optim import OPTIMIZERS, OptimizerConfig
 from model1_jax.train.trainer import TrainConfig, Trainer
@@ -52,7 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                     "Config.tiny())")
     g.add_argument("--data", nargs="+", help="text or .jsonl files (default: the Python standard library sources)")
     g.add_argument("--tokenizer", help="tokenizer.json (default: UTF-8 bytes)")
-    g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--seq-len", type=int, default=128, help="tokens per sequence, up to the config's "
+                   "max_position_embeddings (attention memory is linear in it)")
+    g.add_argument("--document-masking", action="store_true",
+                   help="pack documents at multiples of the largest compression rate, positions restarting at 0, "
+                        "so no attention, compressed entry or indexer pick crosses a document boundary")
     g.add_argument("--eval-fraction", type=float, default=0.02)
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute dtype (default: bfloat16 on GPU, float32 on CPU); trained weights stay float32")
@@ -70,6 +77,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--bias-rate", type=float, default=1e-3, help="aux-loss-free router bias step γ")
     g.add_argument("--seq-balance-weight", type=float, default=0.0, help="sequence-wise balance loss α")
     g.add_argument("--remat", action="store_true", help="recompute decoder layers in the backward pass (less memory)")
+    g.add_argument("--attention", choices=FULL_ATTENTION, default="auto",
+                   help="full-sequence attention: sparse (auto: Pallas kernels on GPU, else jnp; xla; pallas; "
+                        "interpret) or the quadratic dense reference")
+    g.add_argument("--indexer-stage", choices=INDEXER_STAGES, default=None,
+                   help="train the lightning indexers: warmup (they alone, KL over every visible entry) or sparse "
+                        "(everything; their KL over their picks, inputs detached)")
+    g.add_argument("--indexer-kl-weight", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning")
@@ -116,7 +130,8 @@ def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
                                 total_steps=args.steps, min_lr_ratio=args.min_lr_ratio,
                                 weight_decay=args.weight_decay, clip_norm=args.clip_norm or None)
     train_config = TrainConfig(mtp_weight=args.mtp_weight, remat=args.remat,
-                               balance=BalanceConfig(args.bias_rate, args.seq_balance_weight))
+                               balance=BalanceConfig(args.bias_rate, args.seq_balance_weight),
+                               indexer_stage=args.indexer_stage, indexer_kl_weight=args.indexer_kl_weight)
     lora = LoRAConfig(args.lora_rank, args.lora_alpha, tuple(args.lora_targets)) if args.lora_rank else None
     if args.model and args.config:
         raise ValueError("--model and --config exclude each other (a checkpoint brings its own config)")
@@ -139,12 +154,14 @@ def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
     files = args.data or mdata.default_corpus()
     eos = config.eos_token_ids[0] if config.eos_token_ids else None
     t0 = time.perf_counter()
+    align = max([config.compress_rate(t) for t in set(config.layer_types) if t != m1.SLIDING], default=1)
     dataset = mdata.build_dataset(files, tokenizer, seq_len=args.seq_len, eos_id=eos, vocab_size=config.vocab_size,
-                                  eval_fraction=args.eval_fraction)
+                                  eval_fraction=args.eval_fraction, align=align if args.document_masking else None)
     print(f"data    {len(files)} file(s), tokenizer {tokenizer.name}: {dataset.train_ids.shape[0]} training and "
           f"{dataset.eval_ids.shape[0]} held-out sequences of {args.seq_len} tokens ({time.perf_counter() - t0:.1f} s)")
 
     model, where = build_model(args, config, dtype, layout, quantized=lora is not None)
+    use_full_attention(model, args.attention)
     if lora:
         paths = apply_lora(model, lora, rngs=nnx.Rngs(args.seed + 1))
         if layout is not None:
@@ -168,10 +185,16 @@ def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
         checkpointer.restore(trainer, expect=json_record)
         print(f"resume  from step {int(trainer.state.step)} in {checkpointer.directory}")
 
+    estimate = trainer.memory_estimate(batches.batch(int(trainer.state.step)))
+    print(f"memory  per-device estimate (XLA's plan of one step): peak {human_bytes(estimate['peak'])} = state and "
+          f"batch {human_bytes(estimate['arguments'])} + temporaries {human_bytes(estimate['temporaries'])} + "
+          f"outputs {human_bytes(estimate['outputs'])} - reused {human_bytes(estimate['reused'])}")
     history = fit(trainer, batches, args.steps, checkpointer=checkpointer, meta=record, eval_data=dataset,
                   eval_every=args.eval_every, eval_batches_max=args.eval_batches, log_every=args.log_every,
                   progress=not args.no_progress, stop_after=args.stop_after)
     checkpointer.close()
+    peak, what = measured_peak()
+    print(f"memory  measured {what} {human_bytes(peak)} (estimate {human_bytes(estimate['peak'])})")
     print(f"done    {int(trainer.state.step)} steps, {tokens_per_second(history):,.0f} tokens/s "
           f"({jax.devices()[0].platform}); training checkpoint in {checkpointer.directory}")
     if args.stop_after is None or int(trainer.state.step) >= args.steps:

@@ -126,3 +126,31 @@ def test_batches_are_a_pure_function_of_seed_and_step():
 def test_default_corpus_is_the_standard_library():
     files = data.default_corpus(max_bytes=10_000)
     assert files and all(f.endswith(".py") for f in files)
+
+
+def test_pack_documents_aligns_and_restarts_positions():
+    """Documents (and seq_len pieces of longer ones) start at multiples of `align` with position 0; padding
+    continues the previous document's positions, holds id 0 and is masked; order is kept."""
+    docs = [(np.arange(1, 6, dtype=np.int32), np.ones(5, bool)), (np.arange(10, 13, dtype=np.int32), np.ones(3, bool)),
+            (np.arange(20, 38, dtype=np.int32), np.ones(18, bool))]
+    packed = data.pack_documents(docs, seq_len=16, align=4)
+    ids, mask, pos = packed.train_ids, packed.train_mask, packed.train_positions
+    assert ids.shape == (3, 16)
+    assert list(ids[0, :12]) == [1, 2, 3, 4, 5, 0, 0, 0, 10, 11, 12, 0]
+    assert list(pos[0]) == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7]  # the tail pads document 2
+    assert list(mask[0]) == [True] * 5 + [False] * 3 + [True] * 3 + [False] * 5
+    assert list(ids[1]) == list(range(20, 36)) and list(pos[1]) == list(range(16))  # an 18-token document: 16 + 2
+    assert list(ids[2, :2]) == [36, 37] and pos[2, 0] == 0 and not mask[2, 2:].any()
+    starts = np.nonzero(pos == 0)
+    assert (starts[1] % 4 == 0).all()
+    with pytest.raises(data.DataError, match="multiple of align"):
+        data.pack_documents(docs, seq_len=18, align=4)
+
+
+def test_batches_carry_positions_with_document_masking():
+    docs = [(np.arange(1, 30, dtype=np.int32), np.ones(29, bool))] * 6
+    packed = data.pack_documents(docs, seq_len=32, align=8, eval_fraction=0.2)
+    batch = data.Batches(packed, batch_size=2).batch(0)
+    assert batch["positions"].shape == batch["ids"].shape == (1, 2, 32)
+    ids, mask, positions = next(data.eval_batches(packed, 2))
+    assert positions.shape == ids.shape

@@ -199,7 +199,10 @@ def pack_documents(documents: Iterable[tuple[np.ndarray, np.ndarray]], seq_len: 
     if not 0 <= eval_fraction < 1:
         raise DataError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    ids_row, mask_row, pos_row = np.full(seq_len, pad_id, np.int32), np.zeros(seq_len, bool), np.zeros(seq_len, np.int32)
+    def empty_row():
+        return np.full(seq_len, pad_id, np.int32), np.zeros(seq_len, bool), np.zeros(seq_len, np.int32)
+
+    ids_row, mask_row, pos_row = empty_row()
     used = 0
     for doc_ids, doc_mask in documents:
         for start in range(0, len(doc_ids), seq_len):
@@ -207,8 +210,7 @@ def pack_documents(documents: Iterable[tuple[np.ndarray, np.ndarray]], seq_len: 
             span = min(-(-len(piece) // align) * align, seq_len)
             if used + span > seq_len:
                 rows.append((ids_row, mask_row, pos_row))
-                ids_row, mask_row = np.full(seq_len, pad_id, np.int32), np.zeros(seq_len, bool)
-                pos_row, used = np.zeros(seq_len, np.int32), 0
+                (ids_row, mask_row, pos_row), used = empty_row(), 0
             ids_row[used:used + len(piece)], mask_row[used:used + len(piece)] = piece, piece_mask
             pos_row[used:used + span] = np.arange(span)
             used += span

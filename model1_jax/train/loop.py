@@ -128,11 +128,27 @@ def format_record(record: dict[str, float], imbalance: str = "") -> str:
     line = (f"step {record['step']:6d}  loss {record['loss']:.4f}  next-token {record['main_loss']:.4f}  "
             f"mtp {record['mtp_loss']:.4f}  lr {record['learning_rate']:.2e}  "
             f"{record['tokens_per_s']:,.0f} tok/s")
+    if "indexer_kl" in record:
+        line += f"  indexer KL {record['indexer_kl']:.4f}"
+        if "indexer_recall" in record:
+            line += f" recall@k {record['indexer_recall']:.3f}"
     if "eval_loss" in record:
         line += f"  eval {record['eval_loss']:.4f}"
+    if "eval_indexer_recall" in record:
+        line += f" (indexer KL {record['eval_indexer_kl']:.4f} recall@k {record['eval_indexer_recall']:.3f})"
     if imbalance:
         line += f"  load max/mean: {imbalance}"
     return line
+
+
+def measured_peak() -> tuple[int, str]:
+    """(bytes, what): the first device's peak allocation where the runtime reports it (GPU), else the process's
+    peak resident memory (CPU: XLA's buffers live in the process, next to Python and the runtime)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device peak"
+    import resource  # Unix-only; imported here so the module imports anywhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
 
 
 def tokens_per_second(history: list[dict[str, float]]) -> float:

@@ -337,21 +337,35 @@ class Trainer:
     def step(self, batch: dict[str, jax.Array]) -> dict[str, Any]:
         """One optimizer step on `{"ids": int [a, b, t], "mask": [a, b, t]}` (a micro-batches accumulated),
         optionally with `"positions"` [a, b, t] of packed documents (`train/data.py`)."""
+        self.state, metrics = self.program.train_step(self.state, self.frozen, self._checked(batch, "Trainer.step"))
+        return metrics
+
+    def memory_estimate(self, batch: dict[str, jax.Array]) -> dict[str, int]:
+        """XLA's buffer plan for one step on a batch of this shape, per device, in bytes: arguments (state and
+        batch), outputs, temporaries, what outputs reuse of the (donated) arguments, and `peak` = arguments +
+        outputs + temporaries − reused. Compiles the step (once more: the jit cache is separate)."""
+        placed = self._checked(batch, "Trainer.memory_estimate")
+        ma = self.program.train_step.lower(self.state, self.frozen, placed).compile().memory_analysis()
+        out = {"arguments": ma.argument_size_in_bytes, "outputs": ma.output_size_in_bytes,
+               "temporaries": ma.temp_size_in_bytes, "reused": ma.alias_size_in_bytes}
+        return out | {"peak": out["arguments"] + out["outputs"] + out["temporaries"] - out["reused"]}
+
+    def _checked(self, batch: dict[str, jax.Array], where: str) -> dict[str, jax.Array]:
+        """The batch checked and placed as the step takes it."""
         ids, mask = np.asarray(batch["ids"]), np.asarray(batch["mask"])
         if ids.ndim != 3 or mask.shape != ids.shape:
-            raise ValueError(f"Trainer.step: expected ids and mask of shape [micro-batches, batch, tokens], "
+            raise ValueError(f"{where}: expected ids and mask of shape [micro-batches, batch, tokens], "
                              f"got {ids.shape} and {mask.shape}")
+        check_token_ids(ids.reshape(-1, ids.shape[-1]), self.vocab_size, f"{where}: ids")
+        if ids.shape[-1] < (3 if self.use_mtp else 2):
+            raise ValueError(f"{where}: sequences of {ids.shape[-1]} tokens are too short to have targets")
+        if ids.shape[-1] > self.max_len:
+            raise ValueError(f"{where}: sequences of {ids.shape[-1]} tokens exceed the model's "
+                             f"max_position_embeddings ({self.max_len})")
         placed = {"ids": jnp.asarray(ids, jnp.int32), "mask": jnp.asarray(mask)}
         if batch.get("positions") is not None:
-            placed["positions"] = jnp.asarray(_check_positions(batch["positions"], ids.shape, self.align, "Trainer.step"))
-        check_token_ids(ids.reshape(-1, ids.shape[-1]), self.vocab_size, "Trainer.step: ids")
-        if ids.shape[-1] < (3 if self.use_mtp else 2):
-            raise ValueError(f"Trainer.step: sequences of {ids.shape[-1]} tokens are too short to have targets")
-        if ids.shape[-1] > self.max_len:
-            raise ValueError(f"Trainer.step: sequences of {ids.shape[-1]} tokens exceed the model's "
-                             f"max_position_embeddings ({self.max_len})")
-        self.state, metrics = self.program.train_step(self.state, self.frozen, self._place(placed, leading=1))
-        return metrics
+            placed["positions"] = jnp.asarray(_check_positions(batch["positions"], ids.shape, self.align, where))
+        return self._place(placed, leading=1)
 
     def _place(self, batch: dict[str, jax.Array], leading: int) -> dict[str, jax.Array]:
         """Splits [(micro-batches,) batch, tokens] arrays over the layout's batch axes (no-op unsharded)."""
@@ -369,7 +383,8 @@ class Trainer:
             check_token_ids(np.asarray(ids), self.vocab_size, "Trainer.evaluate: ids")
             b = {"ids": jnp.asarray(ids, jnp.int32), "mask": jnp.asarray(mask)}
             if positions and positions[0] is not None:
-                b["positions"] = jnp.asarray(_check_positions(positions[0], np.shape(ids), self.align, "Trainer.evaluate"))
+                positions = _check_positions(positions[0], np.shape(ids), self.align, "Trainer.evaluate")
+                b["positions"] = jnp.asarray(positions)
             b = self._place(b, leading=0)
             out = self.program.eval_step(self.state.params, self.state.buffers, self.frozen, b["ids"], b["mask"],
                                          b.get("positions"))
