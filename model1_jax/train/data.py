@@ -209,6 +209,7 @@ def pack_documents(documents: Iterable[tuple[np.ndarray, np.ndarray]], seq_len: 
             piece, piece_mask = doc_ids[start:start + seq_len], doc_mask[start:start + seq_len]
             span = min(-(-len(piece) // align) * align, seq_len)
             if used + span > seq_len:
+                pos_row[used:] = pos_row[used - 1] + 1 + np.arange(seq_len - used)  # the tail pads the last document
                 rows.append((ids_row, mask_row, pos_row))
                 (ids_row, mask_row, pos_row), used = empty_row(), 0
             ids_row[used:used + len(piece)], mask_row[used:used + len(piece)] = piece, piece_mask
