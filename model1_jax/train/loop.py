@@ -92,9 +92,10 @@ def fit(trainer: Trainer, batches: Batches, steps: int, *, checkpointer: TrainCh
     for i in range(start, steps):
         metrics = trainer.step(batches.batch(i))
         done = i + 1
-        if window_start is None:  # the first step compiles: time from its end
+        if window_start is None:  # the first step compiles: time (and peak memory) from its end
             jax.block_until_ready(metrics["loss"])
             window_start, window_steps = time.perf_counter(), 0
+            reset_peak()
         else:
             window_steps += 1
         last = done == steps or done == stop_after
@@ -143,12 +144,45 @@ def format_record(record: dict[str, float], imbalance: str = "") -> str:
 
 def measured_peak() -> tuple[int, str]:
     """(bytes, what): the first device's peak allocation where the runtime reports it (GPU), else the process's
-    peak resident memory (CPU: XLA's buffers live in the process, next to Python and the runtime)."""
+    peak resident memory since the last `reset_peak` (CPU: XLA's buffers live in the process, next to Python,
+    the runtime and the compiled code)."""
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         return int(stats["peak_bytes_in_use"]), "device peak"
-    import resource  # Unix-only; imported here so the module imports anywhere
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+    return _proc_status("VmHWM"), "process peak RSS"
+
+
+def resident_bytes() -> int:
+    """The process's current resident memory (0 where /proc is unavailable)."""
+    return _proc_status("VmRSS")
+
+
+def reset_peak() -> None:
+    """Restarts the process's peak-RSS count (Linux `clear_refs`), e.g. after compiling, so that the next
+    `measured_peak` covers only what ran since; a no-op elsewhere (the device peak of a GPU is not reset).
+    The C allocator first returns the memory it kept from freed blocks (the compiler's, mostly): otherwise
+    the step would reuse it without the resident size growing."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _proc_status(field: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def tokens_per_second(history: list[dict[str, float]]) -> float:

@@ -1,0 +1,142 @@
+"""Training memory and step time against sequence length: sparse full-sequence attention beside the dense one.
+
+    python scripts/bench_train.py                       # T = 1K … 32K sparse, dense up to 4K; ~25 min on 2 cores
+    python scripts/bench_train.py --lengths 1024 2048 --dense-max 2048 --steps 1
+
+The model has V4's attention shape — head_dim 512 (64 RoPE dims), sliding window 128, CSA m = 4 with top-64
+picks, HCA m = 128 — with 8 heads, hidden 64 and four layers (sliding, CSA, HCA, CSA). Each (T, attention)
+point runs in a fresh process: one Trainer step (value and gradient of the next-token loss, AdamW update,
+per-layer remat) on one sequence of T tokens. Recorded: XLA's per-device plan of the step (`Trainer.
+memory_estimate`, printed before training by finetune.py), the measured peak (device peak on a GPU, the
+process's peak RSS on a CPU, which also holds Python and the runtime: ~0.5 GiB at T = 0), and the mean time
+of the steps after the compiling one. JSON goes to benchmarks/results/bench_train.json. Targets (issue):
+each doubling of T at most 2.3x in memory and time for the sparse path, and T = 32K within 20 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "bench_train.json")
+
+
+def bench_config():
+    import model1_jax as m1
+    return dataclasses.replace(
+        m1.Config.tiny(), head_dim=512, qk_rope_head_dim=64, num_attention_heads=8, sliding_window=128,
+        compress_rate_csa=4, compress_rate_hca=128, index_topk=64, index_head_dim=128, index_n_heads=2,
+        max_position_embeddings=32768, num_nextn_predict_layers=0)
+
+
+def one_point(length: int, attention: str, steps: int) -> dict:
+    """Runs in its own process: builds the model and the trainer, estimates, steps, measures."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    import model1_jax as m1
+    from model1_jax.model.attention import use_full_attention
+    from model1_jax.train.loop import measured_peak, reset_peak, resident_bytes
+    from model1_jax.train.optim import OptimizerConfig
+    from model1_jax.train.trainer import TrainConfig, Trainer
+
+    baseline, _ = measured_peak()
+    model = use_full_attention(m1.Model1(bench_config(), rngs=nnx.Rngs(0)), attention)
+    trainer = Trainer(model, OptimizerConfig(), TrainConfig(mtp_weight=0.0, remat=True))
+    del model
+    ids = np.random.default_rng(0).integers(0, 256, (1, 1, length)).astype(np.int32)
+    batch = {"ids": ids, "mask": np.ones_like(ids)}
+    t0 = time.perf_counter()
+    estimate = trainer.memory_estimate(batch)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(steps + 1):  # the first step compiles (the jit cache is not the estimate's)
+        t0 = time.perf_counter()
+        jax.block_until_ready(trainer.step(batch)["loss"])
+        times.append(time.perf_counter() - t0)
+        if i == 0:  # what the steps themselves add: peak since here, above what is resident now
+            reset_peak()
+            before = resident_bytes()
+    peak, what = measured_peak()
+    return {"seq_len": length, "attention": attention, "estimate_bytes": estimate, "measured_bytes": peak,
+            "measured": what, "resident_before_steps_bytes": before, "process_baseline_bytes": baseline,
+            "step_s": float(np.mean(times[1:])), "first_step_s": times[0], "estimate_compile_s": compile_s,
+            "steps_timed": steps}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    p.add_argument("--dense-max", type=int, default=4096, help="longest T for the dense path (15.8 GB at 4K)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps after the compiling one")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per point")
+    p.add_argument("--out", default=RESULTS)
+    p.add_argument("--one", nargs=2, metavar=("T", "ATTENTION"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        print(json.dumps(one_point(int(args.one[0]), args.one[1], args.steps)))
+        return
+
+    points = []
+    for attention in ("auto", "dense"):
+        for length in args.lengths:
+            if attention == "dense" and length > args.dense_max:
+                continue
+            cmd = [sys.executable, os.path.abspath(__file__), "--one", str(length), attention, "--steps",
+                   str(args.steps)]
+            env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+            try:
+                run = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+            except subprocess.TimeoutExpired:
+                print(f"{attention:6s} T={length:6d}: timed out after {args.timeout} s")
+                continue
+            if run.returncode != 0:
+                print(f"{attention:6s} T={length:6d}: failed\n{run.stderr[-2000:]}")
+                continue
+            point = json.loads(run.stdout.strip().splitlines()[-1])
+            points.append(point)
+            gib = 2 ** 30
+            print(f"{attention:6s} T={length:6d}: estimate {point['estimate_bytes']['peak'] / gib:6.2f} GiB, "
+                  f"measured {point['measured']} {point['measured_bytes'] / gib:6.2f} GiB, "
+                  f"step {point['step_s']:7.2f} s", flush=True)
+
+    import jax
+    result = {"benchmark": "bench_train", "config": "V4 attention shape: head_dim 512, 8 heads, hidden 64, "
+              "window 128, CSA m=4 top-64, HCA m=128; layers sliding, CSA, HCA, CSA; batch 1; remat per layer",
+              "device": jax.devices()[0].device_kind, "platform": platform.platform(), "cpus": os.cpu_count(),
+              "jax": jax.__version__, "points": points, "growth_per_doubling": _growth(points)}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    for attention, rows in result["growth_per_doubling"].items():
+        for row in rows:
+            print(f"{attention:6s} {row['from']:6d} -> {row['to']:6d}: memory x{row['memory']:.2f}, "
+                  f"time x{row['time']:.2f}")
+    print(f"wrote {args.out}")
+
+
+def _growth(points: list[dict]) -> dict:
+    """Ratios of the measured peak (above the process baseline) and step time between consecutive doublings."""
+    out: dict[str, list] = {}
+    for attention in sorted({p["attention"] for p in points}):
+        rows = sorted((p for p in points if p["attention"] == attention), key=lambda p: p["seq_len"])
+        out[attention] = [
+            {"from": a["seq_len"], "to": b["seq_len"],
+             "memory": (b["measured_bytes"] - b["process_baseline_bytes"])
+             / max(a["measured_bytes"] - a["process_baseline_bytes"], 1),
+             "estimate": b["estimate_bytes"]["peak"] / max(a["estimate_bytes"]["peak"], 1),
+             "time": b["step_s"] / a["step_s"]}
+            for a, b in zip(rows, rows[1:]) if b["seq_len"] == 2 * a["seq_len"]]
+    return out
+
+
+if __name__ == "__main__":
+    main()
