@@ -8,8 +8,8 @@ picks, HCA m = 128 — with 8 heads, hidden 64 and four layers (sliding, CSA, HC
 point runs in a fresh process: one Trainer step (value and gradient of the next-token loss, AdamW update,
 per-layer remat) on one sequence of T tokens. Recorded: XLA's per-device plan of the step (`Trainer.
 memory_estimate`, printed before training by finetune.py), the measured peak (device peak on a GPU, the
-process's peak RSS on a CPU, which also holds Python and the runtime: ~0.5 GiB at T = 0), and the mean time
-of the steps after the compiling one. JSON goes to benchmarks/results/bench_train.json. Targets (issue):
+process's peak RSS above what was resident before the timed steps, the allocator trimmed, on a CPU), and the
+mean time of the steps after the compiling one. JSON goes to benchmarks/results/bench_train.json. Targets (issue):
 each doubling of T at most 2.3x in memory and time for the sparse path, and T = 32K within 20 GB.
 """
 
@@ -24,6 +24,13 @@ import subprocess
 import sys
 import time
 
+# XLA's CPU scheduler favours concurrency by default and then runs every layer's recomputed forward early,
+# which undoes --remat (docs/training.md §5.1); the memory-minimising scheduler is used unless XLA_FLAGS chooses.
+# Set before JAX starts (it reads XLA_FLAGS once); the flag only concerns the CPU backend.
+if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "bench_train.json")
 
@@ -36,7 +43,7 @@ def bench_config():
         max_position_embeddings=32768, num_nextn_predict_layers=0)
 
 
-def one_point(length: int, attention: str, steps: int) -> dict:
+def one_point(length: int, attention: str, steps: int, max_bytes: float) -> dict:
     """Runs in its own process: builds the model and the trainer, estimates, steps, measures."""
     import jax
     import numpy as np
@@ -57,6 +64,8 @@ def one_point(length: int, attention: str, steps: int) -> dict:
     t0 = time.perf_counter()
     estimate = trainer.memory_estimate(batch)
     compile_s = time.perf_counter() - t0
+    if estimate["peak"] > max_bytes:  # the machine is shared: do not try what would not fit
+        return {"seq_len": length, "attention": attention, "estimate_bytes": estimate, "skipped": "over --max-gib"}
     times = []
     for i in range(steps + 1):  # the first step compiles (the jit cache is not the estimate's)
         t0 = time.perf_counter()
@@ -68,6 +77,7 @@ def one_point(length: int, attention: str, steps: int) -> dict:
     peak, what = measured_peak()
     return {"seq_len": length, "attention": attention, "estimate_bytes": estimate, "measured_bytes": peak,
             "measured": what, "resident_before_steps_bytes": before, "process_baseline_bytes": baseline,
+            "step_bytes": peak - before if what == "process peak RSS" else peak,
             "step_s": float(np.mean(times[1:])), "first_step_s": times[0], "estimate_compile_s": compile_s,
             "steps_timed": steps}
 
@@ -78,11 +88,12 @@ def main(argv=None) -> None:
     p.add_argument("--dense-max", type=int, default=4096, help="longest T for the dense path (15.8 GB at 4K)")
     p.add_argument("--steps", type=int, default=2, help="timed steps after the compiling one")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per point")
+    p.add_argument("--max-gib", type=float, default=16.0, help="skip a point whose estimate exceeds this")
     p.add_argument("--out", default=RESULTS)
     p.add_argument("--one", nargs=2, metavar=("T", "ATTENTION"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(one_point(int(args.one[0]), args.one[1], args.steps)))
+        print(json.dumps(one_point(int(args.one[0]), args.one[1], args.steps, args.max_gib * 2 ** 30)))
         return
 
     points = []
@@ -91,7 +102,7 @@ def main(argv=None) -> None:
             if attention == "dense" and length > args.dense_max:
                 continue
             cmd = [sys.executable, os.path.abspath(__file__), "--one", str(length), attention, "--steps",
-                   str(args.steps)]
+                   str(args.steps), "--max-gib", str(args.max_gib)]
             env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
             try:
                 run = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
@@ -102,11 +113,17 @@ def main(argv=None) -> None:
                 print(f"{attention:6s} T={length:6d}: failed\n{run.stderr[-2000:]}")
                 continue
             point = json.loads(run.stdout.strip().splitlines()[-1])
-            points.append(point)
             gib = 2 ** 30
-            print(f"{attention:6s} T={length:6d}: estimate {point['estimate_bytes']['peak'] / gib:6.2f} GiB, "
-                  f"measured {point['measured']} {point['measured_bytes'] / gib:6.2f} GiB, "
-                  f"step {point['step_s']:7.2f} s", flush=True)
+            if "skipped" in point:
+                print(f"{attention:6s} T={length:6d}: estimate {point['estimate_bytes']['peak'] / gib:6.2f} GiB, "
+                      f"skipped (over --max-gib {args.max_gib})")
+                continue
+            points.append(point)
+            est = point["estimate_bytes"]
+            print(f"{attention:6s} T={length:6d}: estimate {est['peak'] / gib:6.2f} GiB (temporaries "
+                  f"{est['temporaries'] / gib:6.2f}), measured step {point['step_bytes'] / gib:6.2f} GiB, "
+                  f"{point['measured']} {point['measured_bytes'] / gib:6.2f} GiB, step {point['step_s']:7.2f} s",
+                  flush=True)
 
     import jax
     result = {"benchmark": "bench_train", "config": "V4 attention shape: head_dim 512, 8 heads, hidden 64, "
@@ -124,14 +141,13 @@ def main(argv=None) -> None:
 
 
 def _growth(points: list[dict]) -> dict:
-    """Ratios of the measured peak (above the process baseline) and step time between consecutive doublings."""
+    """Ratios of the measured step memory, XLA's estimate and the step time between consecutive doublings."""
     out: dict[str, list] = {}
     for attention in sorted({p["attention"] for p in points}):
         rows = sorted((p for p in points if p["attention"] == attention), key=lambda p: p["seq_len"])
         out[attention] = [
             {"from": a["seq_len"], "to": b["seq_len"],
-             "memory": (b["measured_bytes"] - b["process_baseline_bytes"])
-             / max(a["measured_bytes"] - a["process_baseline_bytes"], 1),
+             "memory": b["step_bytes"] / max(a["step_bytes"], 1),
              "estimate": b["estimate_bytes"]["peak"] / max(a["estimate_bytes"]["peak"], 1),
              "time": b["step_s"] / a["step_s"]}
             for a, b in zip(rows, rows[1:]) if b["seq_len"] == 2 * a["seq_len"]]

@@ -23,6 +23,13 @@ import os
 import sys
 import time
 
+# XLA's CPU scheduler favours concurrency by default and then runs every layer's recomputed forward early,
+# which undoes --remat (docs/training.md §5.1); the memory-minimising scheduler is used unless XLA_FLAGS chooses.
+# Set before JAX starts (it reads XLA_FLAGS once); the flag only concerns the CPU backend.
+if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
+
 import jax
 import jax.numpy as jnp
 from flax import nnx

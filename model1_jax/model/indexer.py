@@ -6,6 +6,9 @@ q latent. Score of query t for entry s:
 in fp32. Entries not yet visible (s ≥ ⌊(t+1)/m⌋) score −inf; picks that land on them anyway (fewer
 than k visible) become −1. Ties break towards the lower index (`lax.top_k`), deterministically.
 The indexer returns integers only: no gradient reaches it through the LM loss (as in the reference).
+It is trained by its own objective (docs/training.md §4) through `scores_at`, the differentiable scores of
+candidate entries. Full-sequence selection and scoring run over blocks of queries, so neither the
+[t, i, s] per-head products nor the [t, s] score matrix is ever held whole.
 """
 
 from __future__ import annotations
