@@ -6,6 +6,8 @@ the package does not load the Pallas backend until a kernel is called.
 Public API:
   sparse_mla_decode(q, kv_cache, indices, *, kv_format, page_size, ...) -> (out, lse)   (FlashMLA's semantics)
   supported_heads(h_q): the head counts the Pallas kernel runs (16, 32, multiples of 64)
+  sparse_attention(q, keys, indices, sinks, *, scale, backend, ...) -> (o, lse): full-sequence sparse attention
+    over K=V rows picked by index, differentiable (jnp blocks or Pallas-Triton forward / dQ / dKV kernels)
   cache formats (FlashMLA's `kv_format`): V4 (alias MODEL1), V32, DENSE; get_format("v4"), cache_shape, cache_bytes
   quantize_kv(k, kv_format), dequantize_kv(cache, kv_format, page_size),
   write_kv(cache, slots, k_new, *, kv_format, page_size), read_tokens(cache, slots, kv_format, page_size)
@@ -21,6 +23,7 @@ _LAZY = {
     "BACKENDS": "pallas_kernels.decode",
     "sparse_mla_decode": "pallas_kernels.decode",
     "supported_heads": "pallas_kernels.triton_decode",
+    "sparse_attention": "pallas_kernels.sparse_attention",
     **{name: "pallas_kernels.formats" for name in (
         "DENSE", "KV_FORMATS", "MODEL1", "V4", "V32", "DenseFormat", "Fp8Format", "KVFormat", "cache_bytes",
         "cache_shape", "dequantize_kv", "get_format", "quantize_kv", "read_tokens", "write_kv")},
@@ -28,8 +31,8 @@ _LAZY = {
 
 __all__ = [
     "BACKENDS", "DENSE", "KV_FORMATS", "MODEL1", "V4", "V32", "DenseFormat", "Fp8Format", "KVFormat", "cache_bytes",
-    "cache_shape", "dequantize_kv", "get_format", "quantize_kv", "read_tokens", "sparse_mla_decode",
-    "supported_heads", "write_kv",
+    "cache_shape", "dequantize_kv", "get_format", "quantize_kv", "read_tokens", "sparse_attention",
+    "sparse_mla_decode", "supported_heads", "write_kv",
 ]
 
 
