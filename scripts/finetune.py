@@ -32,6 +32,7 @@ if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_F
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import model1_jax as m1
@@ -192,7 +193,7 @@ def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
         checkpointer.restore(trainer, expect=json_record)
         print(f"resume  from step {int(trainer.state.step)} in {checkpointer.directory}")
 
-    estimate = trainer.memory_estimate(batches.batch(int(trainer.state.step)))
+    estimate = trainer.memory_estimate(probe_batch(dataset, args.batch_size, args.accum_steps))
     print(f"memory  per-device estimate (XLA's plan of one step): peak {human_bytes(estimate['peak'])} = state and "
           f"batch {human_bytes(estimate['arguments'])} + temporaries {human_bytes(estimate['temporaries'])} + "
           f"outputs {human_bytes(estimate['outputs'])} - reused {human_bytes(estimate['reused'])}")
@@ -200,13 +201,27 @@ def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
                   eval_every=args.eval_every, eval_batches_max=args.eval_batches, log_every=args.log_every,
                   progress=not args.no_progress, stop_after=args.stop_after)
     checkpointer.close()
-    peak, what = measured_peak()
-    print(f"memory  measured {what} {human_bytes(peak)} (estimate {human_bytes(estimate['peak'])})")
+    if history and "step_memory_bytes" in history[-1]:
+        _, what = measured_peak()
+        cpu = what == "process peak RSS"  # resident state is not part of the measured rise on a CPU
+        planned = estimate["peak"] - (estimate["arguments"] if cpu else 0)
+        print(f"memory  measured {'rise of the process during the steps' if cpu else 'device peak'} "
+              f"{human_bytes(history[-1]['step_memory_bytes'])} (XLA's plan: {human_bytes(planned)})")
     print(f"done    {int(trainer.state.step)} steps, {tokens_per_second(history):,.0f} tokens/s "
           f"({jax.devices()[0].platform}); training checkpoint in {checkpointer.directory}")
     if args.stop_after is None or int(trainer.state.step) >= args.steps:
         export(trainer, lora, tokenizer, args.checkpoint_dir, args.no_export)
     return trainer, history
+
+
+def probe_batch(dataset: mdata.PackedData, batch_size: int, accum_steps: int) -> dict:
+    """A batch of the training shape (token 0, every target on; the first sequence's positions), for the memory
+    estimate without taking a batch from the data order."""
+    shape = (accum_steps, batch_size, dataset.seq_len)
+    batch = {"ids": np.zeros(shape, np.int32), "mask": np.ones(shape, bool)}
+    if dataset.train_positions is not None:
+        batch["positions"] = np.broadcast_to(dataset.train_positions[0], shape)
+    return batch
 
 
 def build_model(args: argparse.Namespace, config: m1.Config, dtype, layout, *, quantized: bool):

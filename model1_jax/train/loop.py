@@ -80,7 +80,8 @@ def fit(trainer: Trainer, batches: Batches, steps: int, *, checkpointer: TrainCh
     """Trains from the trainer's current step to `steps`; returns the logged records (the loss curve).
 
     Logs every `log_every` steps: losses, learning rate, tokens/s (first, compiling, step excluded),
-    and per-layer expert load imbalance. `stop_after` ends the run early after that step, as a kill
+    and per-layer expert load imbalance. The last record also holds `step_memory_bytes`: the device's peak on a
+    GPU; on a CPU, how far the process's resident memory rose above its level after the compiling step. `stop_after` ends the run early after that step, as a kill
     would (used to test resuming).
     """
     start = int(trainer.state.step)
@@ -96,6 +97,7 @@ def fit(trainer: Trainer, batches: Batches, steps: int, *, checkpointer: TrainCh
             jax.block_until_ready(metrics["loss"])
             window_start, window_steps = time.perf_counter(), 0
             reset_peak()
+            resident, step_peak = resident_bytes(), 0.0
         else:
             window_steps += 1
         last = done == steps or done == stop_after
@@ -110,8 +112,11 @@ def fit(trainer: Trainer, batches: Batches, steps: int, *, checkpointer: TrainCh
             record["tokens_per_s"] = window_steps * tokens_per_step / elapsed if window_steps else float("nan")
             window_start, window_steps = time.perf_counter(), 0
             if eval_data is not None and eval_every and (done % eval_every == 0 or done == steps):
+                step_peak = max(step_peak, _step_memory(resident))
                 record.update(trainer.evaluate(eval_batches(eval_data, batches.batch_size, eval_batches_max)))
-                window_start = time.perf_counter()  # evaluation is not training throughput
+                window_start = time.perf_counter()  # evaluation is not training throughput (nor its memory)
+                reset_peak()
+                resident = resident_bytes()
             history.append(record)
             say(format_record(record, balance.describe(jax.device_get(metrics["loads"]), trainer.biased_paths)))
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",
@@ -122,7 +127,14 @@ def fit(trainer: Trainer, batches: Batches, steps: int, *, checkpointer: TrainCh
         if done == stop_after:
             break
     bar.close()
+    if history and window_start is not None:  # what the steps needed, to set beside Trainer.memory_estimate
+        history[-1]["step_memory_bytes"] = max(step_peak, _step_memory(resident))
     return history
+
+
+def _step_memory(resident: int) -> float:
+    peak, what = measured_peak()
+    return float(peak - resident if what == "process peak RSS" else peak)
 
 
 def format_record(record: dict[str, float], imbalance: str = "") -> str:
