@@ -81,8 +81,9 @@ def fit(trainer: Trainer, batches: Batches, steps: int, *, checkpointer: TrainCh
 
     Logs every `log_every` steps: losses, learning rate, tokens/s (first, compiling, step excluded),
     and per-layer expert load imbalance. The last record also holds `step_memory_bytes`: the device's peak on a
-    GPU; on a CPU, how far the process's resident memory rose above its level after the compiling step. `stop_after` ends the run early after that step, as a kill
-    would (used to test resuming).
+    GPU; on a CPU, how far the process's resident memory rose above its level after the compiling step (and
+    after each evaluation). `stop_after` ends the run early after that step, as a kill would (used to test
+    resuming).
     """
     start = int(trainer.state.step)
     tokens_per_step = batches.sequences_per_batch * batches.data.seq_len
