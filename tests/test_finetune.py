@@ -50,23 +50,21 @@ class OrderRecorder:
 
 
 def run(tmp_path, ckpt: str, *extra: str):
-    """One in-process script run on the short text.
+    """One in-process script run on the short text, through the default (sparse) attention.
 
-    It runs the dense reference attention (`--attention dense`): the overfit thresholds below were set on that
-    path's bf16 trajectory, and at lr 1e-2 bf16 training here is chaotic (both paths spike at step 60; the
-    sparse default ends step 80 at 0.10 instead of 0.003). The sparse path's bf16 gradients are as close to the
-    fp32 ones as the dense path's (relative error 0.257 vs 0.256 on Config.tiny()); it trains in
-    tests/test_training.py, tests/test_sparse_model.py and tests/test_indexer_training.py."""
+    lr 5e-3: at 1e-2 this bf16 run is chaotic on either attention path (a loss spike near step 60), so the
+    thresholds below would test one trajectory's luck; at 5e-3 the loss falls steadily (3.2 at step 10, 0.05 at 40,
+    0.003 at 80 when measured)."""
     data = tmp_path / "text.txt"
     data.write_text(TEXT)
     config = tmp_path / "config.json"
     config.write_text(json.dumps(CONFIG.to_hf()))
     args = script.parse_args([
         "--config", str(config), "--data", str(data), "--seq-len", "32", "--batch-size", "2", "--eval-fraction", "0.2",
-        "--steps", str(STEPS), "--lr", "1e-2", "--warmup-steps", "5", "--min-lr-ratio", "0.5",
+        "--steps", str(STEPS), "--lr", "5e-3", "--warmup-steps", "5", "--min-lr-ratio", "0.5",
         "--weight-decay", "0", "--dtype", "bfloat16", "--log-every", "20", "--eval-every", "40",
         "--eval-batches", "1", "--checkpoint-every", "20", "--checkpoint-dir", str(tmp_path / ckpt),
-        "--no-progress", "--attention", "dense", *extra])
+        "--no-progress", *extra])
     return script.run(args)
 
 
