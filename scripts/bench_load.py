@@ -184,9 +184,9 @@ def plain_read(path: pathlib.Path) -> int:
 def run_stage(stage: str, ckpt: pathlib.Path, work: pathlib.Path) -> dict:
     import jax
     import jax.numpy as jnp
+    from flax import nnx
 
     import model1_jax as m1
-    from flax import nnx
 
     def ready(model):
         jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
