@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from model1_jax.common import human_bytes
 from model1_jax.io import orbax as checkpoint
 from model1_jax.io.hf import CheckpointPlan, Unit, plan_checkpoint, unit_output_bytes
-from model1_jax.io.reader import CHUNK_BYTES, default_workers, progress_bar
+from model1_jax.io.reader import CHUNK_BYTES, default_workers, new_pool, progress_bar
 from model1_jax.io.regions import read_units
 
 # A worker's reused buffers: a chunk of raw bytes (and, for a cast, its converted copy), plus the lookup
@@ -132,14 +132,15 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, *, dtype=jnp.b
     mem = memory_plan(plan, quantized=quantized, budget_bytes=budget_bytes, workers=workers)
     start = time.perf_counter()
     sizes = [unit_output_bytes(u, plan.targets, quantized) for u in plan.units]
-    with progress_bar(mem.source_bytes, "converting", progress) as bar, checkpoint.Writer(
-            output, plan.config, overwrite=overwrite, budget_bytes=mem.budget, background=True) as writer:
+    with progress_bar(mem.source_bytes, "converting", progress) as bar, new_pool(mem.workers) as pool, \
+            checkpoint.Writer(output, plan.config, overwrite=overwrite, budget_bytes=mem.budget,
+                              background=True) as writer:
         for batch in batches(plan.units, sizes, mem.budget):
             size = sum(unit_output_bytes(u, plan.targets, quantized) for u in batch)
             writer.reserve(size)  # flushes the buffer (in the background) if the batch would overflow it
             if writer.writing_bytes + writer.buffer_bytes + size > mem.in_flight:
                 writer.wait()
-            values = read_units(batch, plan.targets, keep_quantized=quantized, workers=mem.workers, bar=bar)
+            values = read_units(batch, plan.targets, keep_quantized=quantized, bar=bar, pool=pool)
             for path in list(values):
                 writer.add(path, values.pop(path))  # the writer's buffer holds the only reference
     tensors = {a.info.name for u in plan.units for a in u.assignments}

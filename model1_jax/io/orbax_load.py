@@ -27,6 +27,16 @@ ShardingSpec = Callable[[tuple, jax.ShapeDtypeStruct], Sharding] | Mapping[tuple
 _bitcast_donated = jax.jit(jax.lax.bitcast_convert_type, static_argnums=1, donate_argnums=0)  # reuses the buffer
 
 
+def _reinterpret(array: jax.Array, dtype) -> jax.Array:
+    """The same bits as `dtype` (uint8 → float8). On the host backend each shard's buffer is viewed as `dtype`
+    and adopted again (no copy, and no compilation — which per distinct shape would cost more than the read);
+    on accelerators a jitted bitcast that donates its input."""
+    if all(d.platform == "cpu" for d in array.sharding.device_set):
+        shards = [jax.device_put(np.asarray(s.data).view(dtype), s.device) for s in array.addressable_shards]
+        return jax.make_array_from_single_device_arrays(array.shape, array.sharding, shards)
+    return _bitcast_donated(array, dtype)
+
+
 def _sharding_fn(mesh: jax.sharding.Mesh | None, shardings: ShardingSpec | None
                  ) -> Callable[[tuple, jax.ShapeDtypeStruct], Sharding]:
     if shardings is None:
@@ -129,7 +139,7 @@ def load(directory: str | os.PathLike, *, dtype, mesh: jax.sharding.Mesh | None 
             values_dtype = np.dtype(entry["values_dtype"])
             v, s = restored[(*path, "values")], restored[(*path, "scales")]
             values[path] = quant.BlockQuantized(
-                v if values_dtype == np.uint8 else _bitcast_donated(v, values_dtype), _bitcast_donated(s, quant.E8M0),
+                v if values_dtype == np.uint8 else _reinterpret(v, values_dtype), _reinterpret(s, quant.E8M0),
                 entry["format"], tuple(entry["block"]), entry["pack_axis"]).check()
         else:
             values[path] = restored[path]

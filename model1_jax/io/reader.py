@@ -56,26 +56,36 @@ def progress_bar(total: int, desc: str, progress: bool | None) -> tqdm:
 
 # -- tasks ------------------------------------------------------------------------------------------------
 
-def run_tasks(tasks: Sequence[Callable[[], int]], *, workers: int, bar: tqdm | None = None) -> None:
-    """Runs tasks (each returns the bytes it read) on `workers` threads. The first failing task in order is
-    re-raised after every earlier one finished; later tasks that have not started are cancelled."""
-    if workers <= 1 or len(tasks) <= 1:
+def run_tasks(tasks: Sequence[Callable[[], int]], *, workers: int, bar: tqdm | None = None,
+              pool: ThreadPoolExecutor | None = None) -> None:
+    """Runs tasks (each returns the bytes it read) on `workers` threads (or on `pool`, kept across calls so
+    that its threads keep their buffers). The first failing task in order is re-raised once every earlier one
+    has finished; tasks that have not started are cancelled."""
+    if pool is None and (workers <= 1 or len(tasks) <= 1):
         for task in tasks:
             n = task()
             if bar is not None:
                 bar.update(n)
         return
-    with ThreadPoolExecutor(workers, thread_name_prefix="model1-read") as pool:
-        futures = [pool.submit(task) for task in tasks]
-        try:
-            for future in futures:
-                n = future.result()  # raises the first failure in order; every earlier task succeeded
-                if bar is not None:
-                    bar.update(n)
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+    own = pool is None
+    pool = pool or new_pool(workers)
+    futures = [pool.submit(task) for task in tasks]
+    try:
+        for future in futures:
+            n = future.result()  # raises the first failure in order; every earlier task succeeded
+            if bar is not None:
+                bar.update(n)
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+    finally:
+        if own:
+            pool.shutdown(wait=True)
+
+
+def new_pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max(1, workers), thread_name_prefix="model1-read")
 
 
 # -- files and scratch ------------------------------------------------------------------------------------
@@ -216,12 +226,8 @@ def _read_box(files: Files, info: TensorInfo, lead: int, r0: int, r1: int, c0: i
         out = scratch(name, (n, cols), dtype)
         files.read(info, base, out)
         return out
-    if (c1 - c0) * 2 >= cols:  # most of each row: read whole rows, keep the columns
-        whole = scratch(name + "-rows", (n, cols), dtype)
-        files.read(info, base, whole)
-        return whole[:, c0:c1]
     out = scratch(name, (n, c1 - c0), dtype)
-    for i in range(n):  # a narrow column band (a shard split along the input axis): one read per row
+    for i in range(n):  # a column band (a shard split along the input axis): only its bytes, one read per row
         files.read(info, base + i * row_bytes + c0 * dtype.itemsize, out[i])
     return out
 
@@ -263,7 +269,7 @@ def run_chunk(files: Files, piece: Piece, lead: int, r0: int, r1: int) -> int:
 
 
 def read_pieces(pieces: Iterable[Piece], *, workers: int | None = None, bar: tqdm | None = None,
-                on_complete: Callable[[Buffer], None] | None = None) -> None:
+                on_complete: Callable[[Buffer], None] | None = None, pool: ThreadPoolExecutor | None = None) -> None:
     """Fills every piece's buffer (allocating each when its first chunk starts) and calls `on_complete(buffer)`
     (in a worker thread) as soon as a buffer's last chunk is written."""
     workers = default_workers() if workers is None else max(1, int(workers))
@@ -289,4 +295,4 @@ def read_pieces(pieces: Iterable[Piece], *, workers: int | None = None, bar: tqd
                 on_complete(piece.buffer)
             return n
 
-        run_tasks([lambda c=c: task(*c) for c in chunks], workers=workers, bar=bar)
+        run_tasks([lambda c=c: task(*c) for c in chunks], workers=workers, bar=bar, pool=pool)

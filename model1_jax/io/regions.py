@@ -15,6 +15,7 @@ shard is cut from it afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -81,7 +82,7 @@ def unit_buffers(unit: Unit, targets: dict, keep_quantized: bool) -> tuple[dict[
 
 
 def read_units(units: Sequence[Unit], targets: dict, *, keep_quantized: bool, workers: int | None = None,
-               bar=None, on_complete=None) -> dict[tuple, np.ndarray | quant.BlockQuantized]:
+               bar=None, on_complete=None, pool=None) -> dict[tuple, np.ndarray | quant.BlockQuantized]:
     """Reads whole parameters on the host, in the model's arrangement: path → array or `BlockQuantized`
     (dense ones in the target dtype, FP8/FP4 dequantized exactly unless `keep_quantized`). With
     `on_complete(path, value)` each parameter is handed over when done and nothing is returned."""
@@ -100,7 +101,7 @@ def read_units(units: Sequence[Unit], targets: dict, *, keep_quantized: bool, wo
         else:
             on_complete(buffer.key, value)
 
-    read_pieces(pieces, workers=workers, bar=bar, on_complete=complete)
+    read_pieces(pieces, workers=workers, bar=bar, on_complete=complete, pool=pool)
     return out
 
 
@@ -134,13 +135,26 @@ def _groups(slot: Slot, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     raise ValueError(f"unknown slot kind {slot.kind!r}")
 
 
+def _split_leading(slot: Slot, shape: tuple[int, ...], box: Sequence[slice]) -> bool:
+    """Whether a linear slot's input axes are not one range but become one per index of the first: an mHC `fn`
+    [c, d, x] split along d (the fsdp rules) is c column bands of the stored [x, c·d]."""
+    if slot.kind != "linear" or slot.n_in < 2:
+        return False
+    axes = range(slot.n_in)
+    return (_flat_range([box[i] for i in axes], [shape[i] for i in axes]) is None
+            and _flat_range([box[i] for i in axes[1:]], [shape[i] for i in axes[1:]]) is not None)
+
+
 def shard_region(assignments: Sequence[Assignment], shape: tuple[int, ...], box: tuple[slice, ...]
                  ) -> tuple[slice, ...]:
-    """The box, widened to whole stored axes wherever it is not one range of them."""
+    """The box, widened to whole stored axes wherever it is not one range of them (nor bands of the
+    first input axis, `_split_leading`)."""
     region = list(box)
     for a in assignments:
         offset = int(a.slot.expert is not None)
         sub, sub_shape = box[offset:], shape[offset:]
+        if _split_leading(a.slot, sub_shape, sub):
+            continue
         for axes in _groups(a.slot, sub_shape):
             if _flat_range([sub[i] for i in axes], [sub_shape[i] for i in axes]) is None:
                 for i in axes:
@@ -160,17 +174,29 @@ def shard_pieces(assignments: Sequence[Assignment], shape: tuple[int, ...], regi
                 continue
             index, sub_shape, sub = (slot.expert - region[0].start,), shape[1:], region[1:]
             slot = Slot(slot.path, slot.kind, slot.n_in)
-        ranges = [_flat_range([sub[i] for i in axes], [sub_shape[i] for i in axes]) for axes in _groups(slot,
-                                                                                                        sub_shape)]
-        leads, rows, cols = (range(*ranges[0]), *ranges[1:]) if len(ranges) == 3 else (range(1), *ranges)
-        info = a.scale if part == "scales" else a.info
-        if slot.kind in ("gate", "up"):  # the gate / up half of the stored [e, 2f, d] rows
-            base = 0 if slot.kind == "gate" else matrix_shape(info.shape)[1] // 2
-            rows = (rows[0] + base, rows[1] + base)
-            slot = Slot(slot.path, "experts")
-        dequant = (a.fmt, a.scale, tuple(a.hf_block[-2:])) if part == "dense" and a.fmt else None
-        pieces.append(Piece(info, buffer, part, index, slot, leads, rows, cols, dequant))
+        if _split_leading(slot, sub_shape, sub):  # one piece per index of the first input axis
+            stride = math.prod(sub_shape[1:slot.n_in])
+            inner = Slot(slot.path, "linear", slot.n_in - 1)
+            for i in range(sub[0].start, sub[0].stop):
+                piece = _piece(a, part, buffer, (*index, i - sub[0].start), inner, sub_shape[1:], sub[1:])
+                cols = (piece.cols[0] + i * stride, piece.cols[1] + i * stride)
+                pieces.append(dataclasses.replace(piece, cols=cols))
+        else:
+            pieces.append(_piece(a, part, buffer, index, slot, sub_shape, sub))
     return pieces
+
+
+def _piece(a: Assignment, part: str, buffer: Buffer, index: tuple, slot: Slot, shape: tuple[int, ...],
+           box: Sequence[slice]) -> Piece:
+    ranges = [_flat_range([box[i] for i in axes], [shape[i] for i in axes]) for axes in _groups(slot, shape)]
+    leads, rows, cols = (range(*ranges[0]), *ranges[1:]) if len(ranges) == 3 else (range(1), *ranges)
+    info = a.scale if part == "scales" else a.info
+    if slot.kind in ("gate", "up"):  # the gate / up half of the stored [e, 2f, d] rows
+        base = 0 if slot.kind == "gate" else matrix_shape(info.shape)[1] // 2
+        rows = (rows[0] + base, rows[1] + base)
+        slot = Slot(slot.path, "experts")
+    dequant = (a.fmt, a.scale, tuple(a.hf_block[-2:])) if part == "dense" and a.fmt else None
+    return Piece(info, buffer, part, index, slot, leads, rows, cols, dequant)
 
 
 def read_shard(assignments: Sequence[Assignment], shape: tuple[int, ...], dtype, box: tuple, part: str = "dense",

@@ -25,9 +25,10 @@ from model1_jax.io.names import Slot
 from model1_jax.model import quant
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-# Transpose tiles: rows × columns of the source per copy. A tile's rows and the destination's rows stay in
-# the L1/L2 caches; measured on 2 cores over bf16/uint8 matrices of 2K–32K rows.
-_TILE_ROWS, _TILE_COLS = 32, 512
+# Transpose tiles (source rows × columns per copy) small enough for the L1/L2 caches. NumPy's inner loop runs
+# along a destination row, over the tile's source rows: 32 of them, 64 once destination rows are long (≥ 16 KiB,
+# where TLB and cache-set conflicts dominate). Measured over the uint8/bf16 matrices of a V4-Flash layer.
+_LONG_ROW = 1 << 14
 _SMALL = 1 << 14  # elements: below this a plain strided copy is as fast
 # Source bytes dequantized per lookup: the intp index of a piece stays in the L2 cache.
 LOOKUP_BYTES = 1 << 16
@@ -59,10 +60,12 @@ def transpose_into(src: np.ndarray, dst: np.ndarray) -> None:
     if rows * cols <= _SMALL or rows == 1 or cols == 1:
         dst[...] = src.T
         return
-    for r in range(0, rows, _TILE_ROWS):
-        block = src[r:r + _TILE_ROWS]
-        for c in range(0, cols, _TILE_COLS):
-            dst[c:c + _TILE_COLS, r:r + _TILE_ROWS] = block[:, c:c + _TILE_COLS].T
+    long = dst.strides[0] >= _LONG_ROW
+    tile_rows, tile_cols = (64, 512) if long else (32, 1024)
+    for r in range(0, rows, tile_rows):
+        block = src[r:r + tile_rows]
+        for c in range(0, cols, tile_cols):
+            dst[c:c + tile_cols, r:r + tile_rows] = block[:, c:c + tile_cols].T
 
 
 def row_segments(slot: Slot, shape: tuple[int, ...], lead: int, rows: int, r0: int, r1: int
