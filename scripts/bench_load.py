@@ -10,13 +10,14 @@ memory is its own (Linux VmHWM, reset after start-up), `--repeat` times:
   read                  plain reads of the checkpoint's files (one thread, one reused buffer): the I/O ceiling
   from_pretrained       dense bf16 (FP8/FP4 dequantized exactly)
   from_pretrained_q     `quantized=True` (FP8/FP4 kept block-quantized)
-  convert_bf16 / _fp8   scripts/convert_checkpoint.py --weights bf16 / fp8 (its own --stats-json figures)
+  convert_bf16 / _fp8   the converter (`io.convert.convert`, as scripts/convert_checkpoint.py --weights bf16 / fp8)
   load_bf16 / _fp8      `m1.load` of those outputs
 
 Throughput is bytes of the checkpoint a stage reads (the safetensors files; for `load` the Orbax
-directory) per second of the call (process start-up and imports excluded), GB = 1e9 bytes. The machine's
-load average is recorded beside: on a shared machine the page cache and the CPU are noisy, so the
-minimum, median and maximum over the repeats are reported. JSON goes to benchmarks/results/load_<date>.json.
+directory) per second of the call (process start-up and imports excluded), GB = 1e9 bytes. Beside it, the
+CPU time of the call (all threads) as GB per CPU-second, and the machine's load average: on a shared machine
+the wall-clock rate depends on how much of the cores the stage got, the CPU-time rate much less. The minimum,
+median and maximum over the repeats are reported. JSON goes to benchmarks/results/load_<label>_<date>.json.
 
   python scripts/bench_load.py [--size-gb 1.4] [--repeat 3] [--stages read,from_pretrained_q,...]
 """
@@ -182,65 +183,66 @@ def plain_read(path: pathlib.Path) -> int:
 
 
 def run_stage(stage: str, ckpt: pathlib.Path, work: pathlib.Path) -> dict:
+    import ctypes
+
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     import model1_jax as m1
+    from model1_jax.io import convert
 
     def ready(model):
         jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
 
     source = _files_bytes(ckpt, ".safetensors")
+    out = work / stage.split("_")[-1]
+    if stage.startswith("convert_"):
+        try:  # as scripts/convert_checkpoint.py does, so that RSS tracks what is live
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)
+        except (OSError, AttributeError):
+            pass
+    nbytes = _files_bytes(out) if stage.startswith("load_") else source
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS: the peak measured from here is the stage's own
     rss_start = _status("VmRSS")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     if stage == "read":
         nbytes = plain_read(ckpt)
     elif stage in ("from_pretrained", "from_pretrained_q"):
         ready(m1.from_pretrained(ckpt, dtype=jnp.bfloat16, quantized=stage.endswith("_q")))
-        nbytes = source
+    elif stage in ("convert_bf16", "convert_fp8"):
+        convert.convert(ckpt, out, dtype=jnp.bfloat16, quantized=stage.endswith("fp8"), overwrite=True,
+                        progress=False)
     elif stage in ("load_bf16", "load_fp8"):
-        out = work / stage.split("_")[1]
-        nbytes = _files_bytes(out)
-        start = time.perf_counter()
         ready(m1.load(out, dtype=jnp.bfloat16))
     else:
         raise ValueError(stage)
-    seconds = time.perf_counter() - start
-    return dict(stage=stage, bytes=nbytes, seconds=seconds, gb_per_s=nbytes / seconds / 1e9,
-                rss_start=rss_start, peak_rss=_status("VmHWM"), peak_growth=_status("VmHWM") - rss_start)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    row = dict(stage=stage, bytes=nbytes, seconds=seconds, gb_per_s=nbytes / seconds / 1e9, cpu_seconds=cpu,
+               gb_per_cpu_s=nbytes / cpu / 1e9, rss_start=rss_start, peak_rss=_status("VmHWM"),
+               peak_growth=_status("VmHWM") - rss_start)
+    if stage.startswith("convert_"):
+        row["output_bytes"] = _files_bytes(out)
+    return row
 
 
 def spawn(stage: str, ckpt: pathlib.Path, work: pathlib.Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
     load = os.getloadavg()[0]
-    if stage.startswith("convert_"):
-        weights = stage.split("_")[1]
-        out, stats = work / weights, work / f"{weights}.stats.json"
-        cmd = [sys.executable, str(ROOT / "scripts" / "convert_checkpoint.py"), str(ckpt), str(out), "--weights",
-               weights, "--overwrite", "--no-progress", "--stats-json", str(stats)]
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
-        if result.returncode:
-            raise RuntimeError(f"{stage} failed:\n{result.stderr[-3000:]}")
-        s = json.loads(stats.read_text())
-        row = dict(stage=stage, bytes=s["source_bytes"], seconds=s["seconds"], gb_per_s=s["gb_per_s"],
-                   rss_start=s["rss_start"], peak_rss=s["peak_rss"], peak_growth=s["peak_rss"] - s["rss_start"],
-                   output_bytes=_files_bytes(out))
-    else:
-        cmd = [sys.executable, __file__, "--stage", stage, "--checkpoint", str(ckpt), "--work", str(work)]
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
-        if result.returncode:
-            raise RuntimeError(f"{stage} failed:\n{result.stderr[-3000:]}")
-        row = json.loads(result.stdout.strip().splitlines()[-1])
+    cmd = [sys.executable, __file__, "--stage", stage, "--checkpoint", str(ckpt), "--work", str(work)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    if result.returncode:
+        raise RuntimeError(f"{stage} failed:\n{result.stderr[-3000:]}")
+    row = json.loads(result.stdout.strip().splitlines()[-1])
     return {**row, "load_average": load}
 
 
 def summarize(rows: list[dict]) -> dict:
-    rates = [r["gb_per_s"] for r in rows]
+    rates, cpu = [r["gb_per_s"] for r in rows], [r["gb_per_cpu_s"] for r in rows]
     return dict(stage=rows[0]["stage"], bytes=rows[0]["bytes"], runs=len(rows), gb_per_s_min=min(rates),
                 gb_per_s_median=statistics.median(rates), gb_per_s_max=max(rates),
+                gb_per_cpu_s_median=statistics.median(cpu),
                 peak_growth_max=max(r["peak_growth"] for r in rows),
                 output_bytes=rows[0].get("output_bytes"), load_average=[r["load_average"] for r in rows])
 
@@ -288,13 +290,14 @@ def main(argv=None) -> int:
         for stage in stages:
             row = spawn(stage, ckpt, work)
             runs[stage].append(row)
-            print(f"  {stage:<18} {row['gb_per_s']:7.3f} GB/s  {row['seconds']:7.2f} s  peak +"
-                  f"{row['peak_growth'] / 2**20:7.0f} MiB  (load average {row['load_average']:.1f})", flush=True)
+            print(f"  {stage:<18} {row['gb_per_s']:7.3f} GB/s  {row['seconds']:7.2f} s  {row['gb_per_cpu_s']:7.3f} "
+                  f"GB/CPU-s  peak +{row['peak_growth'] / 2**20:6.0f} MiB  (load average {row['load_average']:.1f})",
+                  flush=True)
     summary = [summarize(rows) for rows in runs.values()]
-    print(f"\n{'stage':<18} {'GB/s min':>9} {'median':>8} {'max':>8} {'peak +MiB':>10}")
+    print(f"\n{'stage':<18} {'GB/s min':>9} {'median':>8} {'max':>8} {'GB/CPU-s':>9} {'peak +MiB':>10}")
     for s in summary:
         print(f"{s['stage']:<18} {s['gb_per_s_min']:9.3f} {s['gb_per_s_median']:8.3f} {s['gb_per_s_max']:8.3f} "
-              f"{s['peak_growth_max'] / 2**20:10.0f}")
+              f"{s['gb_per_cpu_s_median']:9.3f} {s['peak_growth_max'] / 2**20:10.0f}")
     header = dict(label=ns.label, commit=_git_commit(), date=datetime.datetime.now().isoformat(timespec="seconds"),
                   machine=dict(cpus=os.cpu_count(), platform=platform.platform(),
                                memory_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),

@@ -73,7 +73,7 @@ def test_lookup_table_equals_dequantize_for_every_byte_and_scale(fmt, dtype):
             want = quant.BlockQuantized(values if fmt == quant.FP4 else values.view(quant.E4M3), scales, fmt, block,
                                     1 if fmt == quant.FP4 else None).dequantize(dtype)
     got = np.empty((256, 256 * per_byte), dtype)
-    relayout.dequantize_rows(fmt, values, scales, np.arange(256), block[1], got, np.empty(256 * 256, np.intp))
+    relayout.dequantize_rows(fmt, values, scales, np.arange(256), block[1], got, np.empty(256 * 256, np.uint16))
     np.testing.assert_array_equal(got.view(np.uint8), np.asarray(want).view(np.uint8))
 
 

@@ -258,7 +258,7 @@ def run_chunk(files: Files, piece: Piece, lead: int, r0: int, r1: int) -> int:
     scales = _read_box(files, scale_info, lead, r0 // bo, -(-r1 // bo), b0 // bi, -(-b1 // bi), "scales")
     width = values.shape[1]
     step = relayout.lookup_rows(width)
-    index = scratch("index", (step * width,), np.intp)
+    index = scratch("index", (step * width,), np.uint16)
     dense = scratch("dense", (step, b1 - b0), dtype)
     row_scale = np.arange(r0, r1) // bo - r0 // bo
     for s in range(0, r1 - r0, step):  # dequantize a band that stays in the cache, then place it

@@ -30,7 +30,7 @@ _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 # where TLB and cache-set conflicts dominate). Measured over the uint8/bf16 matrices of a V4-Flash layer.
 _LONG_ROW = 1 << 14
 _SMALL = 1 << 14  # elements: below this a plain strided copy is as fast
-# Source bytes dequantized per lookup: the intp index of a piece stays in the L2 cache.
+# Source bytes dequantized per lookup: the index, the table and the dense band stay in the L2 cache.
 LOOKUP_BYTES = 1 << 16
 
 
@@ -151,7 +151,7 @@ def dequant_table(fmt: str, dtype: np.dtype) -> np.ndarray:
 
 
 def lookup_rows(width: int) -> int:
-    """Rows dequantized per lookup for rows of `width` bytes: their intp index stays in the L2 cache."""
+    """Rows dequantized per lookup for rows of `width` bytes (see LOOKUP_BYTES)."""
     return max(1, LOOKUP_BYTES // max(width, 1))
 
 
@@ -159,14 +159,15 @@ def dequantize_rows(fmt: str, values: np.ndarray, scales: np.ndarray, row_scale:
                     out: np.ndarray, index: np.ndarray) -> None:
     """Dense rows of a block-quantized matrix: `out[n, cols]` (target dtype) from `values` [n, cols or cols/2]
     (bytes; column 0 starts a scale block) and `scales` [s, ⌈cols/bi⌉] (UE8M0 bytes), row i using scale row
-    `row_scale[i]`. `block_cols` is bi, the elements per scale along a row. `index`: intp scratch of at least
-    n · width elements."""
+    `row_scale[i]`. `block_cols` is bi, the elements per scale along a row. `index`: uint16 scratch of at least
+    n · width elements (a uint16 index is built in one pass and gathered from directly; an intp one costs a
+    widening pass)."""
     table = dequant_table(fmt, out.dtype)
     values, scales = as_bits(values), as_bits(scales)
     n, width = values.shape
     per_scale = block_cols // (2 if fmt == quant.FP4 else 1)  # bytes per scale
     whole = width // per_scale * per_scale
-    shifted = scales.astype(np.intp)[row_scale] << 8  # [n, scale columns]: tiny
+    shifted = scales[row_scale].astype(np.uint16) << 8  # [n, scale columns]: tiny
     idx = index[:n * width].reshape(n, width)
     if whole:  # whole blocks: scales broadcast over their bytes by a reshape
         blocks = idx[:, :whole]
