@@ -22,7 +22,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -78,6 +78,7 @@ def run_tasks(tasks: Sequence[Callable[[], int]], *, workers: int, bar: tqdm | N
     except BaseException:
         for future in futures:
             future.cancel()
+        wait(futures)  # the running ones: nothing writes to the buffers or reads the files after we return
         raise
     finally:
         if own:

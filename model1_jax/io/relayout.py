@@ -89,29 +89,22 @@ def row_segments(slot: Slot, shape: tuple[int, ...], lead: int, rows: int, r0: i
             lo, hi = max(r0, gi * o), min(r1, (gi + 1) * o)
             out.append((lo, hi, (gi, slice(None), slice(lo - gi * o, hi - gi * o)), True))
         return out
-    if kind == "experts":  # [e, d, f] → [e, f, d]
+    if kind == "experts":  # [e, d, f] → [e, f, d] (also each half of HF's gate_up_proj, `io.regions`)
         return [(r0, r1, (lead, slice(None), slice(r0, r1)), True)]
-    if kind in ("gate", "up"):  # [e, 2f, d] → [e, d, f]: gate takes rows [0, f), up rows [f, 2f)
-        f = shape[2]
-        base = 0 if kind == "gate" else f
-        lo, hi = max(r0, base), min(r1, base + f)
-        if lo >= hi:
-            return []
-        return [(lo, hi, (lead, slice(None), slice(lo - base, hi - base)), True)]
-    raise ValueError(f"unknown slot kind {kind!r}")
+    raise ValueError(f"slot kind {kind!r} is not placed by rows")
 
 
 def view2d(slot: Slot, buffer: np.ndarray, source_cols: int) -> np.ndarray:
-    """The buffer (model arrangement) viewed so that `row_segments`' indices apply."""
-    shape = buffer.shape
+    """The buffer (model arrangement, contiguous) viewed so that `row_segments`' indices apply."""
+    shape, view = buffer.shape, buffer.view()
     if slot.kind in ("copy", "index", "reshape"):
-        return buffer.reshape(-1, source_cols)
-    if slot.kind == "linear":
-        return buffer.reshape(math.prod(shape[:slot.n_in]), math.prod(shape[slot.n_in:]))
-    if slot.kind == "grouped":
+        view.shape = (-1, source_cols)  # assigning the shape raises rather than silently copy
+    elif slot.kind == "linear":
+        view.shape = (math.prod(shape[:slot.n_in]), math.prod(shape[slot.n_in:]))
+    elif slot.kind == "grouped":
         g, m, h, o = shape
-        return buffer.reshape(g, m * h, o)
-    return buffer  # experts, gate, up: [e, in, out] already
+        view.shape = (g, m * h, o)
+    return view  # experts: [e, in, out] already
 
 
 def place(slot: Slot, buffer: np.ndarray, chunk: np.ndarray, lead: int, rows: int, r0: int) -> None:
