@@ -219,7 +219,8 @@ def run_stage(stage: str, ckpt: pathlib.Path, work: pathlib.Path) -> dict:
     else:
         raise ValueError(stage)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    row = dict(stage=stage, bytes=nbytes, seconds=seconds, gb_per_s=nbytes / seconds / 1e9, cpu_seconds=cpu,
+    row = dict(stage=stage, device=jax.devices()[0].device_kind, bytes=nbytes, seconds=seconds,
+               gb_per_s=nbytes / seconds / 1e9, cpu_seconds=cpu,
                gb_per_cpu_s=nbytes / cpu / 1e9, rss_start=rss_start, peak_rss=_status("VmHWM"),
                peak_growth=_status("VmHWM") - rss_start)
     if stage.startswith("convert_"):
@@ -228,7 +229,7 @@ def run_stage(stage: str, ckpt: pathlib.Path, work: pathlib.Path) -> dict:
 
 
 def spawn(stage: str, ckpt: pathlib.Path, work: pathlib.Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # JAX's default backend: a GPU where there is one
     load = os.getloadavg()[0]
     cmd = [sys.executable, __file__, "--stage", stage, "--checkpoint", str(ckpt), "--work", str(work)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
