@@ -66,7 +66,10 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="validate and print the memory plan; write nothing")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing checkpoint in OUTPUT (atomically)")
-    parser.add_argument("--budget-gb", type=float, help="host buffer per Orbax item (default: largest source file)")
+    parser.add_argument("--budget-gb", type=float,
+                        help="parameters per Orbax item (default: half the largest source file); peak host memory "
+                             "is about twice this plus the workers' scratch (--dry-run prints the bound)")
+    parser.add_argument("--workers", type=int, help="reading threads (default: the CPUs this process may use)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--stats-json", help="write timing and memory figures here")
     args = parser.parse_args()
@@ -77,11 +80,13 @@ def main() -> int:
     budget = None if args.budget_gb is None else int(args.budget_gb * 1e9)
     if budget is not None and budget < 1:
         parser.error("--budget-gb must be positive")
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be positive")
 
     try:
         if args.dry_run:
             plan = plan_checkpoint(args.source, dtype=dtype, keep_quantized=quantized)
-            mem = convert.memory_plan(plan, quantized=quantized, budget_bytes=budget)
+            mem = convert.memory_plan(plan, quantized=quantized, budget_bytes=budget, workers=args.workers)
             print(convert.describe(plan, mem, quantized=quantized))
             print("dry run: checkpoint is valid; nothing written")
             return 0
@@ -89,7 +94,7 @@ def main() -> int:
         rss_start = _rss_bytes("VmRSS")
         exact_peak = _reset_peak_rss()
         stats = convert.convert(args.source, args.output, dtype=dtype, quantized=quantized, overwrite=args.overwrite,
-                                budget_bytes=budget, progress=not args.no_progress)
+                                budget_bytes=budget, progress=not args.no_progress, workers=args.workers)
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 
 import model1_jax as m1
-from model1_jax.io.hf import Assignment, TensorInfo, _fill_quantized
+from model1_jax.io import regions
+from model1_jax.io.hf import Assignment
 from model1_jax.io.names import Slot, quant_arrangement, to_model_arrangement
+from model1_jax.io.reader import read_pieces
+from model1_jax.io.safetensors_file import read_header, write
 from model1_jax.model import quant
 from tests import synthetic
 
@@ -106,19 +109,21 @@ def _checkpoint_shape(slot, target):
 
 @pytest.mark.parametrize("fmt", [quant.FP8, quant.FP4])
 @pytest.mark.parametrize("name, slot, target, fp8_block", LAYOUT_CASES, ids=[c[0] for c in LAYOUT_CASES])
-def test_model_layout_blocks_equal_checkpoint_blocks(name, slot, target, fp8_block, fmt):
-    """Rearranging values and scales into the model layout, then dequantizing, equals dequantizing in the
-    checkpoint layout, then rearranging — the property the whole FP8/FP4 path rests on."""
+def test_model_layout_blocks_equal_checkpoint_blocks(name, slot, target, fp8_block, fmt, tmp_path):
+    """Rearranging values and scales into the model layout (as the reader does, from a file), then dequantizing,
+    equals dequantizing in the checkpoint layout, then rearranging — the property the whole FP8/FP4 path rests on."""
     src = _checkpoint_shape(slot, target)
     hf_block = fp8_block if fmt == quant.FP8 else (1,) * (len(src) - 2) + quant.FP4_BLOCK
     pack = len(src) - 1 if fmt == quant.FP4 else None
     q = quant.quantize(RNG.standard_normal(src), fmt, hf_block, pack)
     want = to_model_arrangement(slot, q.dequantize(np.float32), target)
 
-    info = TensorInfo("f", "w", "F8_E4M3", src)
-    out = {}
-    _fill_quantized(out, Assignment(info, slot, info, fmt, hf_block), q.values, q.scales, target)
-    got = out[slot.path]
+    write(str(tmp_path / "w.safetensors"), {"w": q.values, "s": q.scales})
+    info, scale = sorted(read_header(str(tmp_path / "w.safetensors")), key=lambda i: i.name != "w")
+    a = Assignment(info, slot, scale, fmt, hf_block)
+    buffer = regions.parameter_buffer(slot.path, a, jax.ShapeDtypeStruct(target, jnp.float32), keep_quantized=True)
+    read_pieces(regions.parameter_pieces(a, buffer), workers=1)
+    got = buffer.value()
     assert got.shape == target
     assert got.pack_axis == (quant_arrangement(slot, target, hf_block)[1] if fmt == quant.FP4 else None)
     if slot.expert is not None:

@@ -1,19 +1,20 @@
 """Streaming conversion of a DeepSeek-V4 checkpoint (HF or DeepSeek names; dense or FP8/FP4) to Orbax.
 
-The whole checkpoint is checked first (`loading.plan_checkpoint`: names, shapes, dtypes, block
-scales, config) and nothing is written unless it is sound. Then parameters are built one unit at a
-time (`loading.read_unit`: each tensor read once with `pread`, rearranged into the model layout,
-per-expert tensors written straight into their row of the stacked parameter) and handed to a
-`checkpoint.Writer`, which writes an Orbax item whenever its buffer would pass `budget_bytes`.
+The whole checkpoint is checked first (`hf.plan_checkpoint`: names, shapes, dtypes, block scales, config)
+and nothing is written unless it is sound. Then the plan's units are read in batches of about the item
+budget by the parallel reader (`regions.read_units`: chunks of tensors read with `preadv` by a thread pool,
+dequantized or kept packed, re-laid-out once into each parameter's buffer) and handed to an
+`orbax.Writer`, which writes an Orbax item in a background thread whenever its buffer reaches
+`budget_bytes` — so reading the next batch overlaps writing the last, while the parameters held in
+memory stay within twice the budget:
 
-Host memory therefore stays at about
+    peak ≈ runtime + max(2 × budget, largest unit) + workers × per-worker scratch
 
-    peak ≈ runtime + max over units of [ max(budget, unit output) + one tensor's temporaries ]
-
-where a unit's output is one parameter (two for HF's merged gate_up_proj) in the output format, and
-a tensor's temporaries are its raw bytes (plus a float32 copy when it is dequantized). With the
-default budget (the largest source file), peak ≈ runtime + 2 × largest file as long as no single
-output parameter is larger than a file. `memory_plan` computes the bound for a given checkpoint.
+where a unit is one parameter (two for HF's merged gate_up_proj) in the output format and the scratch is
+a worker's chunk buffers (about `reader.CHUNK_BYTES` plus a few hundred KiB). With the default budget
+(half the largest source file) this is the runtime plus about one largest file plus a few MiB per
+worker, as long as no single output parameter is larger. `memory_plan` computes the bound for a given
+checkpoint; `describe` prints it (`--dry-run` reads only headers).
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ import os
 import time
 
 import jax.numpy as jnp
-import numpy as np
-from tqdm import tqdm
 
 from model1_jax.common import human_bytes
 from model1_jax.io import orbax as checkpoint
-from model1_jax.io.hf import CheckpointPlan, Unit, plan_checkpoint, read_unit, unit_output_bytes
-from model1_jax.model import quant
+from model1_jax.io.hf import CheckpointPlan, Unit, plan_checkpoint, unit_output_bytes
+from model1_jax.io.reader import CHUNK_BYTES, default_workers, new_pool, progress_bar
+from model1_jax.io.regions import read_units
+
+# A worker's reused buffers: a chunk of raw bytes (and, for a cast, its converted copy), plus the lookup
+# index and dense band of a dequantization (a few hundred KiB).
+SCRATCH_BYTES = 3 * CHUNK_BYTES + (1 << 20)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +41,11 @@ class MemoryPlan:
     source_bytes: int
     output_bytes: int
     largest_file: int
-    budget: int
+    budget: int             # Orbax item: parameters written together
     largest_unit: int       # output bytes of the largest unit
-    largest_temporary: int  # raw + float32 bytes of the largest tensor being converted
+    in_flight: int          # parameters held at once: the item being written + the batch being read
+    workers: int
+    scratch: int            # per worker
     peak_bound: int         # excluding the runtime (Python, JAX, Orbax)
 
 
@@ -59,26 +65,29 @@ class ConversionStats:
         return self.source_bytes / self.seconds / 1e9
 
 
-def _temporary_bytes(unit: Unit, keep_quantized: bool) -> int:
-    worst = 0
-    for a in unit.assignments:
-        raw = a.info.nbytes + (a.scale.nbytes if a.scale else 0)
-        if a.fmt and not keep_quantized:  # float32 dequantized copy (of one expert for stacked tensors)
-            per_expert = a.info.shape[0] if len(a.info.shape) == 3 else 1
-            raw += 4 * int(np.prod(a.info.shape)) * (2 if a.fmt == quant.FP4 else 1) // per_expert
-        worst = max(worst, raw)
-    return worst
-
-
-def memory_plan(plan: CheckpointPlan, *, quantized: bool, budget_bytes: int | None = None) -> MemoryPlan:
+def memory_plan(plan: CheckpointPlan, *, quantized: bool, budget_bytes: int | None = None,
+                workers: int | None = None) -> MemoryPlan:
     """Bytes read and written, and the bound on host memory the conversion will need."""
     largest_file = max(os.path.getsize(f) for f in plan.files)
-    budget = largest_file if budget_bytes is None else budget_bytes
+    budget = max(1, largest_file // 2) if budget_bytes is None else budget_bytes
+    workers = default_workers() if workers is None else workers
     outputs = [unit_output_bytes(u, plan.targets, quantized) for u in plan.units]
-    temporaries = [_temporary_bytes(u, quantized) for u in plan.units]
-    peak = max(max(budget, out) + tmp for out, tmp in zip(outputs, temporaries))
+    in_flight = max(2 * budget, max(outputs))
     source = sum(u.source_bytes for u in plan.units)
-    return MemoryPlan(source, sum(outputs), largest_file, budget, max(outputs), max(temporaries), peak)
+    return MemoryPlan(source, sum(outputs), largest_file, budget, max(outputs), in_flight, workers, SCRATCH_BYTES,
+                      in_flight + workers * SCRATCH_BYTES)
+
+
+def batches(units: list[Unit], sizes: list[int], budget: int) -> list[list[Unit]]:
+    """Consecutive units of at most `budget` output bytes together (a larger unit alone)."""
+    out, current, size = [], [], 0
+    for unit, n in zip(units, sizes):
+        if current and size + n > budget:
+            out.append(current)
+            current, size = [], 0
+        current.append(unit)
+        size += n
+    return out + [current] if current else out
 
 
 def describe(plan: CheckpointPlan, mem: MemoryPlan, *, quantized: bool) -> str:
@@ -98,34 +107,42 @@ def describe(plan: CheckpointPlan, mem: MemoryPlan, *, quantized: bool) -> str:
         f"storage     {', '.join(formats) + ' (' + kept + ')' if formats else 'dense'}",
         f"output      {human_bytes(mem.output_bytes)}",
         f"memory      item budget {hb(mem.budget)} (largest source file {hb(mem.largest_file)}), largest "
-        f"parameter unit {hb(mem.largest_unit)}, largest tensor temporaries {hb(mem.largest_temporary)}",
+        f"parameter unit {hb(mem.largest_unit)}, {hb(mem.in_flight)} of parameters in flight, "
+        f"{mem.workers} workers × {hb(mem.scratch)} scratch",
         f"            peak host memory ≤ {human_bytes(mem.peak_bound)} + runtime (Python/JAX/Orbax)",
     ])
 
 
 def convert(source: str | os.PathLike, output: str | os.PathLike, *, dtype=jnp.bfloat16, quantized: bool = False,
-            overwrite: bool = False, budget_bytes: int | None = None, progress: bool = True) -> ConversionStats:
+            overwrite: bool = False, budget_bytes: int | None = None, progress: bool | None = True,
+            workers: int | None = None) -> ConversionStats:
     """Converts a checkpoint directory to an Orbax checkpoint that `model1_jax.load` reads.
 
     dtype:     storage dtype of the dense parameters (FP8/FP4 dequantized exactly into it unless
                `quantized`); the parameters the reference keeps in float32 stay float32.
     quantized: keep FP8 linears as float8_e4m3fn values + UE8M0 scales and FP4 experts as packed
                e2m1 codes + scales, in the model layout (the model dequantizes them on the fly).
-    Raises `CheckpointError` (every problem listed) or FileExistsError before anything is written.
+    budget_bytes: parameters per Orbax item (default: half the largest source file); `workers`: reading
+               threads (default: the CPUs); `progress`: a bar with the rate (None: when stderr is a terminal).
+    Raises `CheckpointError` (every problem listed) or FileExistsError before anything is written; an
+    error or interruption while converting leaves no new checkpoint (nor anything half-written) behind.
     """
     checkpoint.check_destination(output, overwrite=overwrite)
     plan = plan_checkpoint(source, dtype=dtype, keep_quantized=quantized)
-    mem = memory_plan(plan, quantized=quantized, budget_bytes=budget_bytes)
+    mem = memory_plan(plan, quantized=quantized, budget_bytes=budget_bytes, workers=workers)
     start = time.perf_counter()
-    bar = tqdm(total=mem.source_bytes, unit="B", unit_scale=True, desc="converting", disable=not progress)
-    with checkpoint.Writer(output, plan.config, overwrite=overwrite, budget_bytes=mem.budget) as writer:
-        for unit in plan.units:
-            writer.reserve(unit_output_bytes(unit, plan.targets, quantized))
-            values = read_unit(unit, plan.targets, keep_quantized=quantized)
+    sizes = [unit_output_bytes(u, plan.targets, quantized) for u in plan.units]
+    with progress_bar(mem.source_bytes, "converting", progress) as bar, new_pool(mem.workers) as pool, \
+            checkpoint.Writer(output, plan.config, overwrite=overwrite, budget_bytes=mem.budget,
+                              background=True) as writer:
+        for batch in batches(plan.units, sizes, mem.budget):
+            size = sum(unit_output_bytes(u, plan.targets, quantized) for u in batch)
+            writer.reserve(size)  # flushes the buffer (in the background) if the batch would overflow it
+            if writer.writing_bytes + writer.buffer_bytes + size > mem.in_flight:
+                writer.wait()
+            values = read_units(batch, plan.targets, keep_quantized=quantized, bar=bar, pool=pool)
             for path in list(values):
                 writer.add(path, values.pop(path))  # the writer's buffer holds the only reference
-            bar.update(unit.source_bytes)
-    bar.close()
     tensors = {a.info.name for u in plan.units for a in u.assignments}
     return ConversionStats(writer.final, len(tensors), len(plan.targets), len(writer.items), mem.source_bytes,
                            mem.output_bytes, time.perf_counter() - start)

@@ -3,10 +3,11 @@
 `plan_checkpoint` checks a directory completely before any tensor data is read: every tensor must
 map onto a parameter with the right shape and a usable dtype, every FP8/FP4 weight must come with a
 block scale of the right shape and dtype, and every parameter must be covered. All problems are
-reported together in one `CheckpointError`. `read_unit` then builds parameters one at a time (a
-"unit" is the parameters filled from one set of tensors; each tensor is read exactly once), either
-dequantized exactly to a dense dtype or kept as `BlockQuantized` in the model's layout. Both
-`from_pretrained` (all in memory) and the streaming converter (`model1_jax.convert`) run on this.
+reported together in one `CheckpointError`. The plan's units (a "unit" is the parameters filled from
+one set of tensors; each tensor is read exactly once) are then read in parallel by `io.reader` through
+`io.regions` — whole parameters, or one shard of one — either dequantized exactly to a dense dtype or
+kept as `BlockQuantized` in the model's layout. `from_pretrained` and the streaming converter
+(`io.convert`) both run on this.
 """
 
 from __future__ import annotations
@@ -32,9 +33,8 @@ from model1_jax.io.names import (
     scale_owner,
     slots_for,
     source_shape,
-    to_model_arrangement,
 )
-from model1_jax.io.safetensors_file import SafetensorsError, TensorInfo, read_header, read_tensor
+from model1_jax.io.safetensors_file import SafetensorsError, TensorInfo, read_header
 from model1_jax.model import quant
 from model1_jax.model.transformer import abstract_model
 
@@ -47,7 +47,7 @@ _FP4_DTYPES = {"I8", "U8"}  # packed e2m1 pairs
 DEFAULT_FP8_BLOCK = (128, 128)
 
 __all__ = ["Assignment", "CheckpointError", "CheckpointPlan", "TensorInfo", "Unit",
-           "plan", "plan_checkpoint", "read_unit", "units"]
+           "plan", "plan_checkpoint", "units"]
 
 
 class CheckpointError(ValueError):
@@ -305,87 +305,6 @@ def unit_output_bytes(unit: Unit, targets: dict, keep_quantized: bool) -> int:
         else:
             total += int(np.prod(shape)) * np.dtype(targets[path].dtype).itemsize
     return total
-
-
-def read_unit(unit: Unit, targets: dict[tuple, jax.ShapeDtypeStruct], *, keep_quantized: bool
-              ) -> dict[tuple, np.ndarray | quant.BlockQuantized]:
-    """Reads a unit's tensors (each once) and builds its parameters in the model layout, on the host.
-
-    Dense parameters get the target dtype (FP8/FP4 dequantized exactly first); with `keep_quantized`,
-    FP8/FP4 tensors stay `BlockQuantized` (values and scales rearranged like the dense weight).
-    """
-    out: dict[tuple, np.ndarray | quant.BlockQuantized] = {}
-    by_tensor: dict[TensorInfo, list[Assignment]] = defaultdict(list)
-    for a in unit.assignments:
-        by_tensor[a.info].append(a)
-    for info, assigned in by_tensor.items():
-        first = assigned[0]
-        raw = read_tensor(info)
-        scale = read_tensor(first.scale) if first.scale is not None else None
-        if first.fmt == quant.FP4:
-            raw = raw.view(np.uint8)
-        for a in assigned:
-            target = targets[a.slot.path]
-            shape, dtype = tuple(target.shape), np.dtype(target.dtype)
-            if first.fmt is None:
-                _fill(out, a.slot, raw, shape, dtype)
-            elif keep_quantized:
-                _fill_quantized(out, a, raw, scale, shape)
-            elif raw.ndim == 3:  # HF's stacked experts: one expert at a time bounds the float32 temporary
-                for e in range(raw.shape[0]):
-                    rows = _dequantize(first, raw[e], scale[e])[_expert_rows(a.slot, shape)]
-                    _fill(out, _expert_row(a.slot, e), rows, shape, dtype)
-            else:
-                _fill(out, a.slot, _dequantize(first, raw, scale), shape, dtype)
-        del raw, scale
-    return out
-
-
-def _dequantize(a: Assignment, raw: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Exact float32 value of a checkpoint tensor (or one expert of a stacked one), in its own layout."""
-    block = a.hf_block[len(a.hf_block) - raw.ndim:]
-    pack_axis = raw.ndim - 1 if a.fmt == quant.FP4 else None
-    return quant.BlockQuantized(raw, scale, a.fmt, block, pack_axis).dequantize(np.float32)
-
-
-def _expert_row(slot: Slot, expert: int) -> Slot:
-    """One expert's [out, in] slice of a stacked slot is an ordinary per-expert linear slot."""
-    return Slot(slot.path, "linear", 1, expert)
-
-
-def _expert_rows(slot: Slot, shape: tuple[int, ...]) -> slice:
-    """Rows of one expert's [out, in] slice that a stacked slot takes (gate/up: halves of gate_up_proj)."""
-    f = shape[2]
-    return {"gate": slice(0, f), "up": slice(f, 2 * f)}.get(slot.kind, slice(None))
-
-
-def _fill(out: dict, slot: Slot, array: np.ndarray, shape: tuple[int, ...], dtype: np.dtype) -> None:
-    """Writes one tensor's contribution to a dense parameter: cast (while contiguous: much faster for
-    bfloat16), then rearrange into place."""
-    if slot.expert is None:
-        out[slot.path] = dest = np.empty(shape, dtype)
-    else:
-        if slot.path not in out:
-            out[slot.path] = np.empty(shape, dtype)
-        dest = out[slot.path][slot.expert]
-    np.copyto(dest, to_model_arrangement(slot, array.astype(dtype, copy=False), shape))
-
-
-def _fill_quantized(out: dict, a: Assignment, raw: np.ndarray, scale: np.ndarray, shape: tuple[int, ...]) -> None:
-    values_shape, scales_shape, pack_axis = output_arrangement(a, shape)
-    block, _ = quant_arrangement(a.slot, shape, a.hf_block)
-    values = to_model_arrangement(a.slot, raw, values_shape)
-    scales = to_model_arrangement(a.slot, scale, scales_shape)
-    if a.slot.expert is None:
-        out[a.slot.path] = quant.BlockQuantized(np.ascontiguousarray(values), np.ascontiguousarray(scales), a.fmt,
-                                                block, pack_axis)
-        return
-    if a.slot.path not in out:
-        out[a.slot.path] = quant.BlockQuantized(np.empty(values_shape, raw.dtype), np.empty(scales_shape, quant.E8M0),
-                                                a.fmt, block, pack_axis)
-    q = out[a.slot.path]
-    q.values[a.slot.expert] = values
-    q.scales[a.slot.expert] = scales
 
 
 @dataclasses.dataclass(frozen=True)

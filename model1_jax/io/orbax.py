@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a Model1: `save`, `load`, and the `Writer` the streaming converter shares.
+"""Orbax checkpoints of a Model1: the format, `save`, and the `Writer` the streaming converter shares
+(`io.orbax_load` restores them).
 
 Layout of a checkpoint directory DIR:
 
@@ -16,8 +17,6 @@ leaves the previous checkpoint loadable (Orbax's own commit is per item, which i
 FP8 values and UE8M0 scales are stored as their uint8 bit patterns (bit-exact, and independent of
 which float8 types a given Orbax/TensorStore version supports); the manifest records their dtype.
 
-`load` builds the model abstractly (`nnx.eval_shape`) and restores every array straight into its
-target sharding (Orbax reads each device's slice), never through a full host copy.
 """
 
 from __future__ import annotations
@@ -29,7 +28,8 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -37,19 +37,16 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from model1_jax.config import Config, DSparkConfig, RopeScaling
 from model1_jax.io.hf import CheckpointError
 from model1_jax.model import quant
-from model1_jax.model.transformer import Model1, abstract_model, merge
+from model1_jax.model.transformer import Model1, abstract_model
 
 FORMAT, FORMAT_VERSION = "model1-jax", 1
 MANIFEST = "model1.json"
 _VERSION_RE = re.compile(r"^checkpoint-(\d{6,})$")
-_QUANT_ARRAYS = ("values", "scales")
-
-ShardingSpec = Callable[[tuple, jax.ShapeDtypeStruct], Sharding] | Mapping[tuple, Sharding]
+QUANT_ARRAYS = ("values", "scales")
 
 
 # -- config ----------------------------------------------------------------------------------------
@@ -80,7 +77,7 @@ def _versions(directory: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def _resolve(directory: str | os.PathLike) -> str:
+def resolve(directory: str | os.PathLike) -> str:
     """The committed checkpoint a path refers to: DIR/checkpoint-N (latest) or a checkpoint-N itself.
 
     Absolute, because Orbax refuses relative paths."""
@@ -97,7 +94,7 @@ def _resolve(directory: str | os.PathLike) -> str:
 def is_checkpoint(path: str | os.PathLike) -> bool:
     """Whether `path` is a checkpoint directory written by `save` or the converter."""
     try:
-        _resolve(path)
+        resolve(path)
         return True
     except FileNotFoundError:
         return False
@@ -111,11 +108,11 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _key(path: tuple) -> str:
+def path_key(path: tuple) -> str:
     return "/".join(map(str, path))
 
 
-def _nest(flat: dict[tuple, Any]) -> dict:
+def nest(flat: dict[tuple, Any]) -> dict:
     tree: dict = {}
     for path, value in flat.items():
         node = tree
@@ -139,7 +136,6 @@ def _handler() -> ocp.PyTreeCheckpointHandler:
 
 
 _bitcast = jax.jit(jax.lax.bitcast_convert_type, static_argnums=1)  # keeps the input's sharding
-_bitcast_donated = jax.jit(jax.lax.bitcast_convert_type, static_argnums=1, donate_argnums=0)  # restore: reuse buffer
 
 
 def _as_bits(array):
@@ -174,12 +170,14 @@ class Writer:
     """Writes one checkpoint version into a temporary directory and commits it atomically.
 
     `add` parameters one at a time; they are buffered and written as Orbax items, a new item
-    whenever the buffer would exceed `budget_bytes` (None: one item). Use as a context manager:
-    the version is committed on normal exit and discarded if an exception escapes.
+    whenever the buffer would exceed `budget_bytes` (None: one item). With `background`, an item is written
+    by a thread while the next one is filled (at most one at a time; `writing_bytes` says how much it
+    holds). Use as a context manager: the version is committed on normal exit and discarded if an
+    exception escapes.
     """
 
     def __init__(self, directory: str | os.PathLike, config: Config, *, overwrite: bool = False,
-                 budget_bytes: int | None = None):
+                 budget_bytes: int | None = None, background: bool = False):
         if jax.process_count() > 1:
             raise NotImplementedError(
                 f"m1.save writes from a single process, and this run has {jax.process_count()} (jax.distributed): "
@@ -198,8 +196,10 @@ class Writer:
         self.entries: dict[str, dict] = {}
         self.items: list[str] = []
         self._buffer: dict[tuple, Any] = {}
-        self.buffer_bytes = 0
+        self.buffer_bytes = self.writing_bytes = 0
         self._checkpointer = ocp.Checkpointer(_handler())
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="model1-write") if background else None
+        self._writing: Future | None = None
 
     def __enter__(self) -> Writer:
         return self
@@ -225,7 +225,7 @@ class Writer:
 
     def add(self, path: tuple, value) -> None:
         """Buffers one parameter: a NumPy/JAX array or a `BlockQuantized` of either."""
-        key = _key(path)
+        key = path_key(path)
         if key in self.entries:
             raise ValueError(f"Writer.add: {key} added twice")
         entry: dict[str, Any] = {"item": self._item, "shape": list(value.shape)}
@@ -245,21 +245,36 @@ class Writer:
             self.flush()
 
     def flush(self) -> None:
-        """Writes the buffered parameters as one Orbax item and releases them."""
+        """Writes the buffered parameters as one Orbax item (waiting for the one being written, if any)."""
         if not self._buffer:
             return
-        tree = _nest(self._buffer)
-        self._checkpointer.save(os.path.join(self.tmp, self._item), args=ocp.args.PyTreeSave(tree))
-        self.items.append(self._item)
-        self._buffer.clear()
-        self.buffer_bytes = 0
+        self.wait()
+        item, tree = self._item, nest(self._buffer)
+        self.items.append(item)
+        self._buffer, self.writing_bytes, self.buffer_bytes = {}, self.buffer_bytes, 0
+        if self._thread is None:
+            self._save(item, tree)
+            self.writing_bytes = 0
+        else:
+            self._writing = self._thread.submit(self._save, item, tree)
+
+    def _save(self, item: str, tree: dict) -> None:
+        self._checkpointer.save(os.path.join(self.tmp, item), args=ocp.args.PyTreeSave(tree))
         del tree
         gc.collect(1)  # Orbax's save leaves (young) reference cycles that hold the arrays until collected
+
+    def wait(self) -> None:
+        """Returns when no item is being written; raises what writing it raised."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.result()
+        self.writing_bytes = 0
 
     def commit(self) -> str:
         """Flushes, writes the manifest, renames the version into place, then removes older versions."""
         self.flush()
-        self._checkpointer.close()
+        self.wait()
+        self._close()
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config_to_json(self.config),
                     "items": self.items, "params": self.entries}
         with open(os.path.join(self.tmp, MANIFEST), "w") as f:
@@ -281,8 +296,17 @@ class Writer:
 
     def abort(self) -> None:
         self._buffer.clear()
-        self._checkpointer.close()
+        try:
+            self.wait()
+        except BaseException:  # noqa: BLE001 - the version is being discarded anyway
+            pass
+        self._close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _close(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown()
+        self._checkpointer.close()
 
 
 # -- save / load ------------------------------------------------------------------------------------
@@ -315,9 +339,9 @@ def save(model_or_state: Model1 | nnx.State, directory: str | os.PathLike, *, co
 def _check_against_config(values: dict[tuple, Any], config: Config, where: str) -> None:
     _, abstract = abstract_model(config, jnp.float32)
     want = {p: tuple(v.get_value().shape) for p, v in abstract}
-    problems = [f"missing parameter {_key(p)}" for p in want if p not in values]
-    problems += [f"unexpected parameter {_key(p)}" for p in values if p not in want]
-    problems += [f"{_key(p)}: shape {list(values[p].shape)}, the config needs {list(want[p])}"
+    problems = [f"missing parameter {path_key(p)}" for p in want if p not in values]
+    problems += [f"unexpected parameter {path_key(p)}" for p in values if p not in want]
+    problems += [f"{path_key(p)}: shape {list(values[p].shape)}, the config needs {list(want[p])}"
                  for p in want if p in values and tuple(values[p].shape) != want[p]]
     if problems:
         raise CheckpointError(where, problems)
@@ -325,117 +349,13 @@ def _check_against_config(values: dict[tuple, Any], config: Config, where: str) 
 
 def read_config(directory: str | os.PathLike) -> Config:
     """The Config stored in a checkpoint."""
-    return config_from_json(_read_manifest(_resolve(directory))["config"])
+    return config_from_json(read_manifest(resolve(directory))["config"])
 
 
-def _read_manifest(root: str) -> dict:
+def read_manifest(root: str) -> dict:
     with open(os.path.join(root, MANIFEST)) as f:
         manifest = json.load(f)
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(root, [f"{MANIFEST}: format {manifest.get('format')!r} version "
                                      f"{manifest.get('format_version')!r}, expected {FORMAT!r} {FORMAT_VERSION}"])
     return manifest
-
-
-def _sharding_fn(mesh: jax.sharding.Mesh | None, shardings: ShardingSpec | None
-                 ) -> Callable[[tuple, jax.ShapeDtypeStruct], Sharding]:
-    if shardings is None:
-        default = NamedSharding(mesh, PartitionSpec()) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
-        return lambda path, sds: default
-    if callable(shardings):
-        return shardings
-    if isinstance(shardings, Mapping):
-        def lookup(path, sds):
-            if path in shardings:
-                return shardings[path]
-            if path[-1] in _QUANT_ARRAYS and path[:-1] in shardings:
-                return shardings[path[:-1]]
-            raise KeyError(_key(path))
-        return lookup
-    raise TypeError(f"load: shardings must be a mapping or a callable, got {type(shardings).__name__}")
-
-
-def load(directory: str | os.PathLike, *, dtype, mesh: jax.sharding.Mesh | None = None,
-         shardings: ShardingSpec | None = None) -> Model1:
-    """Restores a checkpoint written by `save` or the converter as a `Model1` computing in `dtype`.
-
-    Dense weights are restored in `dtype` (the parameters the reference keeps in float32 stay
-    float32); FP8/FP4 parameters stay block-quantized and are dequantized on the fly by each layer.
-    Every array is read directly into its sharding:
-      shardings   a callable `(path, jax.ShapeDtypeStruct) -> Sharding`, or a mapping `{path: Sharding}`;
-                  `path` is the parameter path of `nnx.to_flat_state` (e.g. `('layers', 0, 'self_attn',
-                  'q_a_proj', 'kernel')`), plus `'values'` / `'scales'` for the two arrays of a quantized
-                  parameter (a mapping entry for the parameter itself covers both);
-      mesh        without shardings: replicate everything over this mesh;
-      neither     the default device.
-    """
-    root = _resolve(directory)
-    manifest = _read_manifest(root)
-    config = config_from_json(manifest["config"])
-    graphdef, flat = abstract_model(config, dtype)
-    stored = manifest["params"]
-    problems, abstract = [], {}
-    for path, var in flat:
-        want, entry = var.get_value(), stored.get(_key(path))
-        if entry is None:
-            problems.append(f"missing parameter {_key(path)} {list(want.shape)}")
-        elif tuple(entry["shape"]) != tuple(want.shape):
-            problems.append(f"{_key(path)}: stored shape {entry['shape']}, the model needs {list(want.shape)}")
-        elif "format" in entry and not jnp.issubdtype(want.dtype, jnp.floating):
-            problems.append(f"{_key(path)}: stored block-quantized, but the model holds {want.dtype}")
-        else:
-            abstract[path] = want
-    model_keys = {_key(p) for p, _ in flat}
-    problems += [f"unexpected parameter {k}" for k in stored if k not in model_keys]
-    if problems:
-        raise CheckpointError(root, problems)
-
-    sharding_of = _sharding_fn(mesh, shardings)
-    items: dict[str, dict[tuple, jax.ShapeDtypeStruct]] = {}
-    missing = []
-    for path, want in abstract.items():
-        entry = stored[_key(path)]
-        if "format" in entry:
-            values_shape = (quant.packed_shape(want.shape, entry["pack_axis"]) if entry["format"] == quant.FP4
-                            else tuple(want.shape))
-            arrays = {(*path, "values"): values_shape,
-                      (*path, "scales"): quant.scale_shape(want.shape, entry["block"])}
-            arrays = {p: jax.ShapeDtypeStruct(s, jnp.uint8) for p, s in arrays.items()}
-        else:
-            arrays = {path: jax.ShapeDtypeStruct(want.shape, want.dtype)}
-        for p, sds in arrays.items():
-            try:
-                sharding = sharding_of(p, sds)
-            except KeyError:
-                missing.append(_key(p))
-                continue
-            items.setdefault(entry["item"], {})[p] = jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=sharding)
-    if missing:
-        raise ValueError(f"load: shardings has no entry for {len(missing)} array(s), e.g. {missing[:5]}")
-
-    restored: dict[tuple, jax.Array] = {}
-    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-    try:
-        for item, targets in items.items():
-            tree = _nest(targets)
-            result = checkpointer.restore(os.path.join(root, item), args=ocp.args.PyTreeRestore(
-                item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree)))
-            for path in targets:
-                node = result
-                for part in path:
-                    node = node[str(part)]
-                restored[path] = node
-    finally:
-        checkpointer.close()
-    values = {}
-    for path in abstract:
-        entry = stored[_key(path)]
-        if "format" in entry:
-            values_dtype = np.dtype(entry["values_dtype"])
-            v, s = restored[(*path, "values")], restored[(*path, "scales")]
-            values[path] = quant.BlockQuantized(
-                v if values_dtype == np.uint8 else _bitcast_donated(v, values_dtype), _bitcast_donated(s, quant.E8M0),
-                entry["format"], tuple(entry["block"]), entry["pack_axis"]).check()
-        else:
-            values[path] = restored[path]
-    return merge(graphdef, flat, values)

@@ -15,9 +15,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from model1_jax.config import Config
-from model1_jax.io import hf, orbax
+from model1_jax.io import hf, orbax, orbax_load, placement, regions
+from model1_jax.io.reader import progress_bar
 from model1_jax.model.transformer import Model1, abstract_model, merge
-from model1_jax.parallel.layout import Layout, attach, shard
+from model1_jax.parallel.layout import Layout, attach
 
 HF, ORBAX = "hf", "orbax"
 
@@ -45,37 +46,44 @@ def read_config(path: str | os.PathLike) -> Config:
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, quantized: bool = False,
-                    layout: Layout | None = None) -> Model1:
+                    layout: Layout | None = None, workers: int | None = None, progress: bool | None = None) -> Model1:
     """Loads a DeepSeek-V4 checkpoint directory (HF format or Orbax, see the module docstring).
 
     `dtype` is the dtype of the weights and of compute; the parameters the reference keeps in float32 stay
     float32. FP8/FP4 tensors are dequantized exactly, or kept block-quantized (dequantized on the fly in
-    each layer) with `quantized=True`; Orbax checkpoints keep whatever they stored. With a `layout` the
-    model is placed by it (an Orbax checkpoint is read straight into the shards). For HF checkpoints
-    larger than host memory, convert to Orbax first (scripts/convert_checkpoint.py).
+    each layer) with `quantized=True`; Orbax checkpoints keep whatever they stored. With a `layout` every
+    array is read straight into its shards: each process reads only the byte ranges of its own devices'
+    shards, one shard at a time (docs/checkpoints.md §7.3). `workers` reading threads (default: the CPUs);
+    `progress` shows a bar with the read rate (default: when stderr is a terminal).
     """
     if checkpoint_kind(path) == ORBAX:
-        return load(path, dtype=dtype, layout=layout)
+        return load(path, dtype=dtype, layout=layout, progress=progress)
     p = hf.plan_checkpoint(path, dtype=dtype, keep_quantized=quantized)
-    values = {}
-    for unit in p.units:
-        for key, value in hf.read_unit(unit, p.targets, keep_quantized=quantized).items():
-            values[key] = jax.tree.map(jnp.asarray, value)
-    model = merge(p.graphdef, p.flat, values)
-    return model if layout is None else shard(model, layout)
+    source = sum(u.source_bytes for u in p.units)
+    with progress_bar(source, "loading", progress) as bar:
+        if layout is not None:
+            return attach(merge(p.graphdef, p.flat, placement.read_sharded(p, layout, keep_quantized=quantized,
+                                                                           workers=workers, bar=bar)), layout)
+        values = {}
+
+        def done(key: tuple, value) -> None:
+            values[key] = jax.tree.map(jax.device_put, value)  # adopts the aligned host buffer on a CPU
+
+        regions.read_units(p.units, p.targets, keep_quantized=quantized, workers=workers, bar=bar, on_complete=done)
+    return merge(p.graphdef, p.flat, values)
 
 
 def load(directory: str | os.PathLike, *, dtype, layout: Layout | None = None, mesh: jax.sharding.Mesh | None = None,
-         shardings: orbax.ShardingSpec | None = None) -> Model1:
+         shardings: orbax_load.ShardingSpec | None = None, progress: bool | None = None) -> Model1:
     """Restores an Orbax checkpoint (`m1.save`, the converter) as a `Model1` computing in `dtype`.
 
     With a `layout` every array is read straight into its shard and the layout is attached. Block-quantized
     parameters split their values and scales along the weight's own axes; a split that divides neither is
     reported with every other problem before anything is read. Without one, `mesh` / `shardings` are passed
-    to `io.orbax.load` (default: one device).
+    to `io.orbax_load.load` (default: one device). `progress` as in `from_pretrained`.
     """
     if layout is None:
-        return orbax.load(directory, dtype=dtype, mesh=mesh, shardings=shardings)
+        return orbax_load.load(directory, dtype=dtype, mesh=mesh, shardings=shardings, progress=progress)
     if mesh is not None or shardings is not None:
         raise ValueError("load: give either a layout or mesh/shardings, not both")
     _, flat = abstract_model(orbax.read_config(directory), dtype)
@@ -87,4 +95,4 @@ def load(directory: str | os.PathLike, *, dtype, layout: Layout | None = None, m
             path, "/".join(map(str, path)))
         return layout.sharding(axes[param], sds.shape, what)
 
-    return attach(orbax.load(directory, dtype=dtype, shardings=sharding_of), layout)
+    return attach(orbax_load.load(directory, dtype=dtype, shardings=sharding_of, progress=progress), layout)

@@ -1,0 +1,164 @@
+"""Restoring the Orbax checkpoints of `io.orbax` (`m1.save`, the converter) as a `Model1`.
+
+The model is built abstractly (`nnx.eval_shape`), the manifest is checked against it, and every array is
+restored straight into its target sharding (Orbax / TensorStore read each device's slice), never through a
+full host copy. FP8/FP4 parameters, stored as their bit patterns, are bit-cast back on the device.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
+
+from model1_jax.io.hf import CheckpointError
+from model1_jax.io.orbax import QUANT_ARRAYS, config_from_json, nest, path_key, read_manifest, resolve
+from model1_jax.io.reader import default_workers, progress_bar
+from model1_jax.model import quant
+from model1_jax.model.transformer import Model1, abstract_model, merge
+
+ShardingSpec = Callable[[tuple, jax.ShapeDtypeStruct], Sharding] | Mapping[tuple, Sharding]
+_bitcast_donated = jax.jit(jax.lax.bitcast_convert_type, static_argnums=1, donate_argnums=0)  # reuses the buffer
+
+
+def _reinterpret(array: jax.Array, dtype) -> jax.Array:
+    """The same bits as `dtype` (uint8 → float8). On the host backend each shard's buffer is viewed as `dtype`
+    and adopted again (no copy, and no compilation — which per distinct shape would cost more than the read);
+    on accelerators a jitted bitcast that donates its input."""
+    if all(d.platform == "cpu" for d in array.sharding.device_set):
+        shards = [jax.device_put(np.asarray(s.data).view(dtype), s.device) for s in array.addressable_shards]
+        return jax.make_array_from_single_device_arrays(array.shape, array.sharding, shards)
+    return _bitcast_donated(array, dtype)
+
+
+def _sharding_fn(mesh: jax.sharding.Mesh | None, shardings: ShardingSpec | None
+                 ) -> Callable[[tuple, jax.ShapeDtypeStruct], Sharding]:
+    if shardings is None:
+        default = NamedSharding(mesh, PartitionSpec()) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
+        return lambda path, sds: default
+    if callable(shardings):
+        return shardings
+    if isinstance(shardings, Mapping):
+        def lookup(path, sds):
+            if path in shardings:
+                return shardings[path]
+            if path[-1] in QUANT_ARRAYS and path[:-1] in shardings:
+                return shardings[path[:-1]]
+            raise KeyError(path_key(path))
+        return lookup
+    raise TypeError(f"load: shardings must be a mapping or a callable, got {type(shardings).__name__}")
+
+
+def _restore_item(directory: str, targets: dict[tuple, jax.ShapeDtypeStruct]) -> dict[tuple, jax.Array]:
+    """One Orbax item's arrays, each straight into its target sharding."""
+    tree = nest(targets)
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    try:
+        result = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+            item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree)))
+    finally:
+        checkpointer.close()
+    out = {}
+    for path in targets:
+        node = result
+        for part in path:
+            node = node[str(part)]
+        out[path] = node
+    jax.block_until_ready(list(out.values()))
+    return out
+
+
+def load(directory: str | os.PathLike, *, dtype, mesh: jax.sharding.Mesh | None = None,
+         shardings: ShardingSpec | None = None, progress: bool | None = None, workers: int | None = None) -> Model1:
+    """Restores a checkpoint written by `save` or the converter as a `Model1` computing in `dtype`.
+
+    Dense weights are restored in `dtype` (the parameters the reference keeps in float32 stay
+    float32); FP8/FP4 parameters stay block-quantized and are dequantized on the fly by each layer.
+    Every array is read directly into its sharding:
+      shardings   a callable `(path, jax.ShapeDtypeStruct) -> Sharding`, or a mapping `{path: Sharding}`;
+                  `path` is the parameter path of `nnx.to_flat_state` (e.g. `('layers', 0, 'self_attn',
+                  'q_a_proj', 'kernel')`), plus `'values'` / `'scales'` for the two arrays of a quantized
+                  parameter (a mapping entry for the parameter itself covers both);
+      mesh        without shardings: replicate everything over this mesh;
+      neither     the default device.
+    `progress` shows a bar with the read rate, item by item (default: when stderr is a terminal); `workers`
+    items are restored at a time (default: the CPUs).
+    """
+    root = resolve(directory)
+    manifest = read_manifest(root)
+    config = config_from_json(manifest["config"])
+    graphdef, flat = abstract_model(config, dtype)
+    stored = manifest["params"]
+    problems, abstract = [], {}
+    for path, var in flat:
+        want, entry = var.get_value(), stored.get(path_key(path))
+        if entry is None:
+            problems.append(f"missing parameter {path_key(path)} {list(want.shape)}")
+        elif tuple(entry["shape"]) != tuple(want.shape):
+            problems.append(f"{path_key(path)}: stored shape {entry['shape']}, the model needs {list(want.shape)}")
+        elif "format" in entry and not jnp.issubdtype(want.dtype, jnp.floating):
+            problems.append(f"{path_key(path)}: stored block-quantized, but the model holds {want.dtype}")
+        else:
+            abstract[path] = want
+    model_keys = {path_key(p) for p, _ in flat}
+    problems += [f"unexpected parameter {k}" for k in stored if k not in model_keys]
+    if problems:
+        raise CheckpointError(root, problems)
+
+    sharding_of = _sharding_fn(mesh, shardings)
+    items: dict[str, dict[tuple, jax.ShapeDtypeStruct]] = {}
+    missing = []
+    for path, want in abstract.items():
+        entry = stored[path_key(path)]
+        if "format" in entry:
+            values_shape = (quant.packed_shape(want.shape, entry["pack_axis"]) if entry["format"] == quant.FP4
+                            else tuple(want.shape))
+            arrays = {(*path, "values"): values_shape,
+                      (*path, "scales"): quant.scale_shape(want.shape, entry["block"])}
+            arrays = {p: jax.ShapeDtypeStruct(s, jnp.uint8) for p, s in arrays.items()}
+        else:
+            arrays = {path: jax.ShapeDtypeStruct(want.shape, want.dtype)}
+        for p, sds in arrays.items():
+            try:
+                sharding = sharding_of(p, sds)
+            except KeyError:
+                missing.append(path_key(p))
+                continue
+            items.setdefault(entry["item"], {})[p] = jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=sharding)
+    if missing:
+        raise ValueError(f"load: shardings has no entry for {len(missing)} array(s), e.g. {missing[:5]}")
+
+    total = sum(math.prod(t.shape) * np.dtype(t.dtype).itemsize for ts in items.values() for t in ts.values())
+    # Items are restored concurrently: Orbax's per-item work (metadata, its event loop) then overlaps the reads.
+    # Under jax.distributed one at a time, as every process must restore the same item together.
+    threads = 1 if jax.process_count() > 1 else min(len(items), default_workers() if workers is None else workers)
+    restored: dict[tuple, jax.Array] = {}
+    with progress_bar(total, "loading", progress) as bar, ThreadPoolExecutor(max(1, threads)) as pool:
+        futures = [pool.submit(_restore_item, os.path.join(root, item), targets) for item, targets in items.items()]
+        try:
+            for future, targets in zip(futures, items.values()):
+                restored.update(future.result())
+                bar.update(sum(math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in targets.values()))
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    values = {}
+    for path in abstract:
+        entry = stored[path_key(path)]
+        if "format" in entry:
+            values_dtype = np.dtype(entry["values_dtype"])
+            v, s = restored[(*path, "values")], restored[(*path, "scales")]
+            values[path] = quant.BlockQuantized(
+                v if values_dtype == np.uint8 else _reinterpret(v, values_dtype), _reinterpret(s, quant.E8M0),
+                entry["format"], tuple(entry["block"]), entry["pack_axis"]).check()
+        else:
+            values[path] = restored[path]
+    return merge(graphdef, flat, values)

@@ -1,0 +1,314 @@
+#!/usr/bin/env python
+"""Benchmark checkpoint loading: plain reads, `from_pretrained`, the converter and `m1.load`, in one run.
+
+Writes (or reuses) a synthetic checkpoint with V4-Flash's widths in the released storage (FP8 linears with
+128×128 UE8M0 scales, packed FP4 experts with per-32-column scales, the rest BF16/F32; DeepSeek's names,
+sharded with an index) under `--dir` (default /tmp/model1_bench_load, never the repository), sized by
+`--size-gb` through the number of routed experts. Then, each stage in a fresh process so that its peak host
+memory is its own (Linux VmHWM, reset after start-up), `--repeat` times:
+
+  read                  plain reads of the checkpoint's files (one thread, one reused buffer): the I/O ceiling
+  from_pretrained       dense bf16 (FP8/FP4 dequantized exactly)
+  from_pretrained_q     `quantized=True` (FP8/FP4 kept block-quantized)
+  convert_bf16 / _fp8   the converter (`io.convert.convert`, as scripts/convert_checkpoint.py --weights bf16 / fp8)
+  load_bf16 / _fp8      `m1.load` of those outputs
+
+Throughput is bytes of the checkpoint a stage reads (the safetensors files; for `load` the Orbax
+directory) per second of the call (process start-up and imports excluded), GB = 1e9 bytes. Beside it, the
+CPU time of the call (all threads) as GB per CPU-second, and the machine's load average: on a shared machine
+the wall-clock rate depends on how much of the cores the stage got, the CPU-time rate much less. The minimum,
+median and maximum over the repeats are reported. JSON goes to benchmarks/results/load_<label>_<date>.json.
+
+  python scripts/bench_load.py [--size-gb 1.4] [--repeat 3] [--stages read,from_pretrained_q,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+STAGES = ("read", "from_pretrained", "from_pretrained_q", "convert_bf16", "convert_fp8", "load_bf16", "load_fp8")
+GENERATOR_VERSION = 1
+
+
+# -- the synthetic checkpoint -------------------------------------------------------------------------
+
+def bench_config(layers: int, experts: int, vocab: int):
+    """V4-Flash widths; layers alternate sliding / CSA / HCA so that every tensor kind is present; the
+    vocabulary is smaller than the released 129,280 so that the embeddings do not dominate the bytes."""
+    import model1_jax as m1
+
+    kinds = tuple((m1.SLIDING, m1.CSA, m1.HCA)[i % 3] for i in range(layers))
+    flash = m1.Config.v4_flash()
+    return flash.replace(num_hidden_layers=layers, layer_types=kinds, n_routed_experts=experts, vocab_size=vocab,
+                         mlp_layer_types=tuple(m1.HASH_MOE if i < 3 else m1.MOE for i in range(layers)),
+                         num_nextn_predict_layers=0)
+
+
+def checkpoint_bytes(cfg) -> int:
+    from tests import synthetic as syn
+
+    return sum(_stored_nbytes(name, shape, dtype) for name, (shape, dtype, _) in syn.layout(cfg, mtp=False).items())
+
+
+def _stored_nbytes(name: str, shape, dtype) -> int:
+    from model1_jax.model import quant
+    from tests import synthetic as syn
+
+    n = int(np.prod(shape))
+    if syn.is_fp8(name):
+        return n + int(np.prod(quant.scale_shape(shape, (128, 128))))
+    if syn.is_fp4(name):
+        return n // 2 + int(np.prod(quant.scale_shape(shape, quant.FP4_BLOCK)))
+    return n * np.dtype(dtype).itemsize
+
+
+def _random_tensor(rng, name: str, shape, dtype, kind: str, cfg) -> dict[str, np.ndarray]:
+    """One tensor in released storage with random content (fast: random bytes with a valid bit pattern)."""
+    import jax.numpy as jnp
+
+    from model1_jax.model import quant
+    from tests import synthetic as syn
+
+    if syn.is_fp8(name) or syn.is_fp4(name):
+        fp8 = syn.is_fp8(name)
+        scale = rng.integers(118, 128, quant.scale_shape(shape, (128, 128) if fp8 else quant.FP4_BLOCK), np.uint8)
+        values = rng.integers(0, 256, (shape[0], shape[1] if fp8 else shape[1] // 2), np.uint8)
+        if fp8:
+            values[(values & 0x7F) == 0x7F] ^= 1  # no e4m3 NaN codes
+        return {name: values.view(quant.E4M3 if fp8 else np.int8), name[:-len(".weight")] + ".scale":
+                scale.view(quant.E8M0)}
+    if kind == "tid2eid":
+        return {name: np.argsort(rng.random((shape[0], cfg.n_routed_experts)), axis=1)[:, :shape[1]].astype(np.int64)}
+    if np.dtype(dtype) == np.dtype(jnp.bfloat16):  # sign, exponent 2^-8..2^-1, random mantissa
+        bits = rng.integers(0, 1 << 16, shape, np.uint16)
+        return {name: ((bits & 0x807F) | ((119 + (bits >> 7 & 7)) << 7).astype(np.uint16)).view(jnp.bfloat16)}
+    return {name: (0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(dtype)}
+
+
+def write_checkpoint(path: pathlib.Path, cfg, shards: int, seed: int = 0) -> None:
+    """config.json + `shards` safetensors files (+ index), written one shard at a time."""
+    from model1_jax.io.safetensors_file import write
+    from tests import synthetic as syn
+
+    layout = syn.layout(cfg, mtp=False)
+    sizes = {name: _stored_nbytes(name, shape, dtype) for name, (shape, dtype, _) in layout.items()}
+    total, groups, current, size = sum(sizes.values()), [], [], 0
+    for name in layout:
+        current.append(name)
+        size += sizes[name]
+        if size >= total * (len(groups) + 1) / shards and len(groups) < shards - 1:
+            groups.append(current)
+            current = []
+    groups = [g for g in groups + [current] if g]
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    config = cfg.to_hf()
+    config["quantization_config"] = syn.QUANTIZATION_CONFIG
+    (path / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(seed)
+    weight_map = {}
+    for k, group in enumerate(groups):
+        file = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for name in group:
+            tensors |= _random_tensor(rng, name, *layout[name], cfg)
+        write(str(path / file), tensors)
+        weight_map.update(dict.fromkeys(tensors, file))
+        del tensors
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                   "weight_map": weight_map}))
+
+
+def ensure_checkpoint(directory: pathlib.Path, size_gb: float, layers: int, vocab: int, shards: int):
+    """The checkpoint under `directory` for these parameters, written unless an identical one is there."""
+    per_expert = checkpoint_bytes(bench_config(layers, 8, vocab)) - checkpoint_bytes(bench_config(layers, 7, vocab))
+    base = checkpoint_bytes(bench_config(layers, 8, vocab)) - 8 * per_expert
+    experts = max(8, -(-int(size_gb * 1e9 - base) // per_expert))
+    cfg = bench_config(layers, experts, vocab)
+    stamp = dict(generator=GENERATOR_VERSION, layers=layers, experts=experts, vocab=vocab, shards=shards,
+                 bytes=checkpoint_bytes(cfg))
+    path = directory / f"flash_l{layers}_e{experts}_v{vocab}_s{shards}"
+    marker = path / "bench_stamp.json"
+    if not (marker.is_file() and json.loads(marker.read_text()) == stamp):
+        print(f"writing {stamp['bytes'] / 1e9:.2f} GB synthetic checkpoint to {path} ...", flush=True)
+        start = time.perf_counter()
+        write_checkpoint(path, cfg, shards)
+        marker.write_text(json.dumps(stamp))
+        print(f"  written in {time.perf_counter() - start:.0f} s", flush=True)
+    return path, stamp
+
+
+# -- one stage, in its own process -------------------------------------------------------------------
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _files_bytes(path: pathlib.Path, suffix: str = "") -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.name.endswith(suffix))
+
+
+def plain_read(path: pathlib.Path) -> int:
+    """Reads every safetensors file once, sequentially, into one reused 64 MiB buffer."""
+    buffer = bytearray(64 << 20)
+    view, total = memoryview(buffer), 0
+    for file in sorted(path.glob("*.safetensors")):
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            while (n := os.readv(fd, [view])) > 0:
+                total += n
+        finally:
+            os.close(fd)
+    return total
+
+
+def run_stage(stage: str, ckpt: pathlib.Path, work: pathlib.Path) -> dict:
+    import ctypes
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import model1_jax as m1
+    from model1_jax.io import convert
+
+    def ready(model):
+        jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
+
+    source = _files_bytes(ckpt, ".safetensors")
+    out = work / stage.split("_")[-1]
+    if stage.startswith("convert_"):
+        try:  # as scripts/convert_checkpoint.py does, so that RSS tracks what is live
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)
+        except (OSError, AttributeError):
+            pass
+    nbytes = _files_bytes(out) if stage.startswith("load_") else source
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS: the peak measured from here is the stage's own
+    rss_start = _status("VmRSS")
+    start, cpu = time.perf_counter(), time.process_time()
+    if stage == "read":
+        nbytes = plain_read(ckpt)
+    elif stage in ("from_pretrained", "from_pretrained_q"):
+        ready(m1.from_pretrained(ckpt, dtype=jnp.bfloat16, quantized=stage.endswith("_q")))
+    elif stage in ("convert_bf16", "convert_fp8"):
+        convert.convert(ckpt, out, dtype=jnp.bfloat16, quantized=stage.endswith("fp8"), overwrite=True,
+                        progress=False)
+    elif stage in ("load_bf16", "load_fp8"):
+        ready(m1.load(out, dtype=jnp.bfloat16))
+    else:
+        raise ValueError(stage)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    row = dict(stage=stage, device=jax.devices()[0].device_kind, bytes=nbytes, seconds=seconds,
+               gb_per_s=nbytes / seconds / 1e9, cpu_seconds=cpu,
+               gb_per_cpu_s=nbytes / cpu / 1e9, rss_start=rss_start, peak_rss=_status("VmHWM"),
+               peak_growth=_status("VmHWM") - rss_start)
+    if stage.startswith("convert_"):
+        row["output_bytes"] = _files_bytes(out)
+    return row
+
+
+def spawn(stage: str, ckpt: pathlib.Path, work: pathlib.Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # JAX's default backend: a GPU where there is one
+    load = os.getloadavg()[0]
+    cmd = [sys.executable, __file__, "--stage", stage, "--checkpoint", str(ckpt), "--work", str(work)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    if result.returncode:
+        raise RuntimeError(f"{stage} failed:\n{result.stderr[-3000:]}")
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    return {**row, "load_average": load}
+
+
+def summarize(rows: list[dict]) -> dict:
+    rates, cpu = [r["gb_per_s"] for r in rows], [r["gb_per_cpu_s"] for r in rows]
+    return dict(stage=rows[0]["stage"], bytes=rows[0]["bytes"], runs=len(rows), gb_per_s_min=min(rates),
+                gb_per_s_median=statistics.median(rates), gb_per_s_max=max(rates),
+                gb_per_cpu_s_median=statistics.median(cpu),
+                peak_growth_max=max(r["peak_growth"] for r in rows),
+                output_bytes=rows[0].get("output_bytes"), load_average=[r["load_average"] for r in rows])
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", type=pathlib.Path, default=pathlib.Path("/tmp/model1_bench_load"),
+                   help="where the synthetic checkpoint and the converted outputs go (not the repository)")
+    p.add_argument("--size-gb", type=float, default=1.4, help="checkpoint size; sets the number of routed experts")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=16384)
+    p.add_argument("--shards", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--stages", default=",".join(STAGES))
+    p.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR)
+    p.add_argument("--label", default="", help="recorded in the JSON (e.g. before / after)")
+    p.add_argument("--stage", help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", type=pathlib.Path, help=argparse.SUPPRESS)
+    p.add_argument("--work", type=pathlib.Path, help=argparse.SUPPRESS)
+    ns = p.parse_args(argv)
+    if ns.stage:
+        print(json.dumps(run_stage(ns.stage, ns.checkpoint, ns.work)))
+        return 0
+    if ROOT in ns.dir.resolve().parents or ns.dir.resolve() == ROOT:
+        p.error("--dir must lie outside the repository")
+    stages = [s for s in ns.stages.split(",") if s]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        p.error(f"unknown stages {unknown}; known: {STAGES}")
+    ckpt, stamp = ensure_checkpoint(ns.dir, ns.size_gb, ns.layers, ns.vocab, ns.shards)
+    work = ns.dir / "converted"
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"checkpoint {ckpt}: {stamp['bytes'] / 1e9:.2f} GB, {ns.layers} layers, {stamp['experts']} experts, "
+          f"{ns.shards} shards; commit {_git_commit()}", flush=True)
+    runs: dict[str, list[dict]] = {s: [] for s in stages}
+    for _ in range(ns.repeat):
+        for stage in stages:
+            row = spawn(stage, ckpt, work)
+            runs[stage].append(row)
+            print(f"  {stage:<18} {row['gb_per_s']:7.3f} GB/s  {row['seconds']:7.2f} s  {row['gb_per_cpu_s']:7.3f} "
+                  f"GB/CPU-s  peak +{row['peak_growth'] / 2**20:6.0f} MiB  (load average {row['load_average']:.1f})",
+                  flush=True)
+    summary = [summarize(rows) for rows in runs.values()]
+    print(f"\n{'stage':<18} {'GB/s min':>9} {'median':>8} {'max':>8} {'GB/CPU-s':>9} {'peak +MiB':>10}")
+    for s in summary:
+        print(f"{s['stage']:<18} {s['gb_per_s_min']:9.3f} {s['gb_per_s_median']:8.3f} {s['gb_per_s_max']:8.3f} "
+              f"{s['gb_per_cpu_s_median']:9.3f} {s['peak_growth_max'] / 2**20:10.0f}")
+    header = dict(label=ns.label, commit=_git_commit(), date=datetime.datetime.now().isoformat(timespec="seconds"),
+                  machine=dict(cpus=os.cpu_count(), platform=platform.platform(),
+                               memory_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
+                  checkpoint=dict(path=str(ckpt), **stamp, hidden=4096, widths="V4-Flash"))
+    ns.out.mkdir(parents=True, exist_ok=True)
+    path = ns.out / f"load_{ns.label + '_' if ns.label else ''}{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps(dict(**header, summary=summary, runs=runs), indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
