@@ -5,8 +5,13 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from model1_jax.model.index_lists import (all_entry_indices, attention_indices, entry_bounds, visible_entries,
-                                    window_indices)
+from model1_jax.model.index_lists import (
+    all_entry_indices,
+    attention_indices,
+    entry_bounds,
+    visible_entries,
+    window_indices,
+)
 
 
 def _positions(doc_lengths):

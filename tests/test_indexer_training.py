@@ -14,7 +14,7 @@ from flax import nnx
 import model1_jax as m1
 from model1_jax.model.attention import IndexerTerms, train_indexer
 from model1_jax.train.optim import OptimizerConfig
-from model1_jax.train.trainer import Trainer, TrainConfig, indexer_sums, loss_sums, trainable_filter
+from model1_jax.train.trainer import TrainConfig, Trainer, indexer_sums, loss_sums, trainable_filter
 from tests.util import random_model
 
 # Two CSA layers with 16 entries per 64 tokens and top-3 picks: recall@3 is far from trivial.
