@@ -1,6 +1,7 @@
 """Suite-wide JAX settings (exact fp32 matmuls, 8 simulated CPU devices for the sharding tests) and the
 --no-oracle option that leaves out the tests marked `oracle` (they need PyTorch and transformers)."""
 
+import gc
 import importlib.abc
 import os
 import pathlib
@@ -18,6 +19,16 @@ import pytest  # noqa: E402
 from tests import oracle_marks  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Each test module's compiled programs are dropped when it ends: the whole suite runs in one process, and
+    hundreds of cached XLA executables would otherwise keep growing its memory (XLA:CPU then crashed compiling
+    late in the run on a busy machine)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="module")
