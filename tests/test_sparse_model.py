@@ -21,6 +21,8 @@ from model1_jax.model.attention import use_full_attention
 from tests import hf_reference as ref
 from tests.util import random_model
 
+pytestmark = pytest.mark.oracle  # the configurations come from transformers' DeepseekV4Config
+
 
 def _config(name: str) -> m1.Config:
     return m1.Config.from_hf(ref.hf_config(name).to_dict())
