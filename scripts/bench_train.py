@@ -89,7 +89,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=2, help="timed steps after the compiling one")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per point")
     p.add_argument("--max-gib", type=float, default=16.0, help="skip a point whose estimate exceeds this")
-    p.add_argument("--out", default=RESULTS)
+    p.add_argument("--out", default=RESULTS, help="a JSON file, or a directory to write bench_train.json in")
     p.add_argument("--one", nargs=2, metavar=("T", "ATTENTION"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
@@ -130,14 +130,15 @@ def main(argv=None) -> None:
               "window 128, CSA m=4 top-64, HCA m=128; layers sliding, CSA, HCA, CSA; batch 1; remat per layer",
               "device": jax.devices()[0].device_kind, "platform": platform.platform(), "cpus": os.cpu_count(),
               "jax": jax.__version__, "points": points, "growth_per_doubling": _growth(points)}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+    out = os.path.join(args.out, "bench_train.json") if os.path.isdir(args.out) else args.out
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
         json.dump(result, f, indent=1)
     for attention, rows in result["growth_per_doubling"].items():
         for row in rows:
             print(f"{attention:6s} {row['from']:6d} -> {row['to']:6d}: memory x{row['memory']:.2f}, "
                   f"time x{row['time']:.2f}")
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 def _growth(points: list[dict]) -> dict:

@@ -52,9 +52,12 @@ STAGES = (
           ("--smoke", "--configs", "CONFIG3", "--batch-sizes", "1", "--iters", "1", "--warmup", "0")),
     Stage("decode", 150, "bench_decode.py", ("--batch-sizes", "1,8,64", "--prompt-len", "512", "--new-tokens", "32"),
           None),
-    Stage("train", 60, "bench_train.py", (), None),
-    Stage("serve", 60, "bench_serve.py", (), None),
-    Stage("load", 60, "bench_load.py", (), None),
+    Stage("train", 60, "bench_train.py", ("--lengths", "8192", "32768", "--dense-max", "8192", "--timeout", "25"),
+          None),
+    Stage("serve", 60, "bench_serve.py", ("--requests", "64"), None),
+    # The synthetic checkpoint is written first (about 1 GB); every stage runs in a fresh process.
+    Stage("load", 90, "bench_load.py", ("--size-gb", "1.0", "--repeat", "1", "--stages",
+                                        "read,from_pretrained_q,convert_fp8,load_fp8"), None),
 )
 
 
