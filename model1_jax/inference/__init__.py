@@ -2,18 +2,9 @@
 kernel calls, sampling, and `generate`."""
 
 from model1_jax.inference.generation import Generation, GenerationStats, generate
+from model1_jax.inference.memory import MemoryReport, max_len_for_budget, memory_report
 from model1_jax.inference.sampling import Sampling
-from model1_jax.inference.state import (
-                                        ATTENTION_BACKENDS,
-                                        CACHE_DTYPES,
-                                        CacheSpec,
-                                        DecodeState,
-                                        MemoryReport,
-                                        init_state,
-                                        make_spec,
-                                        max_len_for_budget,
-                                        memory_report,
-)
+from model1_jax.inference.state import ATTENTION_BACKENDS, CACHE_DTYPES, CacheSpec, DecodeState, init_state, make_spec
 from model1_jax.inference.steps import decode_step, prefill
 
 __all__ = ["ATTENTION_BACKENDS", "CACHE_DTYPES", "CacheSpec", "DecodeState", "Generation", "GenerationStats",

@@ -1,0 +1,128 @@
+"""One compiled step over a batch of independent requests (docs/serving.md §3): prefill chunks, decode tokens
+and speculative verification in the same call, each slot with its own sampling settings and random stream.
+
+Per slot b the step feeds `n_new[b]` tokens (`ids[b, :n_new[b]]`):
+  * a prompt chunk of a request being prefilled (`emit` false until the chunk that ends the prompt);
+  * the pending token of a decoding request, and with `has_draft` the drafter's guess of the token after it
+    (verified by the speculative-sampling rule; greedy: kept iff it is the argmax);
+  * nothing (n_new = 0): the slot is idle and its state is untouched.
+`fresh[b]` restarts the slot at length 0 (a newly admitted request): nothing else needs clearing, because every
+cache slot is rewritten before it can be read again (docs/decode.md §2.5). The block tables come with the
+inputs: the scheduler owns them.
+
+The step is `verify` (the main model and the acceptance rule) followed by `mtp_draft` (the MTP block catches up
+on every kept position and drafts the next token). Another drafter plugs in by replacing the second half:
+it receives the kept positions' streams and ids and returns a draft and its distribution per slot.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from model1_jax.inference import sampling
+from model1_jax.inference import steps as decode
+from model1_jax.inference.state import DecodeState
+from model1_jax.model.transformer import Model1
+
+
+@struct.dataclass
+class StepInput:
+    ids_bt: jax.Array  # int32 [b, t]: prompt chunk, or [pending, draft?]; rows past n_new are ignored
+    n_new_b: jax.Array  # int32 [b]
+    fresh_b: jax.Array  # bool [b]: the slot starts a new request at this call
+    emit_b: jax.Array  # bool [b]: draw the next token after this call
+    has_draft_b: jax.Array  # bool [b]: ids[b, n_new − 1] is a draft to verify (n_new = 2)
+    tables: dict  # compress rate -> int32 [b, pages per sequence] (paged state) — may be empty
+    temperature_b: jax.Array  # float32 [b]
+    top_k_b: jax.Array  # int32 [b]
+    top_p_b: jax.Array  # float32 [b]
+    seed_b: jax.Array  # uint32 [b]
+    stream_b: jax.Array  # uint32 [b]
+    counter_b: jax.Array  # int32 [b]: tokens the request has emitted before this call
+
+
+@struct.dataclass
+class StepOutput:
+    tokens_b2: jax.Array  # int32 [b, 2]: emitted tokens, the first count[b] valid
+    count_b: jax.Array  # int32 [b]: 0 (no emission), 1, or 2 (draft accepted + bonus token)
+    accepted_b: jax.Array  # bool [b]
+    draft_b: jax.Array  # int32 [b]: the next draft (MTP), meaningful where count > 0
+
+
+def verify(model: Model1, state: DecodeState, inp: StepInput, draft_probs_bv: jax.Array, keys):
+    """Main model over the fed tokens, then the next token per emitting slot (and the verdict on its draft).
+
+    Returns (output without drafts, pending token [b], kept positions [b], streams [b, t, c, d], the state
+    with lengths advanced by the kept positions, the streams before the call [b, c, d] or None)."""
+    spec = state.spec
+    t = inp.ids_bt.shape[1]
+    lengths0_b = jnp.where(inp.fresh_b, 0, state.lengths)
+    state = state.replace(lengths=lengths0_b, block_tables=inp.tables if spec.paged else None)
+    if spec.mtp:
+        state = state.replace(mtp_lengths=jnp.where(inp.fresh_b, 0, state.mtp_lengths))
+    prev_streams = state.last_streams
+    n_new_b = inp.n_new_b
+    has_draft_b = inp.has_draft_b & inp.emit_b & (n_new_b >= 2)
+    streams_btcd, state = decode.model_step(model, state, inp.ids_bt, n_new_b)
+
+    # Row r0 predicts the token after the last certain one; row r0 + 1 the one after the draft.
+    r0_b = jnp.maximum(n_new_b - 1 - has_draft_b, 0)
+    rows_b2 = jnp.stack([r0_b, jnp.minimum(r0_b + 1, t - 1)], axis=1)
+    logits_b2v = model.head(decode._rows(streams_btcd, rows_b2))
+    settings = (inp.temperature_b, inp.top_k_b, inp.top_p_b)
+    target_bv = sampling.row_probabilities(logits_b2v[:, 0], *settings)
+    draft_b = jnp.take_along_axis(inp.ids_bt, rows_b2[:, 1:], axis=1)[:, 0]
+    accepted_b, corrected_b = sampling.row_accept_draft(keys[:, 0], target_bv, draft_probs_bv, draft_b)
+    accepted_b = accepted_b & has_draft_b
+    first_b = jnp.where(has_draft_b, corrected_b, sampling.row_draw(keys[:, 1], target_bv))
+    bonus_b = sampling.row_draw(keys[:, 2], sampling.row_probabilities(logits_b2v[:, 1], *settings))
+    count_b = inp.emit_b * (1 + accepted_b)
+    kept_b = n_new_b - (has_draft_b & ~accepted_b)  # a rejected draft is rolled back by the length alone
+    state = state.replace(lengths=lengths0_b + kept_b)
+    pending_b = jnp.where(accepted_b, bonus_b, first_b)
+    out = StepOutput(tokens_b2=jnp.stack([first_b, bonus_b], axis=1), count_b=count_b.astype(jnp.int32),
+                     accepted_b=accepted_b, draft_b=jnp.zeros_like(first_b))
+    return out, pending_b, kept_b, streams_btcd, state, prev_streams, lengths0_b
+
+
+def mtp_draft(model: Model1, state: DecodeState, inp: StepInput, pending_b, kept_b, streams_btcd, prev_streams,
+              lengths0_b, key_b):
+    """The MTP block consumes every kept position whose next token is known and drafts the token after the
+    pending one. Returns (draft [b], its distribution [b, v], state)."""
+    t = inp.ids_bt.shape[1]
+    last = decode._rows(streams_btcd, jnp.maximum(kept_b - 1, 0)[:, None])[:, 0]
+    state = state.replace(last_streams=jnp.where((kept_b > 0)[:, None, None], last, prev_streams).astype(
+        prev_streams.dtype))
+    ext_streams = jnp.concatenate([prev_streams[:, None].astype(streams_btcd.dtype), streams_btcd], axis=1)
+    r_u = jnp.arange(t + 1)
+    ids_bu = jnp.pad(inp.ids_bt, ((0, 0), (0, 1)))
+    ext_ids = jnp.where(r_u < kept_b[:, None], ids_bu, jnp.where(r_u == kept_b[:, None], pending_b[:, None], 0))
+    # Emitting slots know the token after their last kept position; a mid-prompt chunk does not know the next one.
+    target_b = jnp.where(inp.emit_b, lengths0_b + kept_b,
+                         jnp.where(inp.n_new_b > 0, lengths0_b + inp.n_new_b - 1, state.mtp_lengths))
+    mtp_logits_bv, state = decode.mtp_step(model, state, ext_streams, ext_ids, lengths0_b - 1, target_b)
+    probs_bv = sampling.row_probabilities(mtp_logits_bv, inp.temperature_b, inp.top_k_b, inp.top_p_b)
+    return sampling.row_draw(key_b, probs_bv), probs_bv, state
+
+
+def batch_step(model: Model1, state: DecodeState, inp: StepInput, draft_probs_bv: jax.Array):
+    """`verify`, then (with MTP caches) `mtp_draft`: (StepOutput, draft distributions [b, v], state)."""
+    keys = jax.vmap(lambda k: jax.random.split(k, 4))(sampling.row_keys(inp.seed_b, inp.stream_b, inp.counter_b))
+    out, pending_b, kept_b, streams_btcd, state, prev_streams, lengths0_b = verify(model, state, inp,
+                                                                                 draft_probs_bv, keys)
+    if state.spec.mtp:
+        draft_b, draft_probs_bv, state = mtp_draft(model, state, inp, pending_b, kept_b, streams_btcd, prev_streams,
+                                                   lengths0_b, keys[:, 3])
+        out = out.replace(draft_b=draft_b)
+    return out, draft_probs_bv, state
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state", "draft_probs_bv"))
+def compiled_batch_step(graphdef, params, state, inp: StepInput, draft_probs_bv):
+    """`batch_step` compiled; the state and the draft distributions are donated (updated in place). One
+    compilation per distinct number of fed rows t."""
+    return batch_step(nnx.merge(graphdef, params), state, inp, draft_probs_bv)

@@ -1,0 +1,314 @@
+"""Continuous batching over a paged decode state (docs/serving.md §3).
+
+    sched = m1.Scheduler(model, max_batch=8, max_len=4096, pool_tokens=8 * 1024, tokenizer=tok)
+    sched.submit(prompt_ids, max_new_tokens=256, temperature=0.7, stop_strings=["\\n\\n"], id="q1")
+    for done in sched.stream():        # completions as they finish
+        print(done.id, done.text)
+    results = sched.run()              # or: every completion, in submission order
+
+Any number of requests; `max_batch` of them run at once, in slots. Each step is one compiled call
+(`batch_step`): slots whose prompt is not fed yet take a chunk of it, the others decode one token (or verify
+one MTP draft), idle slots feed nothing. A finished request's slot and pages are handed to the next waiting
+request before the next step. Requests wait, in arrival order, until a slot and their pages are free; one
+that could never fit is refused when submitted. Steps have two shapes only — `chunk` rows when some slot is
+prefilling, 1 (2 with MTP) otherwise — so nothing compiles as requests come and go.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model1_jax.common import positive_int
+from model1_jax.inference import sharded as sharded_decode
+from model1_jax.inference import state as decode_state
+from model1_jax.inference.batch_step import StepInput, compiled_batch_step
+from model1_jax.inference.clock import CompileClock
+from model1_jax.inference.memory import MemoryReport, memory_report
+from model1_jax.inference.paging import PageTables
+from model1_jax.inference.requests import Completion, Output, Request
+from model1_jax.model.transformer import Model1
+from model1_jax.parallel.distributed import to_host
+
+
+@dataclasses.dataclass
+class SchedulerStats:
+    steps: int = 0
+    prefill_steps: int = 0  # steps with some slot feeding a prompt chunk (`chunk` rows)
+    prompt_tokens: int = 0  # fed so far
+    generated_tokens: int = 0  # emitted so far
+    decode_tokens: int = 0  # emitted by steps without prompt chunks
+    finished: int = 0
+    drafts: int = 0  # MTP drafts verified
+    accepted: int = 0
+    sequence_steps: int = 0  # decode steps summed over the slots decoding in each
+    step_tokens: int = 0  # tokens those emitted (before truncation at max_new_tokens / a stop)
+    prefill_s: float = 0.0  # wall time of prefill steps, compilation excluded
+    decode_s: float = 0.0  # wall time of the other steps, compilation excluded
+    compile_s: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_s + self.decode_s
+
+
+@dataclasses.dataclass
+class _Slot:
+    index: int
+    output: Output
+    seed: int
+    stream: int
+    fed: int = 0  # prompt tokens fed
+    length: int = 0  # positions in the caches
+    pending: int = 0  # emitted, not fed yet
+    draft: int = 0  # the MTP block's guess of the token after `pending`
+
+    @property
+    def request(self) -> Request:
+        return self.output.request
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < len(self.request.prompt)
+
+
+def pool_pages_for(spec: decode_state.CacheSpec, rates: Sequence[int], *, pool_tokens: int | None = None,
+                   pool_pages: Mapping[int, int] | None = None, parts: int = 1) -> dict[int, int]:
+    """Pages of each rate's pool. Default: every slot at max_len (no request ever waits for pages).
+    `pool_tokens`: enough pages for any max_batch requests holding that many tokens in total — ⌈tokens / (rate ·
+    page_size)⌉ plus max_batch − 1 for the per-request rounding, capped at the default. Rounded up to `parts`."""
+    pages = {}
+    for rate in rates:
+        full = spec.max_batch * spec.table_width(rate)
+        if pool_pages is not None:
+            n = pool_pages[rate]
+        elif pool_tokens is not None:
+            n = min(full, -(-pool_tokens // (rate * spec.page_size)) + spec.max_batch - 1)
+        else:
+            n = full
+        pages[rate] = -(-max(n, 1) // parts) * parts
+    return pages
+
+
+class Scheduler:
+    """Continuous batching of generation requests over one paged decode state (see the module docstring).
+
+    max_batch: slots (requests running at once). max_len: the most positions one request may use (prompt +
+    max_new_tokens). pool_tokens / pool_pages: the size of the shared page pools (`pool_pages_for`).
+    tokenizer: anything with `decode(ids) -> str`; needed for stop strings and fills `Completion.text`.
+    stop_tokens: the default stop ids of requests that give none (default: the config's eos ids). seed: the
+    random stream of requests without their own seed. The other arguments are `make_spec`'s.
+    """
+
+    def __init__(self, model: Model1, *, max_batch: int, max_len: int, pool_tokens: int | None = None,
+                 pool_pages: Mapping[int, int] | None = None, cache_dtype: str = "auto", index_cache: str = "auto",
+                 chunk: int = 64, page_size: int = 64, mtp: bool = False, attention_backend: str = "auto",
+                 tokenizer: Any = None, stop_tokens: Sequence[int] | None = None, seed: int = 0):
+        cfg = self.config = model.config
+        if mtp and model.mtp is None:
+            raise ValueError("scheduler: mtp=True needs a model with an MTP block (num_nextn_predict_layers=1)")
+        if pool_tokens is not None:
+            positive_int(pool_tokens, "scheduler: pool_tokens")
+        if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+            raise ValueError(f"scheduler: seed must be an integer in [0, 2**32), got {seed!r}")
+        kw = dict(max_batch=max_batch, max_len=max_len, cache_dtype=cache_dtype, chunk=chunk, page_size=page_size,
+                  dtype=model.dtype, mtp=mtp, attention_backend=attention_backend, index_cache=index_cache)
+        static = decode_state.make_spec(cfg, **kw)  # checks every argument before anything is allocated
+        rates = decode_state.compress_rates(cfg, mtp)
+        parts = sharded_decode.batch_shards(model.layout, max_batch)
+        pages = pool_pages_for(static, rates, pool_tokens=pool_tokens, pool_pages=pool_pages, parts=parts)
+        self.spec = decode_state.make_spec(cfg, **kw, pool_pages=pages)
+        self.tokenizer = tokenizer
+        self.stop_tokens = cfg.eos_token_ids if stop_tokens is None else tuple(int(s) for s in stop_tokens)
+        self.seed = int(seed)
+        self.pages = PageTables(pages, {r: self.spec.table_width(r) for r in rates}, slots=max_batch,
+                                page_size=page_size, parts=parts)
+        self.state = sharded_decode.allocate(model.layout, cfg, self.spec)
+        self.draft_probs = jnp.zeros((max_batch, cfg.vocab_size), jnp.float32)
+        self.graphdef, self.params = nnx.split(model)
+        self.stats = SchedulerStats()
+        self._waiting: collections.deque[tuple[int, Request]] = collections.deque()
+        self._slots: list[_Slot | None] = [None] * max_batch
+        self._done: dict[int, Completion] = {}
+        self._submitted = 0
+
+    # -- requests ----------------------------------------------------------------------------------------
+
+    def submit(self, prompt: Sequence[int] | Request, max_new_tokens: int | None = None, **settings) -> int:
+        """Queues a request; returns its index (the order of `run()`'s results).
+
+        `prompt` is token ids (with `max_new_tokens` and optional `temperature`, `top_k`, `top_p`, `sampling`,
+        `stop_tokens`, `stop_strings`, `seed`, `id`: see `Request`) or a `Request`. A request that can never
+        run — longer than max_len, more pages than a pool holds, stop strings without a tokenizer — is a
+        ValueError here, and nothing is queued."""
+        index = self._submitted
+        what = f"request {index}" + ("" if settings.get("id") is None else f" (id {settings['id']!r})")
+        if isinstance(prompt, Request):
+            request = prompt
+            if max_new_tokens is not None or settings:
+                raise ValueError(f"{what}: pass the settings inside the Request")
+            request = Request.make(request.prompt, request.max_new_tokens, vocab_size=self.config.vocab_size,
+                                   sampling=request.sampling, stop_tokens=request.stop_tokens,
+                                   stop_strings=request.stop_strings, seed=request.seed, id=request.id, what=what)
+        else:
+            if max_new_tokens is None:
+                raise ValueError(f"{what}: max_new_tokens is required")
+            request = Request.make(prompt, max_new_tokens, vocab_size=self.config.vocab_size, what=what, **settings)
+        if request.reserve > self.spec.max_len:
+            raise ValueError(f"{what} can never run: prompt ({len(request.prompt)} tokens) + max_new_tokens "
+                             f"({request.max_new_tokens}) = {request.reserve} positions, over the scheduler's "
+                             f"max_len {self.spec.max_len}")
+        why = self.pages.never_fits(request.reserve)
+        if why:
+            raise ValueError(f"{what} can never run: {why}; give the scheduler a larger pool")
+        if request.stop_strings and self.tokenizer is None:
+            raise ValueError(f"{what}: stop_strings need a tokenizer (Scheduler(..., tokenizer=...))")
+        if request.seed is not None and request.seed >= 2**32:
+            raise ValueError(f"{what}: seed must be below 2**32, got {request.seed}")
+        self._waiting.append((index, request))
+        self._submitted += 1
+        return index
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return sum(s is not None for s in self._slots)
+
+    def pool_use(self) -> dict[int, tuple[int, int]]:
+        """compress rate -> (pages in use, pages)."""
+        return {rate: (pool.in_use, pool.pages) for rate, pool in self.pages.pools.items()}
+
+    def memory_report(self) -> MemoryReport:
+        """The state's bytes (`memory_report`) with each pool's pages in use now."""
+        return memory_report(self.config, self.spec, self.pages.in_use())
+
+    # -- running ---------------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        """Fills free slots with waiting requests, in arrival order, while their pages fit."""
+        while self._waiting:
+            index, request = self._waiting[0]
+            free = [s for s, slot in enumerate(self._slots) if slot is None and self.pages.fits(s, request.reserve)]
+            if not free:
+                return  # the oldest request waits for a slot or pages; later ones wait behind it
+            self._waiting.popleft()
+            self.pages.admit(free[0], request.reserve)
+            stop = self.stop_tokens if request.stop_tokens is None else request.stop_tokens
+            explicit = request.seed is not None
+            self._slots[free[0]] = _Slot(index, Output(request, stop, self.tokenizer),
+                                         seed=request.seed if explicit else self.seed, stream=0 if explicit else index)
+
+    def _inputs(self, t: int) -> tuple[StepInput, np.ndarray]:
+        b = self.spec.max_batch
+        ids = np.zeros((b, t), np.int32)
+        n_new, fresh, emit, has_draft = (np.zeros(b, np.int32), np.zeros(b, bool), np.zeros(b, bool),
+                                         np.zeros(b, bool))
+        temperature, top_k, top_p = np.zeros(b, np.float32), np.zeros(b, np.int32), np.ones(b, np.float32)
+        seed, stream, counter = np.zeros(b, np.uint32), np.zeros(b, np.uint32), np.zeros(b, np.int32)
+        for s, slot in enumerate(self._slots):
+            if slot is None:
+                continue
+            request = slot.request
+            if slot.prefilling:
+                chunk = request.prompt[slot.fed:slot.fed + t]
+                ids[s, :len(chunk)], n_new[s] = chunk, len(chunk)
+                fresh[s] = slot.fed == 0
+                emit[s] = slot.fed + len(chunk) == len(request.prompt)
+            else:
+                # A draft occupies the position after the pending token: only while that stays within the reserve.
+                has_draft[s] = self.spec.mtp and slot.length + 2 <= request.reserve
+                ids[s, 0] = slot.pending
+                if has_draft[s]:
+                    ids[s, 1] = slot.draft
+                n_new[s], emit[s] = 1 + has_draft[s], True
+            sampling = request.sampling
+            temperature[s], top_k[s], top_p[s] = sampling.temperature, sampling.top_k, sampling.top_p
+            seed[s], stream[s], counter[s] = slot.seed, slot.stream, len(slot.output.tokens)
+        tables = {rate: table.copy() for rate, table in self.pages.tables.items()} if self.spec.paged else {}
+        inp = StepInput(ids_bt=ids, n_new_b=n_new, fresh_b=fresh, emit_b=emit, has_draft_b=has_draft, tables=tables,
+                        temperature_b=temperature, top_k_b=top_k, top_p_b=top_p, seed_b=seed, stream_b=stream,
+                        counter_b=counter)
+        return jax.tree.map(jnp.asarray, inp), has_draft
+
+    def step(self) -> list[Completion]:
+        """Admits waiting requests, runs one compiled step, and returns the requests it finished."""
+        self._admit()
+        if self.running == 0:
+            if self._waiting:  # cannot happen: submit() refuses what can never fit
+                raise RuntimeError("scheduler: requests wait but none can be admitted into an empty batch")
+            return []
+        prefill = any(slot is not None and slot.prefilling for slot in self._slots)
+        t = self.spec.chunk if prefill else (2 if self.spec.mtp else 1)
+        t0 = time.perf_counter()
+        with CompileClock() as clock:
+            inp, has_draft = self._inputs(t)
+            out, self.draft_probs, self.state = compiled_batch_step(self.graphdef, self.params, self.state, inp,
+                                                                    self.draft_probs)
+            tokens, count, accepted, draft = (to_host(x) for x in (out.tokens_b2, out.count_b, out.accepted_b,
+                                                                   out.draft_b))
+        wall = time.perf_counter() - t0 - clock.seconds
+        st = self.stats
+        st.steps += 1
+        st.compile_s += clock.seconds
+        st.prefill_steps += prefill
+        if prefill:
+            st.prefill_s += wall
+        else:
+            st.decode_s += wall
+        n_new = np.asarray(inp.n_new_b)
+        finished = []
+        for s, slot in enumerate(self._slots):
+            if slot is None:
+                continue
+            if slot.prefilling:
+                slot.fed += int(n_new[s])
+                slot.length += int(n_new[s])
+                st.prompt_tokens += int(n_new[s])
+            else:
+                slot.length += 1 + bool(accepted[s])  # a rejected draft's position is rolled back
+                st.drafts += bool(has_draft[s])
+                st.accepted += bool(accepted[s])
+            emitted = tokens[s, :count[s]].tolist()
+            before = len(slot.output.tokens)
+            done = any(slot.output.add(tok) for tok in emitted)  # stops at the token that ends the request
+            added = len(slot.output.tokens) - before
+            st.generated_tokens += added
+            st.decode_tokens += 0 if prefill else added
+            if done:
+                finished.append(self._finish(s))
+            elif emitted:
+                slot.pending, slot.draft = emitted[-1], int(draft[s])
+        return finished
+
+    def _finish(self, s: int) -> Completion:
+        slot = self._slots[s]
+        self._slots[s] = None
+        self.pages.release(s)
+        done = slot.output.completion(slot.index)
+        self._done[slot.index] = done
+        self.stats.finished += 1
+        return done
+
+    def stream(self) -> Iterator[Completion]:
+        """Runs until every submitted request is done, yielding each completion as it finishes (requests
+        submitted meanwhile are included)."""
+        while self._waiting or self.running:
+            yield from self.step()
+
+    def run(self) -> list[Completion]:
+        """Runs every submitted request to completion; returns all completions in submission order."""
+        for _ in self.stream():
+            pass
+        return [self._done[i] for i in range(self._submitted)]
+
