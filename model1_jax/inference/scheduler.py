@@ -85,11 +85,14 @@ def pool_pages_for(spec: decode_state.CacheSpec, rates: Sequence[int], *, pool_t
     """Pages of each rate's pool. Default: every slot at max_len (no request ever waits for pages).
     `pool_tokens`: enough pages for any max_batch requests holding that many tokens in total — ⌈tokens / (rate ·
     page_size)⌉ plus max_batch − 1 for the per-request rounding, capped at the default. Rounded up to `parts`."""
+    if pool_pages is not None and sorted(pool_pages) != list(rates):
+        raise ValueError(f"scheduler: pool_pages needs one entry per compression rate {list(rates)}, got "
+                         f"{sorted(pool_pages)}")
     pages = {}
     for rate in rates:
         full = spec.max_batch * spec.table_width(rate)
         if pool_pages is not None:
-            n = pool_pages[rate]
+            n = positive_int(pool_pages[rate], f"scheduler: pool_pages[{rate}]")
         elif pool_tokens is not None:
             n = min(full, -(-pool_tokens // (rate * spec.page_size)) + spec.max_batch - 1)
         else:
