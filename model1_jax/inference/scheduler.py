@@ -150,17 +150,26 @@ class Scheduler:
 
         `prompt` is token ids (with `max_new_tokens` and optional `temperature`, `top_k`, `top_p`, `sampling`,
         `stop_tokens`, `stop_strings`, `seed`, `id`: see `Request`) or a `Request`. A request that can never
-        run — longer than max_len, more pages than a pool holds, stop strings without a tokenizer — is a
-        ValueError here, and nothing is queued."""
-        index = self._submitted
-        what = f"request {index}" + ("" if settings.get("id") is None else f" (id {settings['id']!r})")
+        run is a ValueError (`check`), and nothing is queued."""
+        request = self.check(prompt, max_new_tokens, **settings)
+        self._waiting.append((self._submitted, request))
+        self._submitted += 1
+        return self._submitted - 1
+
+    def check(self, prompt: Sequence[int] | Request, max_new_tokens: int | None = None, *, what: str | None = None,
+              **settings) -> Request:
+        """The checked `Request` `submit` would queue, or a ValueError naming the problem: bad ids or settings,
+        longer than max_len, more pages than a pool holds, stop strings without a tokenizer."""
+        if what is None:
+            label = settings.get("id", prompt.id if isinstance(prompt, Request) else None)
+            what = f"request {self._submitted}" + ("" if label is None else f" (id {label!r})")
         if isinstance(prompt, Request):
-            request = prompt
             if max_new_tokens is not None or settings:
                 raise ValueError(f"{what}: pass the settings inside the Request")
-            request = Request.make(request.prompt, request.max_new_tokens, vocab_size=self.config.vocab_size,
-                                   sampling=request.sampling, stop_tokens=request.stop_tokens,
-                                   stop_strings=request.stop_strings, seed=request.seed, id=request.id, what=what)
+            r = prompt
+            request = Request.make(r.prompt, r.max_new_tokens, vocab_size=self.config.vocab_size, sampling=r.sampling,
+                                   stop_tokens=r.stop_tokens, stop_strings=r.stop_strings, seed=r.seed, id=r.id,
+                                   what=what)
         else:
             if max_new_tokens is None:
                 raise ValueError(f"{what}: max_new_tokens is required")
@@ -176,9 +185,7 @@ class Scheduler:
             raise ValueError(f"{what}: stop_strings need a tokenizer (Scheduler(..., tokenizer=...))")
         if request.seed is not None and request.seed >= 2**32:
             raise ValueError(f"{what}: seed must be below 2**32, got {request.seed}")
-        self._waiting.append((index, request))
-        self._submitted += 1
-        return index
+        return request
 
     @property
     def waiting(self) -> int:
