@@ -65,9 +65,12 @@ def stop_rules(alone):
     return settings, want, text
 
 
-def test_batch_equals_alone(model, alone):
+@pytest.mark.parametrize("prefill_batch", [2, 3], ids=["chunks-apart", "one-call"])
+def test_batch_equals_alone(model, alone, prefill_batch):
+    """prefill_batch 2 (default): prompt chunks for two slots, then a decode step; 3 = max_batch: prompt chunks
+    and decode tokens of every slot in one call."""
     settings, want, stop_text = stop_rules(alone)
-    sched = m1.Scheduler(model, **SCHED)
+    sched = m1.Scheduler(model, **SCHED, prefill_batch=prefill_batch)
     for i, (prompt, (_, max_new), s) in enumerate(zip(PROMPTS, LENGTHS, settings)):
         sched.submit(prompt, max_new, id=f"r{i}", **s)
     waited_for_pages = admitted_while_decoding = False
@@ -93,11 +96,12 @@ def test_batch_equals_alone(model, alone):
 
 
 def test_no_recompilation_as_requests_come_and_go(model, alone):
-    """Both step shapes were compiled by the fixtures; a new scheduler and new requests compile no step."""
+    """Both step shapes ([2 slots, chunk] prompt chunks, [3 slots, 1] decode) were compiled by the fixtures; a new
+    scheduler and new requests compile no step."""
     order = list(range(len(PROMPTS)))[::-1]
     with CompileClock() as clock:
         _, results = run(model, [(PROMPTS[i], LENGTHS[i][1], SAMPLED if i == 3 else {}) for i in order])
-    assert [f for f in clock.compiled if "batch_step" in f] == [], clock.compiled
+    assert [f for f in clock.compiled if "step" in f] == [], clock.compiled
     assert [c.tokens for c in results] == [alone[i] for i in order]
 
 

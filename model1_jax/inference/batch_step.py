@@ -17,6 +17,7 @@ it receives the kept positions' streams and ids and returns a draft and its dist
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -126,3 +127,58 @@ def compiled_batch_step(graphdef, params, state, inp: StepInput, draft_probs_bv)
     """`batch_step` compiled; the state and the draft distributions are donated (updated in place). One
     compilation per distinct number of fed rows t."""
     return batch_step(nnx.merge(graphdef, params), state, inp, draft_probs_bv)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A few slots of the batch (prefill chunks without the other slots riding along)
+
+
+def take_slots(state: DecodeState, slots_p: jax.Array) -> DecodeState:
+    """The state of slots `slots_p` [p] alone, as a state of p sequences that shares the page pools."""
+    b, p = state.spec.max_batch, slots_p.shape[0]
+
+    def take(x):
+        rows = x.reshape(b, x.shape[0] // b, *x.shape[1:])[slots_p]  # a slot's ring pages / buffer rows
+        return rows.reshape(-1, *x.shape[1:])
+
+    def layer(ls):
+        return ls.replace(window=take(ls.window), compressor=jax.tree.map(take, ls.compressor),
+                          index_compressor=jax.tree.map(take, ls.index_compressor))
+
+    return state.replace(layers=tuple(layer(ls) for ls in state.layers), lengths=take(state.lengths),
+                         mtp=None if state.mtp is None else layer(state.mtp),
+                         mtp_lengths=None if state.mtp_lengths is None else take(state.mtp_lengths),
+                         last_streams=None if state.last_streams is None else take(state.last_streams),
+                         block_tables=jax.tree.map(take, state.block_tables),
+                         spec=dataclasses.replace(state.spec, max_batch=p))
+
+
+def put_slots(state: DecodeState, sub: DecodeState, slots_p: jax.Array) -> DecodeState:
+    """`state` with slots `slots_p` replaced by `sub` (from `take_slots`) and the page pools taken from `sub`."""
+    b, p = state.spec.max_batch, slots_p.shape[0]
+
+    def put(x, y):
+        k = x.shape[0] // b
+        return x.reshape(b, k, *x.shape[1:]).at[slots_p].set(y.reshape(p, k, *y.shape[1:])).reshape(x.shape)
+
+    def layer(ls, sub_ls):
+        return sub_ls.replace(window=put(ls.window, sub_ls.window),
+                              compressor=jax.tree.map(put, ls.compressor, sub_ls.compressor),
+                              index_compressor=jax.tree.map(put, ls.index_compressor, sub_ls.index_compressor))
+
+    maybe = lambda x, y: None if x is None else put(x, y)  # noqa: E731
+    return state.replace(layers=tuple(layer(a, c) for a, c in zip(state.layers, sub.layers)),
+                         lengths=put(state.lengths, sub.lengths),
+                         mtp=None if state.mtp is None else layer(state.mtp, sub.mtp),
+                         mtp_lengths=maybe(state.mtp_lengths, sub.mtp_lengths),
+                         last_streams=maybe(state.last_streams, sub.last_streams),
+                         block_tables=jax.tree.map(put, state.block_tables, sub.block_tables))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state", "draft_probs_bv"))
+def compiled_slots_step(graphdef, params, state, slots_p, inp: StepInput, draft_probs_bv):
+    """`batch_step` on slots `slots_p` [p] only (distinct; `inp` has p rows): the other slots are not computed.
+    Returns (StepOutput of p rows, draft distributions of all slots, state)."""
+    sub = take_slots(state, slots_p)
+    out, probs_pv, sub = batch_step(nnx.merge(graphdef, params), sub, inp, draft_probs_bv[slots_p])
+    return out, draft_probs_bv.at[slots_p].set(probs_pv), put_slots(state, sub, slots_p)

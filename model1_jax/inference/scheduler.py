@@ -30,7 +30,7 @@ from flax import nnx
 from model1_jax.common import positive_int
 from model1_jax.inference import sharded as sharded_decode
 from model1_jax.inference import state as decode_state
-from model1_jax.inference.batch_step import StepInput, compiled_batch_step
+from model1_jax.inference.batch_step import StepInput, compiled_batch_step, compiled_slots_step
 from model1_jax.inference.clock import CompileClock
 from model1_jax.inference.memory import MemoryReport, memory_report
 from model1_jax.inference.paging import PageTables
@@ -108,13 +108,16 @@ class Scheduler:
     max_new_tokens). pool_tokens / pool_pages: the size of the shared page pools (`pool_pages_for`).
     tokenizer: anything with `decode(ids) -> str`; needed for stop strings and fills `Completion.text`.
     stop_tokens: the default stop ids of requests that give none (default: the config's eos ids). seed: the
-    random stream of requests without their own seed. The other arguments are `make_spec`'s.
+    random stream of requests without their own seed. prefill_batch: slots given a prompt chunk per step
+    (default 2; max_batch puts prompt chunks and decode tokens of every slot in one call). The other arguments
+    are `make_spec`'s.
     """
 
     def __init__(self, model: Model1, *, max_batch: int, max_len: int, pool_tokens: int | None = None,
                  pool_pages: Mapping[int, int] | None = None, cache_dtype: str = "auto", index_cache: str = "auto",
                  chunk: int = 64, page_size: int = 64, mtp: bool = False, attention_backend: str = "auto",
-                 tokenizer: Any = None, stop_tokens: Sequence[int] | None = None, seed: int = 0):
+                 tokenizer: Any = None, stop_tokens: Sequence[int] | None = None, seed: int = 0,
+                 prefill_batch: int | None = None):
         cfg = self.config = model.config
         if mtp and model.mtp is None:
             raise ValueError("scheduler: mtp=True needs a model with an MTP block (num_nextn_predict_layers=1)")
@@ -132,6 +135,9 @@ class Scheduler:
         self.tokenizer = tokenizer
         self.stop_tokens = cfg.eos_token_ids if stop_tokens is None else tuple(int(s) for s in stop_tokens)
         self.seed = int(seed)
+        # Under a sharding layout every call takes the whole batch: a slot's pages belong to its own part.
+        self.prefill_batch = max_batch if model.layout is not None else min(
+            max_batch, positive_int(prefill_batch, "scheduler: prefill_batch") if prefill_batch else 2)
         self.pages = PageTables(pages, {r: self.spec.table_width(r) for r in rates}, slots=max_batch,
                                 page_size=page_size, parts=parts)
         self.state = sharded_decode.allocate(model.layout, cfg, self.spec)
@@ -219,86 +225,109 @@ class Scheduler:
             self._slots[free[0]] = _Slot(index, Output(request, stop, self.tokenizer),
                                          seed=request.seed if explicit else self.seed, stream=0 if explicit else index)
 
-    def _inputs(self, t: int) -> tuple[StepInput, np.ndarray]:
-        b = self.spec.max_batch
+    def _inputs(self, rows: list[int], t: int, prefill: bool, decode: bool) -> tuple[StepInput, np.ndarray]:
+        """Step inputs for slots `rows` (in that order): prompt chunks of prefilling slots if `prefill`, the pending
+        token (and draft) of decoding slots if `decode`; any other row feeds nothing."""
+        b = len(rows)
         ids = np.zeros((b, t), np.int32)
         n_new, fresh, emit, has_draft = (np.zeros(b, np.int32), np.zeros(b, bool), np.zeros(b, bool),
                                          np.zeros(b, bool))
         temperature, top_k, top_p = np.zeros(b, np.float32), np.zeros(b, np.int32), np.ones(b, np.float32)
         seed, stream, counter = np.zeros(b, np.uint32), np.zeros(b, np.uint32), np.zeros(b, np.int32)
-        for s, slot in enumerate(self._slots):
-            if slot is None:
+        for r, s in enumerate(rows):
+            slot = self._slots[s]
+            if slot is None or not (prefill if slot.prefilling else decode):
                 continue
             request = slot.request
             if slot.prefilling:
                 chunk = request.prompt[slot.fed:slot.fed + t]
-                ids[s, :len(chunk)], n_new[s] = chunk, len(chunk)
-                fresh[s] = slot.fed == 0
-                emit[s] = slot.fed + len(chunk) == len(request.prompt)
+                ids[r, :len(chunk)], n_new[r] = chunk, len(chunk)
+                fresh[r] = slot.fed == 0
+                emit[r] = slot.fed + len(chunk) == len(request.prompt)
             else:
                 # A draft occupies the position after the pending token: only while that stays within the reserve.
-                has_draft[s] = self.spec.mtp and slot.length + 2 <= request.reserve
-                ids[s, 0] = slot.pending
-                if has_draft[s]:
-                    ids[s, 1] = slot.draft
-                n_new[s], emit[s] = 1 + has_draft[s], True
+                has_draft[r] = self.spec.mtp and slot.length + 2 <= request.reserve
+                ids[r, 0] = slot.pending
+                if has_draft[r]:
+                    ids[r, 1] = slot.draft
+                n_new[r], emit[r] = 1 + has_draft[r], True
             sampling = request.sampling
-            temperature[s], top_k[s], top_p[s] = sampling.temperature, sampling.top_k, sampling.top_p
-            seed[s], stream[s], counter[s] = slot.seed, slot.stream, len(slot.output.tokens)
-        tables = {rate: table.copy() for rate, table in self.pages.tables.items()} if self.spec.paged else {}
+            temperature[r], top_k[r], top_p[r] = sampling.temperature, sampling.top_k, sampling.top_p
+            seed[r], stream[r], counter[r] = slot.seed, slot.stream, len(slot.output.tokens)
+        tables = {rate: table[rows] for rate, table in self.pages.tables.items()} if self.spec.paged else {}
         inp = StepInput(ids_bt=ids, n_new_b=n_new, fresh_b=fresh, emit_b=emit, has_draft_b=has_draft, tables=tables,
                         temperature_b=temperature, top_k_b=top_k, top_p_b=top_p, seed_b=seed, stream_b=stream,
                         counter_b=counter)
-        return jax.tree.map(jnp.asarray, inp), has_draft
+        return jax.tree.map(jnp.asarray, inp), n_new, has_draft
 
     def step(self) -> list[Completion]:
-        """Admits waiting requests, runs one compiled step, and returns the requests it finished."""
+        """Admits waiting requests, runs the compiled step(s) of one iteration, and returns the requests it
+        finished: with `prefill_batch` < max_batch, a chunk for up to that many prefilling slots (the others not
+        computed) and then one token for every decoding slot; otherwise one call doing both for every slot."""
         self._admit()
         if self.running == 0:
             if self._waiting:  # cannot happen: submit() refuses what can never fit
                 raise RuntimeError("scheduler: requests wait but none can be admitted into an empty batch")
             return []
-        prefill = any(slot is not None and slot.prefilling for slot in self._slots)
-        t = self.spec.chunk if prefill else (2 if self.spec.mtp else 1)
+        b, chunk, decode_t = self.spec.max_batch, self.spec.chunk, (2 if self.spec.mtp else 1)
+        prefilling = [s for s, slot in enumerate(self._slots) if slot is not None and slot.prefilling]
+        if self.prefill_batch == b:  # one call: prompt chunks and decode tokens for every slot
+            return self._run(list(range(b)), chunk if prefilling else decode_t, prefill=True, decode=True, sub=False)
+        finished = []
+        if prefilling:
+            chosen = sorted(prefilling, key=lambda s: self._slots[s].index)[:self.prefill_batch]
+            pad = [s for s in range(b) if s not in chosen][:self.prefill_batch - len(chosen)]  # rows feeding nothing
+            finished += self._run(chosen + pad, chunk, prefill=True, decode=False, sub=True)
+        if any(slot is not None and not slot.prefilling for slot in self._slots):
+            finished += self._run(list(range(b)), decode_t, prefill=False, decode=True, sub=False)
+        return finished
+
+    def _run(self, rows: list[int], t: int, *, prefill: bool, decode: bool, sub: bool) -> list[Completion]:
         t0 = time.perf_counter()
         with CompileClock() as clock:
-            inp, has_draft = self._inputs(t)
-            out, self.draft_probs, self.state = compiled_batch_step(self.graphdef, self.params, self.state, inp,
-                                                                    self.draft_probs)
+            inp, n_new, has_draft = self._inputs(rows, t, prefill, decode)
+            args = (self.graphdef, self.params, self.state)
+            if sub:
+                out, self.draft_probs, self.state = compiled_slots_step(*args, jnp.asarray(rows, jnp.int32), inp,
+                                                                        self.draft_probs)
+            else:
+                out, self.draft_probs, self.state = compiled_batch_step(*args, inp, self.draft_probs)
             tokens, count, accepted, draft = (to_host(x) for x in (out.tokens_b2, out.count_b, out.accepted_b,
                                                                    out.draft_b))
         wall = time.perf_counter() - t0 - clock.seconds
         st = self.stats
+        fed_prompt = any(self._slots[s] is not None and self._slots[s].prefilling and n_new[r] > 0
+                         for r, s in enumerate(rows))
         st.steps += 1
         st.compile_s += clock.seconds
-        st.prefill_steps += prefill
-        if prefill:
+        st.prefill_steps += fed_prompt
+        if fed_prompt:
             st.prefill_s += wall
         else:
             st.decode_s += wall
-        n_new = np.asarray(inp.n_new_b)
         finished = []
-        for s, slot in enumerate(self._slots):
-            if slot is None:
+        for r, s in enumerate(rows):
+            slot = self._slots[s]
+            if slot is None or not n_new[r]:
                 continue
             if slot.prefilling:
-                slot.fed += int(n_new[s])
-                slot.length += int(n_new[s])
-                st.prompt_tokens += int(n_new[s])
+                slot.fed += int(n_new[r])
+                slot.length += int(n_new[r])
+                st.prompt_tokens += int(n_new[r])
             else:
-                slot.length += 1 + bool(accepted[s])  # a rejected draft's position is rolled back
-                st.drafts += bool(has_draft[s])
-                st.accepted += bool(accepted[s])
-            emitted = tokens[s, :count[s]].tolist()
+                slot.length += 1 + bool(accepted[r])  # a rejected draft's position is rolled back
+                st.drafts += bool(has_draft[r])
+                st.accepted += bool(accepted[r])
+            emitted = tokens[r, :count[r]].tolist()
             before = len(slot.output.tokens)
             done = any(slot.output.add(tok) for tok in emitted)  # stops at the token that ends the request
             added = len(slot.output.tokens) - before
             st.generated_tokens += added
-            st.decode_tokens += 0 if prefill else added
+            st.decode_tokens += 0 if fed_prompt else added
             if done:
                 finished.append(self._finish(s))
             elif emitted:
-                slot.pending, slot.draft = emitted[-1], int(draft[s])
+                slot.pending, slot.draft = emitted[-1], int(draft[r])
         return finished
 
     def _finish(self, s: int) -> Completion:
