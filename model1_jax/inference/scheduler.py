@@ -109,8 +109,8 @@ class Scheduler:
     tokenizer: anything with `decode(ids) -> str`; needed for stop strings and fills `Completion.text`.
     stop_tokens: the default stop ids of requests that give none (default: the config's eos ids). seed: the
     random stream of requests without their own seed. prefill_batch: slots given a prompt chunk per step
-    (default 2; max_batch puts prompt chunks and decode tokens of every slot in one call). The other arguments
-    are `make_spec`'s.
+    (default 1: a refill rarely finds a second slot prefilling, and a padded row costs a real one; max_batch puts
+    prompt chunks and decode tokens of every slot in one call). The other arguments are `make_spec`'s.
     """
 
     def __init__(self, model: Model1, *, max_batch: int, max_len: int, pool_tokens: int | None = None,
@@ -137,7 +137,7 @@ class Scheduler:
         self.seed = int(seed)
         # Under a sharding layout every call takes the whole batch: a slot's pages belong to its own part.
         self.prefill_batch = max_batch if model.layout is not None else min(
-            max_batch, positive_int(prefill_batch, "scheduler: prefill_batch") if prefill_batch else 2)
+            max_batch, positive_int(prefill_batch, "scheduler: prefill_batch") if prefill_batch else 1)
         self.pages = PageTables(pages, {r: self.spec.table_width(r) for r in rates}, slots=max_batch,
                                 page_size=page_size, parts=parts)
         self.state = sharded_decode.allocate(model.layout, cfg, self.spec)
