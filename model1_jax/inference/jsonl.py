@@ -128,6 +128,9 @@ def read_requests(path: str | os.PathLike, vocab_size: int, *, defaults: Mapping
             except ValueError as e:
                 bad.append(BadLine(n, str(e)))
                 continue
+            except TypeError as e:  # a value of a type nothing above expected (e.g. inside "messages")
+                bad.append(BadLine(n, f"a value of the wrong type: {e}"))
+                continue
             key = id_key(entry.id)
             if key in seen:
                 bad.append(BadLine(n, f"id {entry.id!r} repeats line {seen[key]}"))

@@ -45,14 +45,16 @@ class Request:
         positive_int(max_new_tokens, f"{what}: max_new_tokens")
         sampling = sampling or Sampling(temperature, top_k, top_p)
         if stop_tokens is not None:
+            if not isinstance(stop_tokens, Sequence | np.ndarray) or isinstance(stop_tokens, str) or any(
+                    not isinstance(s, int | np.integer) or isinstance(s, bool) or not 0 <= s < vocab_size
+                    for s in stop_tokens):
+                raise ValueError(f"{what}: stop_tokens must be a list of ids in [0, {vocab_size}), got {stop_tokens!r}")
             stop_tokens = tuple(int(s) for s in stop_tokens)
-            if any(not 0 <= s < vocab_size for s in stop_tokens):
-                raise ValueError(f"{what}: stop_tokens must be ids in [0, {vocab_size}), got {list(stop_tokens)}")
         if isinstance(stop_strings, str):
             stop_strings = (stop_strings,)
+        if not isinstance(stop_strings, Sequence) or any(not isinstance(s, str) or not s for s in stop_strings):
+            raise ValueError(f"{what}: stop_strings must be non-empty strings, got {stop_strings!r}")
         stop_strings = tuple(stop_strings)
-        if any(not isinstance(s, str) or not s for s in stop_strings):
-            raise ValueError(f"{what}: stop_strings must be non-empty strings, got {list(stop_strings)}")
         if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
             raise ValueError(f"{what}: seed must be an integer >= 0, got {seed!r}")
         return cls(tuple(int(x) for x in prompt), int(max_new_tokens), sampling, stop_tokens, stop_strings,
