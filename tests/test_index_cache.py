@@ -100,15 +100,17 @@ def fp8_index_keys(k):
 
 
 def rounded_forward(model, ids):
-    """The full forward with attention keys stored as the FP8 KV cache stores them and indexer keys as the FP8
-    indexer cache stores them."""
-    attend, scores = attention.attend, Indexer.scores
+    """The full forward (the dense reference attention) with attention keys stored as the FP8 KV cache stores
+    them and the indexer's keys as the FP8 indexer cache stores them."""
+    attend, select = attention.attend, Indexer.select
     attention.attend = lambda q, k, *args: attend(q, fp8_stored(k), *args)
-    Indexer.scores = lambda self, x, q, k, pos: scores(self, x, q, fp8_index_keys(k), pos)
+    Indexer.select = lambda self, x, q, k, pos: select(self, x, q, fp8_index_keys(k), pos)
+    attention.use_full_attention(model, "dense")
     try:  # a fresh jit: the patched functions are read while tracing
         return np.asarray(nnx.jit(lambda m, x: m(x))(model, ids))
     finally:
-        attention.attend, Indexer.scores = attend, scores
+        attention.attend, Indexer.select = attend, select
+        attention.use_full_attention(model, "auto")
 
 
 def test_decode_with_fp8_index_keys_matches_the_rounded_forward():

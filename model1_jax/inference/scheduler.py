@@ -319,6 +319,9 @@ class Scheduler:
                 st.drafts += bool(has_draft[r])
                 st.accepted += bool(accepted[r])
             emitted = tokens[r, :count[r]].tolist()
+            if not fed_prompt:
+                st.sequence_steps += 1
+                st.step_tokens += len(emitted)
             before = len(slot.output.tokens)
             done = any(slot.output.add(tok) for tok in emitted)  # stops at the token that ends the request
             added = len(slot.output.tokens) - before
