@@ -183,13 +183,6 @@ def main() -> None:
 def batch_file(args: argparse.Namespace, model: m1.Model1, tokenizer: HFTokenizer | None,
                speculative: str | None) -> int:
     """--input/--output: requests file → results file through the continuous-batching scheduler."""
-    if speculative == "dspark":
-        if args.speculative == "dspark":
-            print("error: --input runs the continuous batcher, which does not drive the DSpark step yet; use "
-                  "--speculative mtp or none", file=sys.stderr)
-            return 1
-        print("note    the continuous batcher does not drive the DSpark drafter yet: running without speculation")
-        speculative = None
     encoder = None
     if tokenizer is not None:
         try:
@@ -205,7 +198,7 @@ def batch_file(args: argparse.Namespace, model: m1.Model1, tokenizer: HFTokenize
         max_len = args.max_len or min(longest, model.config.max_position_embeddings)  # longer lines are reported
         sched = m1.Scheduler(model, max_batch=args.max_batch, max_len=max_len,
                              pool_tokens=args.pool_tokens, cache_dtype=args.cache_dtype, chunk=args.chunk,
-                             mtp=speculative == "mtp", attention_backend=args.attention_backend,
+                             speculative=speculative, attention_backend=args.attention_backend,
                              tokenizer=encoder or tokenizer, stop_tokens=args.stop, seed=args.seed)
         entries, too_big = jsonl.admissible(entries, sched)
         done = jsonl.finished_ids(args.output)

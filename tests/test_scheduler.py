@@ -10,6 +10,7 @@ import pytest
 import model1_jax as m1
 from model1_jax.inference.clock import CompileClock
 from model1_jax.text import ByteTokenizer
+from tests import synthetic_dspark as sd
 from tests.util import random_model
 
 # Window 8; a CSA layer (m=4, top 3 entries), an HCA layer (m'=8) and the MTP block: every paged cache.
@@ -110,6 +111,29 @@ def test_mtp_in_the_batcher_equals_plain_greedy(model, alone):
     sched, results = run(model, [(PROMPTS[i], LENGTHS[i][1], {}) for i in greedy], mtp=True)
     assert [c.tokens for c in results] == [alone[i] for i in greedy]
     assert sched.stats.drafts > 0
+
+
+@pytest.mark.parametrize("prefill_batch", [1, 3], ids=["chunks-apart", "all-slots"])
+def test_dspark_in_the_batcher_equals_plain_greedy(prefill_batch):
+    """The DSpark drafter (G = 5, a 6-token verify) driving the batcher, with its Markov head set to the plain
+    outputs' bigrams so that most drafts are accepted and some rejected: the plain greedy tokens of every request,
+    pages returned, and a second scheduler compiles no step."""
+    cfg = TINY.replace(num_nextn_predict_layers=0, dspark=m1.DSparkConfig(5, 255, (0, 1), 8))
+    model = random_model(cfg, seed=11)
+    greedy = [i for i in range(len(PROMPTS)) if i != 3]
+    requests = [(PROMPTS[i], LENGTHS[i][1], {}) for i in greedy]
+    want = [c.tokens for c in run(model, requests, prefill_batch=prefill_batch)[1]]
+    sd.agree(model, [PROMPTS[i] + w for i, w in zip(greedy, want)])
+    sched, results = run(model, requests, speculative="dspark", prefill_batch=prefill_batch)
+    assert [c.tokens for c in results] == want
+    st = sched.stats
+    assert 0 < st.accepted < st.drafts and st.step_tokens / st.sequence_steps > 2, st
+    assert all(c.confidence.shape[1] == 5 and len(c.confidence) > 0 for c in results)
+    assert sched.pages.in_use() == {4: 0, 8: 0}
+    with CompileClock() as clock:
+        again = run(model, requests[::-1], speculative="dspark", prefill_batch=prefill_batch)[1]
+    assert [f for f in clock.compiled if "step" in f] == [], clock.compiled
+    assert [c.tokens for c in again] == want[::-1]
 
 
 def test_never_fits_and_bad_requests(model):

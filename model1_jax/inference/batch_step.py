@@ -11,8 +11,9 @@ cache slot is rewritten before it can be read again (docs/decode.md §2.5). The 
 inputs: the scheduler owns them.
 
 The step is `verify` (the main model and the acceptance rule) followed by `mtp_draft` (the MTP block catches up
-on every kept position and drafts the next token). Another drafter plugs in by replacing the second half:
-it receives the kept positions' streams and ids and returns a draft and its distribution per slot.
+on every kept position and drafts the next token). With the DSpark drafter the prompt chunks go through `verify`
+(which also writes the drafter's rings) and decoding slots through `dspark_batch_step` (`inference.speculative`:
+G drafts, a G + 1-token verify), in calls of their own.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from model1_jax.inference import sampling
+from model1_jax.inference import drafter, sampling
+from model1_jax.inference import speculative as speculative_lib
 from model1_jax.inference import steps as decode
 from model1_jax.inference.state import DecodeState
 from model1_jax.model.transformer import Model1
@@ -68,7 +70,11 @@ def verify(model: Model1, state: DecodeState, inp: StepInput, draft_probs_bv: ja
     prev_streams = state.last_streams
     n_new_b = inp.n_new_b
     has_draft_b = inp.has_draft_b & inp.emit_b & (n_new_b >= 2)
-    streams_btcd, state = decode.model_step(model, state, inp.ids_bt, n_new_b)
+    if spec.dspark:  # the drafter's rings take every committed position (no drafts are verified here)
+        streams_btcd, hidden_btk, state = decode.model_step(model, state, inp.ids_bt, n_new_b, capture=True)
+        state = drafter.write_rings(model, state, hidden_btk, lengths0_b, n_new_b)
+    else:
+        streams_btcd, state = decode.model_step(model, state, inp.ids_bt, n_new_b)
 
     # Row r0 predicts the token after the last certain one; row r0 + 1 the one after the draft.
     r0_b = jnp.maximum(n_new_b - 1 - has_draft_b, 0)
@@ -129,6 +135,30 @@ def compiled_batch_step(graphdef, params, state, inp: StepInput, draft_probs_bv)
     return batch_step(nnx.merge(graphdef, params), state, inp, draft_probs_bv)
 
 
+@struct.dataclass
+class DSparkOutput:
+    tokens_bt: jax.Array  # int32 [b, G + 1]: emitted tokens, the first count[b] valid
+    count_b: jax.Array  # int32 [b]: accepted drafts + 1 (0 for slots that fed nothing)
+    accepted_b: jax.Array  # int32 [b]: drafts accepted
+    confidence_bg: jax.Array  # float32 [b, G]: the drafter's sigmoid(confidence) of this call's drafts
+
+
+def dspark_batch_step(model: Model1, state: DecodeState, inp: StepInput) -> tuple[DSparkOutput, DecodeState]:
+    """DSpark decode for every slot with n_new > 0: ids[b, 0] is its pending token, n_new − 1 the drafts it may
+    verify (its room left in the reserve, at most G). Each slot draws with its own key and settings."""
+    state = state.replace(block_tables=inp.tables if state.spec.paged else None)
+    keys_b = sampling.row_keys(inp.seed_b, inp.stream_b, inp.counter_b)
+    tokens, count, _, accepted, confidence, state = speculative_lib.dspark_step(
+        model, state, inp.ids_bt[:, 0], inp.n_new_b, keys_b, (inp.temperature_b, inp.top_k_b, inp.top_p_b))
+    return DSparkOutput(tokens, count.astype(jnp.int32), accepted.astype(jnp.int32), confidence), state
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
+def compiled_dspark_batch_step(graphdef, params, state, inp: StepInput):
+    """`dspark_batch_step` compiled (one shape: ids [b, 1]); the state is donated."""
+    return dspark_batch_step(nnx.merge(graphdef, params), state, inp)
+
+
 # ----------------------------------------------------------------------------------------------------
 # A few slots of the batch (prefill chunks without the other slots riding along)
 
@@ -149,6 +179,7 @@ def take_slots(state: DecodeState, slots_p: jax.Array) -> DecodeState:
                          mtp=None if state.mtp is None else layer(state.mtp),
                          mtp_lengths=None if state.mtp_lengths is None else take(state.mtp_lengths),
                          last_streams=None if state.last_streams is None else take(state.last_streams),
+                         dspark=None if state.dspark is None else tuple(take(r) for r in state.dspark),
                          block_tables=jax.tree.map(take, state.block_tables),
                          spec=dataclasses.replace(state.spec, max_batch=p))
 
@@ -172,6 +203,7 @@ def put_slots(state: DecodeState, sub: DecodeState, slots_p: jax.Array) -> Decod
                          mtp=None if state.mtp is None else layer(state.mtp, sub.mtp),
                          mtp_lengths=maybe(state.mtp_lengths, sub.mtp_lengths),
                          last_streams=maybe(state.last_streams, sub.last_streams),
+                         dspark=None if state.dspark is None else tuple(map(put, state.dspark, sub.dspark)),
                          block_tables=jax.tree.map(put, state.block_tables, sub.block_tables))
 
 

@@ -12,34 +12,24 @@ draft is undone by the sequence's length alone (docs/decode.md §6).
 
 DSpark speculative decoding (`speculative="dspark"`, the 0731 / 0813 checkpoints' drafter): each step drafts
 G = 5 tokens and verifies G + 1 = 6 in one target call (`inference.speculative`); `stats.mean_accepted_length`
-is the tokens emitted per sequence and step (1 to 6), `gen.confidence` the drafter's confidence per draft. It
-runs one static batch (every prompt in a slot, at most `max_batch` prompts); the batcher does not drive the
-DSpark step yet.
+is the tokens emitted per sequence and step (1 to 6), `gen.confidence` the drafter's confidence per draft.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
 from model1_jax.common import check_token_ids, positive_int
-from model1_jax.inference import sampling as sampling_lib
-from model1_jax.inference import sharded as sharded_decode
-from model1_jax.inference import speculative as speculative_lib
 from model1_jax.inference import state as decode_state
-from model1_jax.inference import steps as decode
 from model1_jax.inference.clock import CompileClock
 from model1_jax.inference.sampling import Sampling
 from model1_jax.inference.scheduler import Scheduler
 from model1_jax.model.transformer import Model1
-from model1_jax.parallel.distributed import to_host
 
 __all__ = ["CompileClock", "Generation", "GenerationStats", "generate"]
 
@@ -147,21 +137,19 @@ def generate(model: Model1, prompts, max_new_tokens: int, *, temperature: float 
     spec = decode_state.make_spec(cfg, max_batch=max_batch, max_len=max_len, cache_dtype=cache_dtype, chunk=chunk,
                                   page_size=page_size, dtype=model.dtype, mtp=mtp, attention_backend=attention_backend,
                                   speculative="dspark" if dspark else None, index_cache=index_cache)
-    if dspark and len(prompts) > spec.max_batch:
-        raise ValueError(f"generate: {len(prompts)} prompts exceed max_batch {spec.max_batch} (speculative='dspark' "
-                         "runs one static batch)")
     if longest > max_len:
         raise ValueError(f"generate: a prompt has {longest} tokens, over max_len {max_len}")
     if longest + max_new_tokens > max_len:
         raise ValueError(f"generate: prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_len "
                          f"{max_len}")
-    if dspark:
-        return _generate_dspark(model, prompts, max_new_tokens, spec, sampling, int(seed), stop, progress)
 
     with CompileClock() as clock:
         sched = Scheduler(model, max_batch=spec.max_batch, max_len=max_len, cache_dtype=cache_dtype,
-                          index_cache=index_cache, chunk=chunk, page_size=page_size, mtp=mtp,
-                          attention_backend=attention_backend, stop_tokens=stop, seed=int(seed))
+                          index_cache=index_cache, chunk=chunk, page_size=page_size,
+                          speculative="mtp" if mtp else speculative, attention_backend=attention_backend,
+                          stop_tokens=stop, seed=int(seed),
+                          # every prompt has a slot from the start: prefill them together, as a static batch would
+                          prefill_batch=spec.max_batch if len(prompts) <= spec.max_batch else None)
         for prompt in prompts:
             sched.submit(prompt, max_new_tokens, sampling=sampling)
         bar = tqdm(total=len(prompts), unit="seq", disable=not progress, desc="generate")
@@ -180,79 +168,6 @@ def generate(model: Model1, prompts, max_new_tokens: int, *, temperature: float 
         cache_bytes=sum(x.nbytes for x in jax.tree.leaves(sched.state)), cache_spec=sched.spec, drafts=st.drafts,
         accepted=st.accepted, sequence_steps=st.sequence_steps, step_tokens=st.step_tokens,
         decode_tokens=st.decode_tokens, steps=st.steps)
-    return Generation(tokens=[c.tokens for c in results], stats=stats)
-
-
-@jax.jit
-def _first_token(logits_bv, key, sampling):
-    return sampling_lib.draw(key, sampling_lib.probabilities(logits_bv, sampling))
-
-
-def _generate_dspark(model: Model1, prompts: list[list[int]], max_new_tokens: int, spec, sampling: Sampling,
-                     seed: int, stop: tuple[int, ...], progress: bool) -> Generation:
-    """DSpark speculation over one static batch: prefill every prompt, then draft-verify-commit steps."""
-    b, longest, max_len = spec.max_batch, max(map(len, prompts)), spec.max_len
-    ids = np.zeros((b, longest), np.int32)
-    lengths = np.zeros((b,), np.int32)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)] = p
-        lengths[i] = len(p)
-    key = jax.random.key(seed)
-    graphdef, params = nnx.split(model)
-    outputs: list[list[int]] = [[] for _ in prompts]
-    done = np.arange(b) >= len(prompts)
-    drafts = accepted = steps = sequence_steps = step_tokens = 0
-    confidence: list[list[np.ndarray]] = [[] for _ in prompts]
-    bar = tqdm(total=len(prompts) * max_new_tokens, unit="tok", disable=not progress, desc="generate")
-
-    def emit(row: int, token: int) -> None:
-        outputs[row].append(token)
-        bar.update(1)
-        if token in stop or len(outputs[row]) >= max_new_tokens:
-            done[row] = True
-            bar.update(max_new_tokens - len(outputs[row]))
-
-    state = sharded_decode.allocate(model.layout, model.config, spec)  # split by sequence under a layout
-    cache_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
-    with CompileClock() as clock:
-        t0 = time.perf_counter()
-        logits_bv, state = decode.prefill(model, state, ids, lengths)
-        sampling_arrays = sampling.arrays()
-        pending = _first_token(logits_bv, jax.random.fold_in(key, 0), sampling_arrays)
-        first = to_host(pending)
-        prefill_s, prefill_compile = time.perf_counter() - t0, clock.seconds
-        for row in range(len(prompts)):
-            emit(row, int(first[row]))
-        t0 = time.perf_counter()
-        lengths_now = lengths.copy()  # tokens in the main caches (the pending token is not fed yet)
-        while not done.all():
-            steps += 1
-            active = ~done
-            emitted, count, pending, acc, conf, state = speculative_lib.compiled_dspark_step(
-                graphdef, params, state, pending, jnp.asarray(active), jax.random.fold_in(key, steps),
-                sampling_arrays)
-            drafts += int(np.minimum(max_len - lengths_now - 1, model.dspark.block_size)[active].sum())
-            accepted += int(to_host(acc)[active].sum())
-            conf = to_host(conf)
-            for row in np.flatnonzero(active[:len(prompts)]):
-                confidence[row].append(conf[row])
-            emitted, count = to_host(emitted), to_host(count)
-            lengths_now += count
-            sequence_steps += int(active.sum())
-            step_tokens += int(count[active].sum())
-            for row in np.flatnonzero(active):
-                for j in range(count[row]):
-                    if not done[row]:
-                        emit(row, int(emitted[row, j]))
-        decode_s = time.perf_counter() - t0
-    bar.close()
-    decode_compile = clock.seconds - prefill_compile
-    generated = sum(len(o) for o in outputs)
-    stats = GenerationStats(
-        prompt_tokens=int(lengths.sum()), generated_tokens=generated,
-        prefill_s=max(prefill_s - prefill_compile, 0.0), decode_s=max(decode_s - decode_compile, 0.0),
-        compile_s=clock.seconds, decode_steps=steps, cache_bytes=cache_bytes, cache_spec=spec, drafts=drafts,
-        accepted=accepted, sequence_steps=sequence_steps, step_tokens=step_tokens,
-        decode_tokens=generated - len(prompts), steps=steps + 1)
-    conf_out = [np.stack(c) if c else np.zeros((0, model.dspark.block_size)) for c in confidence]
-    return Generation(tokens=outputs, stats=stats, confidence=conf_out)
+    confidence = [c.confidence if c.confidence is not None else np.zeros((0, cfg.dspark.block_size), np.float32)
+                  for c in results] if dspark else None
+    return Generation(tokens=[c.tokens for c in results], stats=stats, confidence=confidence)

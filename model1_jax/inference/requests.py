@@ -70,7 +70,8 @@ class Request:
 class Completion:
     """A finished request. `index` is its submission order; `tokens` the generated ids (a stop token or the
     token that completed a stop string included); `text` the decoded tokens (with a tokenizer), cut before a stop
-    string; `stop` the stop token or string that ended it (None for "length")."""
+    string; `stop` the stop token or string that ended it (None for "length"); `confidence` (DSpark) the
+    drafter's sigmoid(confidence) of the G drafts of each decode step the request took [steps, G]."""
 
     index: int
     id: Any
@@ -79,6 +80,7 @@ class Completion:
     finish_reason: str  # "stop" or "length"
     stop: int | str | None = None
     text: str | None = None
+    confidence: Any = None
 
 
 class Output:
@@ -89,6 +91,7 @@ class Output:
         self.tokens: list[int] = []
         self.finish: tuple[str, int | str | None] | None = None
         self.text: str | None = None
+        self.confidence: list = []  # DSpark: one [G] row per decode step
 
     def add(self, token: int) -> bool:
         """Appends a generated token; True when the request is finished."""
@@ -112,4 +115,5 @@ class Output:
         cut = isinstance(self.finish[1], str)  # ended by a stop string: the text stops before it
         text = self.text if cut else (None if self.tokenizer is None else self.tokenizer.decode(self.tokens))
         return Completion(index=index, id=self.request.id, prompt_tokens=len(self.request.prompt),
-                          tokens=list(self.tokens), finish_reason=self.finish[0], stop=self.finish[1], text=text)
+                          tokens=list(self.tokens), finish_reason=self.finish[0], stop=self.finish[1], text=text,
+                          confidence=np.stack(self.confidence) if self.confidence else None)

@@ -6,12 +6,12 @@
         print(done.id, done.text)
     results = sched.run()              # or: every completion, in submission order
 
-Any number of requests; `max_batch` of them run at once, in slots. Each step is one compiled call
+Any number of requests; `max_batch` of them run at once, in slots. Each step is one or two compiled calls
 (`batch_step`): slots whose prompt is not fed yet take a chunk of it, the others decode one token (or verify
-one MTP draft), idle slots feed nothing. A finished request's slot and pages are handed to the next waiting
-request before the next step. Requests wait, in arrival order, until a slot and their pages are free; one
-that could never fit is refused when submitted. Steps have two shapes only — `chunk` rows when some slot is
-prefilling, 1 (2 with MTP) otherwise — so nothing compiles as requests come and go.
+one MTP draft, or DSpark's G drafts), idle slots feed nothing. A finished request's slot and pages are handed
+to the next waiting request before the next step. Requests wait, in arrival order, until a slot and their pages
+are free; one that could never fit is refused when submitted. Calls have a fixed set of shapes — `chunk` rows
+when some slot is prefilling, 1 (2 with MTP) otherwise — so nothing compiles as requests come and go.
 """
 
 from __future__ import annotations
@@ -30,7 +30,12 @@ from flax import nnx
 from model1_jax.common import positive_int
 from model1_jax.inference import sharded as sharded_decode
 from model1_jax.inference import state as decode_state
-from model1_jax.inference.batch_step import StepInput, compiled_batch_step, compiled_slots_step
+from model1_jax.inference.batch_step import (
+    StepInput,
+    compiled_batch_step,
+    compiled_dspark_batch_step,
+    compiled_slots_step,
+)
 from model1_jax.inference.clock import CompileClock
 from model1_jax.inference.memory import MemoryReport, memory_report
 from model1_jax.inference.paging import PageTables
@@ -47,7 +52,7 @@ class SchedulerStats:
     generated_tokens: int = 0  # emitted so far
     decode_tokens: int = 0  # emitted by steps without prompt chunks
     finished: int = 0
-    drafts: int = 0  # MTP drafts verified
+    drafts: int = 0  # MTP / DSpark drafts verified
     accepted: int = 0
     sequence_steps: int = 0  # decode steps summed over the slots decoding in each
     step_tokens: int = 0  # tokens those emitted (before truncation at max_new_tokens / a stop)
@@ -110,23 +115,36 @@ class Scheduler:
     stop_tokens: the default stop ids of requests that give none (default: the config's eos ids). seed: the
     random stream of requests without their own seed. prefill_batch: slots given a prompt chunk per step
     (default 1: a refill rarely finds a second slot prefilling, and a padded row costs a real one; max_batch puts
-    prompt chunks and decode tokens of every slot in one call). The other arguments are `make_spec`'s.
+    prompt chunks and decode tokens of every slot in one call). speculative: None, "mtp" (`mtp=True` is the same:
+    the MTP block's one draft, verified in the decode call) or "dspark" (the DSpark drafter: G drafts verified in
+    a G + 1-token call; prompt chunks then always run in calls of their own). The other arguments are
+    `make_spec`'s.
     """
 
     def __init__(self, model: Model1, *, max_batch: int, max_len: int, pool_tokens: int | None = None,
                  pool_pages: Mapping[int, int] | None = None, cache_dtype: str = "auto", index_cache: str = "auto",
                  chunk: int = 64, page_size: int = 64, mtp: bool = False, attention_backend: str = "auto",
                  tokenizer: Any = None, stop_tokens: Sequence[int] | None = None, seed: int = 0,
-                 prefill_batch: int | None = None):
+                 prefill_batch: int | None = None, speculative: str | None = None):
         cfg = self.config = model.config
+        if speculative not in (None, "mtp", "dspark"):
+            raise ValueError(f"scheduler: speculative must be None, 'mtp' or 'dspark', got {speculative!r}")
+        if mtp and speculative == "dspark":
+            raise ValueError("scheduler: mtp=True and speculative='dspark' name two different drafters")
+        mtp = mtp or speculative == "mtp"
         if mtp and model.mtp is None:
-            raise ValueError("scheduler: mtp=True needs a model with an MTP block (num_nextn_predict_layers=1)")
+            raise ValueError("scheduler: speculative='mtp' needs a model with an MTP block "
+                             "(num_nextn_predict_layers=1)")
+        if speculative == "dspark" and model.dspark is None:
+            raise ValueError("scheduler: speculative='dspark' needs a model with a DSpark drafter (the 0731 / 0813 "
+                             "checkpoints; config.dspark)")
         if pool_tokens is not None:
             positive_int(pool_tokens, "scheduler: pool_tokens")
         if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
             raise ValueError(f"scheduler: seed must be an integer in [0, 2**32), got {seed!r}")
         kw = dict(max_batch=max_batch, max_len=max_len, cache_dtype=cache_dtype, chunk=chunk, page_size=page_size,
-                  dtype=model.dtype, mtp=mtp, attention_backend=attention_backend, index_cache=index_cache)
+                  dtype=model.dtype, mtp=mtp, attention_backend=attention_backend, index_cache=index_cache,
+                  speculative="dspark" if speculative == "dspark" else None)
         static = decode_state.make_spec(cfg, **kw)  # checks every argument before anything is allocated
         rates = decode_state.compress_rates(cfg, mtp)
         parts = sharded_decode.batch_shards(model.layout, max_batch)
@@ -227,7 +245,8 @@ class Scheduler:
 
     def _inputs(self, rows: list[int], t: int, prefill: bool, decode: bool) -> tuple[StepInput, np.ndarray]:
         """Step inputs for slots `rows` (in that order): prompt chunks of prefilling slots if `prefill`, the pending
-        token (and draft) of decoding slots if `decode`; any other row feeds nothing."""
+        token (and draft) of decoding slots if `decode`; any other row feeds nothing. DSpark decode rows carry
+        the pending token alone and n_new = 1 + the drafts the slot's reserve has room for."""
         b = len(rows)
         ids = np.zeros((b, t), np.int32)
         n_new, fresh, emit, has_draft = (np.zeros(b, np.int32), np.zeros(b, bool), np.zeros(b, bool),
@@ -244,6 +263,9 @@ class Scheduler:
                 ids[r, :len(chunk)], n_new[r] = chunk, len(chunk)
                 fresh[r] = slot.fed == 0
                 emit[r] = slot.fed + len(chunk) == len(request.prompt)
+            elif self.spec.dspark:  # drafts occupy the positions after the pending token, within the reserve
+                ids[r, 0], emit[r] = slot.pending, True
+                n_new[r] = min(self.spec.drafts + 1, request.reserve - slot.length)
             else:
                 # A draft occupies the position after the pending token: only while that stays within the reserve.
                 has_draft[r] = self.spec.mtp and slot.length + 2 <= request.reserve
@@ -271,16 +293,71 @@ class Scheduler:
             return []
         b, chunk, decode_t = self.spec.max_batch, self.spec.chunk, (2 if self.spec.mtp else 1)
         prefilling = [s for s, slot in enumerate(self._slots) if slot is not None and slot.prefilling]
+        if self.spec.dspark:  # prompt chunks, then the draft-verify call of the decoding slots
+            finished = []
+            if prefilling:
+                finished += self._prefill(prefilling, chunk)
+            if any(slot is not None and not slot.prefilling for slot in self._slots):
+                finished += self._run_dspark()
+            return finished
         if self.prefill_batch == b:  # one call: prompt chunks and decode tokens for every slot
             return self._run(list(range(b)), chunk if prefilling else decode_t, prefill=True, decode=True, sub=False)
         finished = []
         if prefilling:
-            chosen = sorted(prefilling, key=lambda s: self._slots[s].index)[:self.prefill_batch]
-            pad = [s for s in range(b) if s not in chosen][:self.prefill_batch - len(chosen)]  # rows feeding nothing
-            finished += self._run(chosen + pad, chunk, prefill=True, decode=False, sub=True)
+            finished += self._prefill(prefilling, chunk)
         if any(slot is not None and not slot.prefilling for slot in self._slots):
             finished += self._run(list(range(b)), decode_t, prefill=False, decode=True, sub=False)
         return finished
+
+    def _prefill(self, prefilling: list[int], chunk: int) -> list[Completion]:
+        """A prompt chunk for up to `prefill_batch` prefilling slots, oldest request first."""
+        b = self.spec.max_batch
+        if self.prefill_batch == b:
+            return self._run(list(range(b)), chunk, prefill=True, decode=False, sub=False)
+        chosen = sorted(prefilling, key=lambda s: self._slots[s].index)[:self.prefill_batch]
+        pad = [s for s in range(b) if s not in chosen][:self.prefill_batch - len(chosen)]  # rows feeding nothing
+        return self._run(chosen + pad, chunk, prefill=True, decode=False, sub=True)
+
+    def _run_dspark(self) -> list[Completion]:
+        """One DSpark call over every decoding slot (the others feed nothing)."""
+        t0 = time.perf_counter()
+        rows = list(range(self.spec.max_batch))
+        with CompileClock() as clock:
+            inp, n_new, _ = self._inputs(rows, 1, prefill=False, decode=True)
+            out, self.state = compiled_dspark_batch_step(self.graphdef, self.params, self.state, inp)
+            tokens, count, accepted, confidence = (to_host(x) for x in (out.tokens_bt, out.count_b, out.accepted_b,
+                                                                        out.confidence_bg))
+        st = self.stats
+        st.steps += 1
+        st.compile_s += clock.seconds
+        st.decode_s += time.perf_counter() - t0 - clock.seconds
+        finished = []
+        for s in rows:
+            slot = self._slots[s]
+            if slot is None or not n_new[s]:
+                continue
+            st.drafts += int(n_new[s]) - 1
+            st.accepted += int(accepted[s])
+            st.sequence_steps += 1
+            st.step_tokens += int(count[s])
+            slot.length += int(count[s])
+            slot.output.confidence.append(confidence[s])
+            finished += self._emit(s, tokens[s, :count[s]].tolist(), decode=True)
+        return finished
+
+    def _emit(self, s: int, emitted: list[int], decode: bool) -> list[Completion]:
+        """Hands a slot's emitted tokens to its output; the completion if that ends the request."""
+        slot, st = self._slots[s], self.stats
+        before = len(slot.output.tokens)
+        done = any(slot.output.add(tok) for tok in emitted)  # stops at the token that ends the request
+        added = len(slot.output.tokens) - before
+        st.generated_tokens += added
+        st.decode_tokens += added if decode else 0
+        if done:
+            return [self._finish(s)]
+        if emitted:
+            slot.pending = emitted[-1]
+        return []
 
     def _run(self, rows: list[int], t: int, *, prefill: bool, decode: bool, sub: bool) -> list[Completion]:
         t0 = time.perf_counter()
@@ -322,15 +399,9 @@ class Scheduler:
             if not fed_prompt:
                 st.sequence_steps += 1
                 st.step_tokens += len(emitted)
-            before = len(slot.output.tokens)
-            done = any(slot.output.add(tok) for tok in emitted)  # stops at the token that ends the request
-            added = len(slot.output.tokens) - before
-            st.generated_tokens += added
-            st.decode_tokens += 0 if fed_prompt else added
-            if done:
-                finished.append(self._finish(s))
-            elif emitted:
-                slot.pending, slot.draft = emitted[-1], int(draft[r])
+            if emitted:
+                slot.draft = int(draft[r])
+            finished += self._emit(s, emitted, decode=not fed_prompt)
         return finished
 
     def _finish(self, s: int) -> Completion:
