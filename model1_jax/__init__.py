@@ -34,17 +34,20 @@ _LAZY = {
     "CACHE_DTYPES": "model1_jax.inference.state",
     "CacheSpec": "model1_jax.inference.state",
     "DecodeState": "model1_jax.inference.state",
-    "MemoryReport": "model1_jax.inference.state",
+    "MemoryReport": "model1_jax.inference.memory",
     "init_state": "model1_jax.inference.state",
     "make_spec": "model1_jax.inference.state",
-    "max_len_for_budget": "model1_jax.inference.state",
-    "memory_report": "model1_jax.inference.state",
+    "max_len_for_budget": "model1_jax.inference.memory",
+    "memory_report": "model1_jax.inference.memory",
     "prefill": "model1_jax.inference.steps",
     "decode_step": "model1_jax.inference.steps",
     "Sampling": "model1_jax.inference.sampling",
     "Generation": "model1_jax.inference.generation",
     "GenerationStats": "model1_jax.inference.generation",
     "generate": "model1_jax.inference.generation",
+    "Scheduler": "model1_jax.inference.scheduler",
+    "Request": "model1_jax.inference.requests",
+    "Completion": "model1_jax.inference.requests",
     "BalanceConfig": "model1_jax.train.balance",
     "OptimizerConfig": "model1_jax.train.optim",
     "TrainConfig": "model1_jax.train.trainer",
@@ -60,11 +63,12 @@ _LAZY = {
 _SUBPACKAGES = ("model", "parallel", "io", "inference", "train", "text", "cli", "common", "config")
 
 __all__ = ["ATTENTION_BACKENDS", "BalanceConfig", "BlockQuantized", "CACHE_DTYPES", "CSA", "CacheSpec",
-           "CheckpointError", "Config", "DSparkConfig", "DecodeState", "Generation", "GenerationStats", "HASH_MOE",
-           "HCA", "Layout", "LoRAConfig", "MOE", "MemoryReport", "Model1", "OptimizerConfig", "RopeScaling", "Rules",
-           "SLIDING", "Sampling", "TrainCheckpointer", "TrainConfig", "Trainer", "apply_lora", "decode_step", "fit",
-           "from_pretrained", "generate", "init_state", "load", "load_adapters", "make_mesh", "make_spec",
-           "max_len_for_budget", "memory_report", "merge_lora", "prefill", "save", "save_adapters"]
+           "CheckpointError", "Completion", "Config", "DSparkConfig", "DecodeState", "Generation", "GenerationStats",
+           "HASH_MOE", "HCA", "Layout", "LoRAConfig", "MOE", "MemoryReport", "Model1", "OptimizerConfig", "Request",
+           "RopeScaling", "Rules", "SLIDING", "Sampling", "Scheduler", "TrainCheckpointer", "TrainConfig", "Trainer",
+           "apply_lora", "decode_step", "fit", "from_pretrained", "generate", "init_state", "load", "load_adapters",
+           "make_mesh", "make_spec", "max_len_for_budget", "memory_report", "merge_lora", "prefill", "save",
+           "save_adapters"]
 
 
 def __getattr__(name: str):

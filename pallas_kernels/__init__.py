@@ -12,6 +12,8 @@ Public API:
   quantize_kv(k, kv_format), dequantize_kv(cache, kv_format, page_size),
   write_kv(cache, slots, k_new, *, kv_format, page_size), read_tokens(cache, slots, kv_format, page_size)
   pallas_kernels.roofline: decode_flop_and_bytes, roofline_seconds
+  pallas_kernels.index_format: the lightning indexer's key cache as vLLM / SGLang / DeepGEMM store it (132-byte
+    FP8 rows with a power-of-two scale, page-major): quantize_rows, write, read, gather_pages
 
 Tooling, imported by path: `pallas_kernels.compile_check` (the kernels compiled for sm_90a / sm_100a on the CPU;
 needs the `compile-check` extra, Triton).

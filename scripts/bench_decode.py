@@ -74,7 +74,7 @@ def step_bytes(cfg: m1.Config, model: m1.Model1, batch: int, context: int) -> di
     token) and the MTP block (unused without speculative decoding). Cache, per sequence and layer: the
     window's W tokens; CSA also its top-k entries and the indexer's keys of every entry (it scores them
     all); HCA every entry. 576 bytes per cached token, as FlashMLA counts (docs/kernels.md §8.1); indexer keys
-    2 bytes per dim.
+    j + 4 bytes each (FP8 rows with a float32 scale, docs/serving.md §4).
     """
     counts = parameter_counts(model)
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
@@ -87,7 +87,7 @@ def step_bytes(cfg: m1.Config, model: m1.Model1, batch: int, context: int) -> di
         cache += window * 576
         if layer_type == m1.CSA:
             entries = context // cfg.compress_rate_csa
-            cache += min(entries, cfg.index_topk) * 576 + entries * cfg.index_head_dim * 2
+            cache += min(entries, cfg.index_topk) * 576 + entries * (cfg.index_head_dim + 4)
         elif layer_type == m1.HCA:
             cache += context // cfg.compress_rate_hca * 576
     cache *= batch

@@ -5,9 +5,17 @@
     python scripts/generate.py --model DIR --prompt "Hello"     # HF or Orbax checkpoint (+ tokenizer.json)
     python scripts/generate.py --model V4-FLASH-0731-DIR          # its DSpark drafter: 5 drafts, 6-token verify
     python scripts/generate.py --model DIR --mesh data=2,expert=4  # over 8 devices (every host: see README)
+    python scripts/generate.py --model DIR --input requests.jsonl --output results.jsonl --max-batch 32
 
 Without --model the weights are seeded random numbers: the tokens are meaningless, the shapes, cache
 bytes and speed are real.
+
+--input/--output: one request per line ({"messages": [...]} chat through the model's tokenizer.json, or
+{"prompt": "..."} / {"prompt_ids": [...]}, with optional "id", "max_new_tokens", "temperature", "top_k",
+"top_p", "seed", "stop", "stop_token_ids"; docs/serving.md §5), run by continuous batching over a paged cache;
+each result is appended as it finishes, and a rerun skips the ids already in the output. Bad lines are
+reported with their numbers and skipped (--on-error skip) or stop the run before anything is generated
+(--on-error refuse).
 """
 
 from __future__ import annotations
@@ -26,9 +34,11 @@ import model1_jax as m1
 from model1_jax import cli
 from model1_jax import parallel as sh
 from model1_jax.common import human_count
+from model1_jax.inference import jsonl
 from model1_jax.inference import sharded as sharded_decode
 from model1_jax.model.summary import parameter_counts
 from model1_jax.parallel import distributed
+from model1_jax.text import ChatEncoder, ChatFormatError, HFTokenizer
 
 
 def main() -> None:
@@ -54,11 +64,24 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=64, help="prefill tokens per sequence per call")
     p.add_argument("--budget-gb", type=float, help="also print the longest max_len whose cache fits this many GiB")
     p.add_argument("--no-progress", action="store_true")
+    jsonl_group = p.add_argument_group("batch files")
+    jsonl_group.add_argument("--input", help="requests, one JSON object per line")
+    jsonl_group.add_argument("--output", help="results, appended one line per finished request (resumable)")
+    jsonl_group.add_argument("--on-error", choices=("skip", "refuse"), default="skip",
+                             help="bad input lines: report and skip them (default), or report and generate nothing")
+    jsonl_group.add_argument("--tokenizer", help="tokenizer.json (default: the one in --model)")
+    jsonl_group.add_argument("--revision", choices=("0731", "preview"), default="0731",
+                             help="chat format revision of the checkpoint (reasoning-effort tiers; docs/chat.md §6)")
+    jsonl_group.add_argument("--max-batch", type=int, default=8, help="requests decoded at once (default 8)")
+    jsonl_group.add_argument("--pool-tokens", type=int,
+                             help="context tokens the shared page pools hold (default: every slot at --max-len)")
     cli.add_decode_arguments(p)
     cli.add_sharding_arguments(p)
     args = p.parse_args()
     if args.batch < 1 or args.prompt_len < 1:
         p.error("--batch and --prompt-len must be positive")
+    if (args.input is None) != (args.output is None):
+        p.error("--input and --output go together")
     dtype = jnp.dtype(args.dtype)
     distributed.initialize()  # multi-host: every host runs this script (see the README)
     if not distributed.is_main_process():
@@ -72,10 +95,9 @@ def main() -> None:
             model = cli.load_model(args.model, dtype=dtype, layout=layout)
         except ValueError as e:  # a bad checkpoint, or a layout that does not divide it
             sys.exit(f"error: {e}")
-        tok_path = os.path.join(args.model, "tokenizer.json")
+        tok_path = args.tokenizer or os.path.join(args.model, "tokenizer.json")
         if os.path.isfile(tok_path):
-            from tokenizers import Tokenizer
-            tokenizer = Tokenizer.from_file(tok_path)
+            tokenizer = HFTokenizer(tok_path)
         print(f"model   {args.model}" + (" (with tokenizer.json)" if tokenizer else ""))
     else:
         # The "rbg" generator: eager init compiles one small kernel per parameter shape, and threefry's
@@ -90,6 +112,8 @@ def main() -> None:
             sys.exit(f"error: {e}")
         print(f"model   Config.demo() with RANDOM weights (seed {args.seed}): the generated tokens are "
               "meaningless; shapes, cache bytes and speed are real")
+    if tokenizer is None and args.tokenizer:
+        tokenizer = HFTokenizer(args.tokenizer)
     init_s = time.perf_counter() - t0
     cfg = model.config
     speculative = "mtp" if args.mtp else args.speculative
@@ -105,11 +129,14 @@ def main() -> None:
           f"{cfg.head_dim}, {human_count(sum(parameter_counts(model).values()))} params; init {init_s:.1f} s on "
           f"{jax.devices()[0].platform}")
 
+    if args.input:
+        sys.exit(batch_file(args, model, tokenizer, speculative))
+
     prompts: list[list[int]] = []
     if args.prompt:
         if tokenizer is None:
             p.error("--prompt needs a --model directory with tokenizer.json; use --prompt-ids otherwise")
-        prompts += [tokenizer.encode(text).ids for text in args.prompt]
+        prompts += [tokenizer.tokenizer.encode(text).ids for text in args.prompt]
     if args.prompt_ids:
         prompts += [[int(x) for x in s.split(",") if x.strip()] for s in args.prompt_ids]
     if not prompts:  # random prompts of different lengths
@@ -151,6 +178,50 @@ def main() -> None:
         rate = s.acceptance_rate
         print(f"{speculative.upper():<7} mean accepted length {s.mean_accepted_length:.2f} tokens per step; "
               f"{s.accepted}/{s.drafts} drafts accepted" + (f" ({rate:.0%})" if rate is not None else ""))
+
+
+def batch_file(args: argparse.Namespace, model: m1.Model1, tokenizer: HFTokenizer | None,
+               speculative: str | None) -> int:
+    """--input/--output: requests file → results file through the continuous-batching scheduler."""
+    encoder = None
+    if tokenizer is not None:
+        try:
+            encoder = ChatEncoder(tokenizer.tokenizer, revision=args.revision)
+        except ChatFormatError as e:
+            print(f"note    {e}: 'messages' lines cannot be encoded")
+    defaults = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p)
+    entries, bad = jsonl.read_requests(args.input, model.config.vocab_size, defaults=defaults, tokenizer=tokenizer,
+                                       encoder=encoder, seed=args.seed)
+    longest = max((e.request.reserve for e in entries), default=1)
+    try:
+        max_len = args.max_len or min(longest, model.config.max_position_embeddings)  # longer lines are reported
+        sched = m1.Scheduler(model, max_batch=args.max_batch, max_len=max_len,
+                             pool_tokens=args.pool_tokens, cache_dtype=args.cache_dtype, chunk=args.chunk,
+                             speculative=speculative, attention_backend=args.attention_backend,
+                             tokenizer=encoder or tokenizer, stop_tokens=args.stop, seed=args.seed)
+        entries, too_big = jsonl.admissible(entries, sched)
+        done = jsonl.finished_ids(args.output)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    bad = sorted(bad + too_big, key=lambda b: b.line)
+    for b in bad:
+        print(f"{args.input}: {b}", file=sys.stderr)
+    if bad and args.on_error == "refuse":
+        print(f"error: {len(bad)} bad line(s) in {args.input}; nothing generated (--on-error skip runs the rest)",
+              file=sys.stderr)
+        return 1
+    todo = [e for e in entries if jsonl.id_key(e.id) not in done]
+    print(f"input   {args.input}: {len(entries) + len(bad)} requests, {len(bad)} skipped (bad), "
+          f"{len(entries) - len(todo)} already in {args.output}, {len(todo)} to run")
+    print(sched.memory_report())
+    summary = jsonl.run(sched, todo, args.output, encoder=encoder, progress=not args.no_progress)
+    st = sched.stats
+    print(f"done    {summary['requests']} requests, {summary['generated_tokens']} tokens in {summary['seconds']:.1f} s "
+          f"({summary['tokens_per_s']:,.1f} tokens/s; compile {st.compile_s:.1f} s)"
+          + (f"; MTP {st.accepted}/{st.drafts} drafts accepted" if st.drafts else ""))
+    return 0
 
 
 if __name__ == "__main__":

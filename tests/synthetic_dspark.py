@@ -286,3 +286,24 @@ def count_by_dtype(layout: dict[str, tuple]) -> dict[str, int]:
 
 def nbytes(layout: dict[str, tuple]) -> int:
     return sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in layout.values())
+
+
+def agree(model, sequences, strength=100.0, wrong_after: int | None = None):
+    """Sets the Markov head so that the draft after token a is f(a), f read off `sequences` (first successor wins):
+    markov_w1[a] = strength · u_f(a), markov_w2 = u (unit rows), so the bias peaks at f(a) by a wide margin.
+    `wrong_after`: f(a) for the token at that index of the first sequence is replaced by another token."""
+    v, r = model.config.vocab_size, model.config.dspark.markov_rank
+    u = np.random.default_rng(0).standard_normal((v, r))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    successor = {}
+    for seq in sequences:
+        for a, b in zip(seq, seq[1:]):
+            successor.setdefault(a, b)
+    if wrong_after is not None:
+        a = sequences[0][wrong_after]
+        successor[a] = (successor[a] + 1) % v
+    w1 = np.zeros((v, r))
+    for a, b in successor.items():
+        w1[a] = strength * u[b]
+    model.dspark.markov_w1.set_value(jnp.asarray(w1, jnp.float32))
+    model.dspark.markov_w2.kernel.set_value(jnp.asarray(u.T, jnp.float32))

@@ -170,7 +170,10 @@ def test_fp8_cache():
     model = random_model(WIDE, seed=5)
     ids = np.random.default_rng(1).integers(0, WIDE.vocab_size, (2, 40)).astype(np.int32)
     want = rounded_forward(model, ids, fp8_stored)
-    state = m1.init_state(WIDE, max_batch=2, max_len=40, cache_dtype="fp8", chunk=16, page_size=16)
+    # Indexer keys at compute precision: this test is about the KV format (the FP8 indexer keys, the default with
+    # the FP8 cache, are tested against a forward that rounds them too in tests/test_index_cache.py).
+    state = m1.init_state(WIDE, max_batch=2, max_len=40, cache_dtype="fp8", chunk=16, page_size=16,
+                          index_cache="compute")
     got, state = decode_all(model, state, ids, np.array([23, 17]))
     err = rel_err(got, want, np.abs(want).max())
     print(f"\nfp8 cache: max error vs the rounded-key forward {err:.1e} of max |logit|")
@@ -229,7 +232,11 @@ def test_memory_report_v4_flash_1m():
     assert rows["sliding"].per_token == 0
     page_bytes = pk.cache_bytes(1, 64, "model1")  # 64 tokens of 584 bytes, padded to a multiple of 576
     token_bytes = page_bytes / 64
-    assert rows["CSA"].per_token == pytest.approx((token_bytes + 2 * 128) / 4)  # FP8 entry + bf16 indexer key
+    assert rows["CSA"].per_token == pytest.approx((token_bytes + 132) / 4)  # FP8 entry + FP8 indexer key (132 B)
+    compute_keys = m1.make_spec(cfg, max_batch=1, max_len=1 << 20, cache_dtype="fp8", dtype=jnp.bfloat16,
+                                index_cache="compute")
+    csa = next(r for r in m1.memory_report(cfg, compute_keys).rows if r.kind.startswith("CSA"))
+    assert csa.per_token == pytest.approx((token_bytes + 2 * 128) / 4)  # bf16 indexer keys
     assert rows["HCA"].per_token == pytest.approx(token_bytes / 128)
     assert rows["sliding"].fixed_per_sequence == 3 * page_bytes  # 128 + 64 → 192 slots = 3 pages
     assert report.total == sum(int(np.prod(x.shape)) * x.dtype.itemsize

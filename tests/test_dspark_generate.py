@@ -32,27 +32,6 @@ def model(tmp_path_factory):
     return m1.from_pretrained(path, dtype=jnp.float32)
 
 
-def agree(model, sequences, strength=100.0, wrong_after: int | None = None):
-    """Sets the Markov head so that the draft after token a is f(a), f read off `sequences` (first successor wins):
-    markov_w1[a] = strength · u_f(a), markov_w2 = u (unit rows), so the bias peaks at f(a) by a wide margin.
-    `wrong_after`: f(a) for the token at that index of the first sequence is replaced by another token."""
-    v, r = model.config.vocab_size, model.config.dspark.markov_rank
-    u = np.random.default_rng(0).standard_normal((v, r))
-    u /= np.linalg.norm(u, axis=1, keepdims=True)
-    successor = {}
-    for seq in sequences:
-        for a, b in zip(seq, seq[1:]):
-            successor.setdefault(a, b)
-    if wrong_after is not None:
-        a = sequences[0][wrong_after]
-        successor[a] = (successor[a] + 1) % v
-    w1 = np.zeros((v, r))
-    for a, b in successor.items():
-        w1[a] = strength * u[b]
-    model.dspark.markov_w1.set_value(jnp.asarray(w1, jnp.float32))
-    model.dspark.markov_w2.kernel.set_value(jnp.asarray(u.T, jnp.float32))
-
-
 def run(model, prompts, n, **kw):
     return m1.generate(model, prompts, n, cache_dtype="float32", stop_tokens=(), chunk=8, **kw)
 
@@ -63,7 +42,7 @@ def test_greedy_speculation_emits_plain_greedy_tokens(model):
     assert random.tokens == plain.tokens
     assert random.stats.mean_accepted_length >= 1.0 and len(random.confidence) == 3
     assert random.confidence[0].shape[1] == 5 and ((random.confidence[0] > 0) & (random.confidence[0] < 1)).all()
-    agree(model, [p + t for p, t in zip(PROMPTS, plain.tokens)])
+    sd.agree(model, [p + t for p, t in zip(PROMPTS, plain.tokens)])
     agreeing = run(model, PROMPTS, 24, speculative="dspark")
     assert agreeing.tokens == plain.tokens
     stats = agreeing.stats
@@ -116,7 +95,7 @@ def test_rejected_drafts_leave_the_state_as_if_never_drafted(model):
     lengths = np.array([len(p) for p in PROMPTS])
     plain = run(model, PROMPTS, 24)
     sequences = [p + t for p, t in zip(PROMPTS, plain.tokens)]
-    agree(model, sequences, wrong_after=lengths[2] + 2)  # third sequence: d3 wrong if d1, d2 are right
+    sd.agree(model, sequences, wrong_after=lengths[2] + 2)  # third sequence: d3 wrong if d1, d2 are right
     prompts = np.array([p + [0] * (13 - len(p)) for p in PROMPTS])
 
     def fresh():
@@ -126,10 +105,14 @@ def test_rejected_drafts_leave_the_state_as_if_never_drafted(model):
 
     graphdef, params = nnx.split(model)
     pending = jnp.asarray([t[0] for t in plain.tokens])
-    active = jnp.asarray([True] * 3)
-    greedy = sampling.Sampling().arrays()
-    emitted, count, nxt, _, _, drafted = speculative.compiled_dspark_step(
-        graphdef, params, fresh(), pending, active, jax.random.key(0), greedy)
+    verify = jnp.full((3,), 6, jnp.int32)  # the pending token and 5 drafts each
+    greedy = tuple(jnp.broadcast_to(jnp.asarray(x), (3,)) for x in sampling.Sampling().arrays())
+
+    def step(state, pending, t):
+        keys = jax.random.split(jax.random.key(t), 3)
+        return speculative.compiled_dspark_step(graphdef, params, state, pending, verify, keys, greedy)
+
+    emitted, count, nxt, _, _, drafted = step(fresh(), pending, 0)
     count = np.asarray(count)
     assert count.max() > 1 and count.min() < 6, count  # drafts kept, and drafts rejected
     kept = np.zeros((3, 13), np.int32)
@@ -140,8 +123,7 @@ def test_rejected_drafts_leave_the_state_as_if_never_drafted(model):
     _, fed = steps.prefill(model, fresh(), kept, count)  # the kept tokens alone, through prefill's own call
     assert_same(live(drafted, model.config), live(fed, model.config))
     for t in range(2):  # and both continue identically
-        a = speculative.compiled_dspark_step(graphdef, params, drafted, nxt, active, jax.random.key(t), greedy)
-        b = speculative.compiled_dspark_step(graphdef, params, fed, nxt, active, jax.random.key(t), greedy)
+        a, b = step(drafted, nxt, t), step(fed, nxt, t)
         for x, y in zip(a[:5], b[:5]):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
         nxt, drafted, fed = a[2], a[5], b[5]

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import model1_jax as m1
-from model1_jax.inference import generation, sampling
+from model1_jax.inference import sampling
 from model1_jax.inference import steps as decode
 from model1_jax.inference.generation import CompileClock
 from tests.util import random_model
@@ -88,42 +88,40 @@ def test_mtp_greedy_equals_plain_greedy(tiny, greedy_batch):
 
 
 def test_mtp_accept_and_reject_with_oracle_drafts(tiny, greedy_batch):
-    """Drive the speculative step with drafts that are right on some steps and wrong on others: accepted
-    drafts must add the bonus token, rejected ones must be rolled back exactly (every later token still
-    equals plain greedy decoding)."""
+    """Drive the batcher's speculative step with drafts that are right on some steps and wrong on others:
+    accepted drafts must add the bonus token, rejected ones must be rolled back exactly (every later token
+    still equals plain greedy decoding)."""
     want = greedy_batch.tokens
-    graphdef, params = nnx.split(tiny)
-    state = m1.init_state(TINY, max_batch=3, max_len=RUN["max_len"], cache_dtype="bf16", chunk=8, page_size=16,
-                          mtp=True)
-    ids = np.zeros((3, 19), np.int32)
-    for i, p in enumerate(PROMPTS):
-        ids[i, :len(p)] = p
-    logits, state = m1.prefill(tiny, state, ids, [len(p) for p in PROMPTS])
-    pending = jnp.argmax(logits, -1).astype(jnp.int32)
-    out = [[int(t)] for t in np.asarray(pending)]
-    assert [o[0] for o in out] == [w[0] for w in want]
+    sched = m1.Scheduler(tiny, max_batch=3, max_len=RUN["max_len"], cache_dtype="bf16", chunk=8, page_size=16,
+                         mtp=True, stop_tokens=())
+    for prompt in PROMPTS:
+        sched.submit(prompt, NEW)
     rng = np.random.default_rng(0)
     vocab = TINY.vocab_size
-    has_draft = np.zeros(3, bool)
     accepted_total = rejected_total = 0
-    for step in range(14):
-        truth = np.array([w[len(o)] for w, o in zip(want, out)])
-        right = rng.random(3) < 0.6
-        draft = np.where(right, truth, (truth + 1 + rng.integers(0, vocab - 1, 3)) % vocab).astype(np.int32)
-        emitted, count, pending, _, _, accepted, state = generation._speculative_step(
-            graphdef, params, state, pending, jnp.asarray(draft), jax.nn.one_hot(draft, vocab),
-            jnp.asarray(has_draft), jnp.ones(3, bool), jax.random.key(step), sampling.Sampling().arrays())
-        accepted, count = np.asarray(accepted), np.asarray(count)
-        np.testing.assert_array_equal(accepted, has_draft & right)
-        np.testing.assert_array_equal(count, 1 + accepted)
-        for b in range(3):
-            out[b] += np.asarray(emitted)[b, :count[b]].tolist()
-        accepted_total += int(accepted.sum())
-        rejected_total += int((has_draft & ~right).sum())
-        has_draft = np.ones(3, bool)
+    while sched.running or sched.waiting:
+        expected = 0
+        for slot in sched._slots:  # replace the MTP block's drafts by oracle ones
+            if slot is None or slot.prefilling:
+                continue
+            truth = want[slot.index][len(slot.output.tokens)]  # the token after the pending one
+            right = rng.random() < 0.6
+            slot.draft = int(truth if right else (truth + 1 + rng.integers(0, vocab - 1)) % vocab)
+            if slot.length + 2 <= slot.request.reserve:  # the step verifies a draft
+                expected += right
+                rejected_total += not right
+        before = sched.stats.accepted
+        sched.step()
+        assert sched.stats.accepted - before == expected
+        accepted_total += expected
     assert accepted_total > 5 and rejected_total > 5
-    for b in range(3):
-        assert out[b] == want[b][:len(out[b])], f"row {b}"
+    assert [c.tokens for c in sched.run()] == want
+
+
+def test_more_prompts_than_slots(tiny, greedy_batch):
+    """Three prompts through two slots: the third waits for a slot and gets the tokens it gets in a batch."""
+    got = m1.generate(tiny, PROMPTS, NEW, **{**RUN, "max_batch": 2})
+    assert got.tokens == greedy_batch.tokens
 
 
 def test_sampling_is_seeded(tiny):
@@ -195,7 +193,6 @@ def test_speculative_acceptance_keeps_the_target_distribution():
     (dict(max_new_tokens=-3), "max_new_tokens"),
     (dict(max_len=4), "prompt has 5 tokens, over max_len 4"),
     (dict(max_len=10), r"\+ max_new_tokens \(8\) exceeds max_len 10"),
-    (dict(max_batch=1, prompts=[[1], [2]]), "2 prompts exceed max_batch 1"),
     (dict(cache_dtype="fp8"), "head_dim 512"),
     (dict(cache_dtype="int4"), "cache_dtype"),
     (dict(attention_backend="pallas"), r"runs the Pallas kernel, which reads the FP8 cache"),

@@ -116,3 +116,39 @@ def accept_block(key: jax.Array, target_bjv: jax.Array, draft_bgv: jax.Array, dr
     replacement_b = jnp.take_along_axis(rejected_bg, jnp.minimum(at_b1, g - 1), axis=1)[:, 0]
     bonus_b = jnp.take_along_axis(plain_bj, at_b1, axis=1)[:, 0]
     return accepted_b, jnp.where(accepted_b < limit_b, replacement_b, bonus_b)
+
+# ----------------------------------------------------------------------------------------------------
+# Per-row settings and keys (a batch of independent requests)
+
+
+def row_keys(seed_b: jax.Array, stream_b: jax.Array, counter_b: jax.Array) -> jax.Array:
+    """One key per row from (seed, stream, counter): a request's draws depend on its own seed and on how many
+    tokens it has emitted, never on its batch neighbours or its slot."""
+    def one(seed, stream, counter):
+        return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stream), counter)
+
+    return jax.vmap(one)(seed_b, stream_b, counter_b)
+
+
+def row_probabilities(logits_bv: jax.Array, temperature_b: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array
+                      ) -> jax.Array:
+    """`probabilities` with settings per row: float32 [b, v]."""
+    def one(logits_v, temperature, top_k, top_p):
+        return probabilities(logits_v[None], (temperature, top_k, top_p))[0]
+
+    return jax.vmap(one)(logits_bv, temperature_b, top_k_b, top_p_b)
+
+
+def row_draw(keys_b: jax.Array, probs_bv: jax.Array) -> jax.Array:
+    """One token per row, row b drawn with keys[b]: int32 [b]."""
+    return jax.vmap(lambda k, p: jax.random.categorical(k, jnp.log(p)))(keys_b, probs_bv).astype(jnp.int32)
+
+
+def row_accept_draft(keys_b: jax.Array, target_bv: jax.Array, draft_bv: jax.Array, draft_b: jax.Array
+                     ) -> tuple[jax.Array, jax.Array]:
+    """`accept_draft` with one key per row."""
+    def one(key, target_v, dist_v, draft):
+        accepted, token = accept_draft(key, target_v[None], dist_v[None], draft[None])
+        return accepted[0], token[0]
+
+    return jax.vmap(one)(keys_b, target_bv, draft_bv, draft_b)

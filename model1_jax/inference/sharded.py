@@ -15,6 +15,7 @@ functions are exactly `pallas_kernels`' own.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -27,6 +28,7 @@ from model1_jax.config import Config
 from model1_jax.inference import state as decode_state
 from model1_jax.parallel.layout import Layout
 from model1_jax.parallel.mesh import spec_entry
+from pallas_kernels import index_format
 
 
 def batch_axes(layout: Layout, batch: int) -> tuple[str, ...]:
@@ -40,13 +42,23 @@ def head_axes(layout: Layout, heads: int) -> tuple[str, ...]:
     return () if part is None else ((part,) if isinstance(part, str) else tuple(part))
 
 
+def batch_shards(layout: Layout | None, batch: int) -> int:
+    """How many parts a batch of this size is split into (1 without a layout)."""
+    return 1 if layout is None else math.prod(layout.mesh.shape[a] for a in batch_axes(layout, batch))
+
+
 def state_shardings(layout: Layout, state: Any, batch: int) -> Any:
-    """NamedShardings for a decode state (arrays or ShapeDtypeStructs): dimension 0 split by sequence."""
+    """NamedShardings for a decode state (arrays or ShapeDtypeStructs): dimension 0 split by sequence.
+
+    Shared page pools split the same way: shard i holds the i-th part of the pages, and the scheduler gives
+    the sequences of shard i only pages of that part (docs/serving.md §2)."""
     axes = batch_axes(layout, batch)
+    shards = batch_shards(layout, batch)
 
     def place(x):
-        if x.shape[0] % batch:
-            raise ValueError(f"decode state: an array of shape {x.shape} does not lead with the {batch} sequences")
+        if x.shape[0] % shards:
+            raise ValueError(f"decode state: an array of shape {x.shape} does not split into the {shards} parts of "
+                             f"the {batch} sequences")
         return NamedSharding(layout.mesh, P(spec_entry(axes), *([None] * (len(x.shape) - 1))))
 
     return jax.tree.map(place, state)
@@ -94,6 +106,38 @@ def write_kv(layout: Layout | None, kv_cache: jax.Array, slots: jax.Array, k_new
     rows = P(spec_entry(axes))
     return jax.shard_map(local, mesh=layout.mesh, in_specs=(rows, rows, rows), out_specs=rows,
                          check_vma=False)(kv_cache, slots, k_new)
+
+
+def write_index_keys(layout: Layout | None, cache: jax.Array, slots: jax.Array, k_new: jax.Array, *, page_size: int,
+                     batch: int) -> jax.Array:
+    """`index_format.write` with the pages split like the sequences: slots [N] and rows [N, j] sequence-major."""
+    if layout is None:
+        return index_format.write(cache, slots, k_new, page_size=page_size)
+    axes = batch_axes(layout, batch)
+
+    def local(cache, slots, k_new):
+        first = jax.lax.axis_index(axes) * cache.shape[0] * page_size if axes else 0
+        return index_format.write(cache, _shift(slots, first), k_new, page_size=page_size)
+
+    rows = P(spec_entry(axes))
+    return jax.shard_map(local, mesh=layout.mesh, in_specs=(rows, rows, rows), out_specs=rows,
+                         check_vma=False)(cache, slots, k_new)
+
+
+def gather_index_keys(layout: Layout | None, cache: jax.Array, table_bu: jax.Array, *, page_size: int) -> jax.Array:
+    """`index_format.gather_pages`: every key of each sequence's pages, float32 [b, u·page_size, j], each shard
+    reading its own pages."""
+    if layout is None:
+        return index_format.gather_pages(cache, table_bu, page_size=page_size)
+    axes = batch_axes(layout, table_bu.shape[0])
+
+    def local(cache, table_bu):
+        first = jax.lax.axis_index(axes) * cache.shape[0] if axes else 0
+        return index_format.gather_pages(cache, _shift(table_bu, first), page_size=page_size)
+
+    rows = P(spec_entry(axes))
+    return jax.shard_map(local, mesh=layout.mesh, in_specs=(rows, rows), out_specs=rows,
+                         check_vma=False)(cache, table_bu)
 
 
 def sparse_mla_decode(layout: Layout | None, q, kv_cache, indices, *, kv_format, page_size: int, topk_length=None,

@@ -5,9 +5,12 @@ Per sequence (up to `max_batch` of them) and per layer:
     paged layout: the kernel's *main* cache. It keeps `window + chunk` tokens (rounded up to whole pages):
     a call of n tokens must not overwrite a key its own first query still needs (n ≤ ring − window + 1),
     and n reaches chunk + 1 for the MTP block during speculative decoding.
-  * compressed entries (CSA, HCA) — entry w at slot w, ⌈max_len / rate⌉ of them (whole pages): the
-    kernel's *extra* cache. Entry w is visible to the query at t iff (w+1)·rate − 1 ≤ t; that rule, not a
-    count, is what masks the unwritten tail.
+  * compressed entries (CSA, HCA) — entry w of a sequence at its slot w, ⌈max_len / rate⌉ slots (whole
+    pages): the kernel's *extra* cache. Entry w is visible to the query at t iff (w+1)·rate − 1 ≤ t; that
+    rule, not a count, is what masks the unwritten tail. Slot w lives in page `block_tables[rate][b, w // B]`
+    of the layer's page array: in a static state sequence b owns pages b·P … (b+1)·P − 1 (no table is
+    stored); in a paged state (`pool_pages`) the pages form a pool shared by all sequences and the
+    scheduler assigns them (docs/serving.md §2).
   * compressor buffers — the raw values C and gate logits Z of the most recent positions, slot =
     position mod B: B = rate for HCA, B = 2·rate for CSA (the previous complete window is the overlap
     half of the next entry), plus `drafts − 1` slots when a step verifies `drafts` speculative tokens.
@@ -17,8 +20,9 @@ Per sequence (up to `max_batch` of them) and per layer:
     has `chunk` ≥ drafts + 1 spare slots), its buffer slot a position no future window reads (B ≥ (1 + overlap)·
     rate + drafts − 1: the rejected positions end at most drafts − 1 past the kept length), and an entry it
     completed is recomputed when the real token arrives (docs/dspark.md §8.2).
-  * CSA only: the indexer's compressed keys, a plain `[b, entries, j]` array at compute precision, and
-    the indexer compressor's buffers.
+  * CSA only: the indexer's compressed keys, paged exactly like the entries — in the serving engines' FP8
+    format (132 bytes per key at j = 128, `pallas_kernels.index_format`; the default with the FP8 cache) or
+    at compute precision — and the indexer compressor's buffers.
   * `lengths [b]` — tokens in the caches; the next position of sequence b is lengths[b].
 With an MTP block: the same for its layer, `mtp_lengths [b]` and the main model's last residual streams
 (the MTP block's input for the next position). With a DSpark drafter (docs/dspark.md §7): one paged cache per
@@ -34,17 +38,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 import pallas_kernels as pk
-from model1_jax.common import human_bytes, positive_int
+from model1_jax.common import positive_int
 from model1_jax.config import CSA, HCA, SLIDING, Config
+from pallas_kernels import index_format
 
 CACHE_DTYPES = ("auto", "fp8", "bf16", "float32")
+# Indexer keys: "fp8" the serving engines' 132-byte rows, "compute" the compute dtype, "auto" fp8 with the fp8 cache.
+INDEX_CACHES = ("auto", "fp8", "compute")
 _DENSE_DTYPES = {"bf16": jnp.bfloat16, "float32": jnp.float32}
 # How attention reads the caches: "xla" the pure-jnp reference, "pallas" the Pallas-Triton kernel (GPU),
 # "interpret" that kernel in Pallas' interpreter (any device; tests), "auto" the kernel on a GPU when the
@@ -71,6 +78,21 @@ class CacheSpec:
     dspark: bool = False  # the DSpark drafter's rings
     drafts: int = 0  # speculative tokens a step verifies after the pending one (MTP 1, DSpark G)
     dspark_stages: int = 0
+    index_cache: str = "compute"  # resolved: "fp8" or "compute"
+    pool_pages: tuple[tuple[int, int], ...] = ()  # (compress rate, pages) of each shared pool; () = static state
+
+    @property
+    def paged(self) -> bool:
+        """Whether entries and indexer keys live in shared pools addressed by block tables."""
+        return bool(self.pool_pages)
+
+    def table_width(self, rate: int) -> int:
+        """Pages one sequence can hold for a compressor of `rate` (the block table's width)."""
+        return self.entries(rate) // self.page_size
+
+    def pages(self, rate: int) -> int:
+        """Pages of the rate's page arrays: the pool's size, or max_batch · table_width in a static state."""
+        return dict(self.pool_pages)[rate] if self.paged else self.max_batch * self.table_width(rate)
 
     @property
     def uses_kernel(self) -> bool:
@@ -101,9 +123,10 @@ class CacheSpec:
     def dense_dtype(self):
         return _DENSE_DTYPES.get(self.cache_dtype)
 
-    def kv_cache_shape(self, tokens_per_sequence: int) -> jax.ShapeDtypeStruct:
-        """A paged cache holding `tokens_per_sequence` slots for each of `max_batch` sequences."""
-        pages = self.max_batch * tokens_per_sequence // self.page_size
+    def kv_cache_shape(self, tokens_per_sequence: int | None = None, pages: int | None = None
+                       ) -> jax.ShapeDtypeStruct:
+        """A paged cache holding `tokens_per_sequence` slots for each of `max_batch` sequences, or `pages` pages."""
+        pages = self.max_batch * tokens_per_sequence // self.page_size if pages is None else pages
         shape = pk.cache_shape(pages, self.page_size, self.kv_format)
         return jax.ShapeDtypeStruct(shape, jnp.uint8 if self.cache_dtype == "fp8" else self.dense_dtype)
 
@@ -121,7 +144,7 @@ class LayerState:
     window: jax.Array  # sliding ring, kernel main cache
     entries: jax.Array | None = None  # compressed entries, kernel extra cache (CSA/HCA)
     compressor: CompressorState | None = None
-    index_keys: jax.Array | None = None  # [b, entries, j] (CSA)
+    index_keys: jax.Array | None = None  # CSA: uint8 [u, (j + 4)·B] (fp8) or [u, B, j] (compute)
     index_compressor: CompressorState | None = None
 
 
@@ -133,6 +156,7 @@ class DecodeState:
     mtp_lengths: jax.Array | None = None  # [b] int32: positions the MTP block has seen
     last_streams: jax.Array | None = None  # [b, c, d] main streams at position lengths − 1 (MTP input)
     dspark: tuple[jax.Array, ...] | None = None  # per drafter stage: W ring slots + G scratch slots
+    block_tables: dict | None = None  # paged state: compress rate -> [b, table_width] pool page ids (−1: none)
     spec: CacheSpec = struct.field(pytree_node=False, default=None)
 
 
@@ -181,20 +205,37 @@ def resolve_attention_backend(config: Config, backend: str, cache_dtype: str) ->
     return backend
 
 
+def compress_rates(config: Config, mtp: bool) -> tuple[int, ...]:
+    """The compression rates whose entries a state keeps (one pool, one block table each), ascending."""
+    types = (*config.layer_types, *((config.mtp_layer_type,) if mtp else ()))
+    return tuple(sorted({config.compress_rate(t) for t in types if t != SLIDING}))
+
+
+def resolve_index_cache(index_cache: str, cache_dtype: str) -> str:
+    if index_cache not in INDEX_CACHES:
+        raise ValueError(f"decode state: index_cache must be one of {INDEX_CACHES}, got {index_cache!r}")
+    return ("fp8" if cache_dtype == "fp8" else "compute") if index_cache == "auto" else index_cache
+
+
 def make_spec(config: Config, *, max_batch: int, max_len: int, cache_dtype: str = "auto", chunk: int = 64,
               page_size: int = 64, dtype=jnp.float32, mtp: bool = False, attention_backend: str = "auto",
-              speculative: str | None = None) -> CacheSpec:
+              speculative: str | None = None, index_cache: str = "auto", pool_pages: Mapping[int, int] | None = None
+              ) -> CacheSpec:
     """Checks the request against the config and returns the static description of a state.
 
     `cache_dtype` "auto" picks "fp8" where FlashMLA's v4 format fits the config, else the compute dtype;
     `attention_backend` is one of `ATTENTION_BACKENDS`. `speculative` None, "mtp" (same as `mtp=True`) or
-    "dspark" adds the drafter's state and sizes the buffers for exact rollback of its drafts. The returned
-    spec holds the resolved choices.
+    "dspark" adds the drafter's state and sizes the buffers for exact rollback of its drafts. `index_cache` is
+    one of `INDEX_CACHES` ("auto": the FP8 interop rows with the fp8 cache, else the compute dtype).
+    `pool_pages` (compress rate -> pages, one entry per rate of `compress_rates`) makes a paged state whose
+    entries and indexer keys live in shared pools (docs/serving.md §2); without it every sequence owns
+    `max_len` tokens' worth. The returned spec holds the resolved choices.
     """
     for name, value in (("max_batch", max_batch), ("max_len", max_len), ("chunk", chunk), ("page_size", page_size)):
         positive_int(value, f"decode state: {name}")
     cache_dtype = resolve_cache_dtype(config, cache_dtype, dtype)
     backend = resolve_attention_backend(config, attention_backend, cache_dtype)
+    index_cache = resolve_index_cache(index_cache, cache_dtype)
     if max_len > config.max_position_embeddings:
         raise ValueError(f"decode state: max_len {max_len} exceeds the config's max_position_embeddings "
                          f"{config.max_position_embeddings}")
@@ -211,11 +252,21 @@ def make_spec(config: Config, *, max_batch: int, max_len: int, cache_dtype: str 
     if drafts and chunk < drafts + 1:
         raise ValueError(f"decode state: speculative decoding verifies {drafts + 1} tokens per call; chunk must be "
                          f">= {drafts + 1}, got {chunk}")
+    pools = ()
+    if pool_pages is not None:
+        rates = compress_rates(config, mtp)
+        if sorted(pool_pages) != list(rates):
+            raise ValueError(f"decode state: pool_pages needs one entry per compression rate {list(rates)}, got "
+                             f"{sorted(pool_pages)}")
+        for rate in rates:
+            positive_int(pool_pages[rate], f"decode state: pool_pages[{rate}]")
+        pools = tuple((rate, int(pool_pages[rate])) for rate in rates)
     return CacheSpec(max_batch=int(max_batch), max_len=int(max_len), chunk=int(chunk), cache_dtype=cache_dtype,
                      page_size=int(page_size), head_dim=config.head_dim, window=config.sliding_window,
                      compute_dtype=jnp.dtype(dtype).name, mtp=mtp, attention_backend=backend,
                      dspark=speculative == "dspark", drafts=drafts,
-                     dspark_stages=config.dspark.num_stages if speculative == "dspark" else 0)
+                     dspark_stages=config.dspark.num_stages if speculative == "dspark" else 0,
+                     index_cache=index_cache, pool_pages=pools)
 
 
 def compressor_slots(spec: CacheSpec, rate: int, overlap: bool) -> int:
@@ -231,17 +282,19 @@ def _compressor_shapes(spec: CacheSpec, rate: int, overlap: bool, width: int) ->
     return CompressorState(kv=buf, gate=buf)
 
 
-def _layer_shapes(config: Config, spec: CacheSpec, layer_type: str) -> LayerState:
+def layer_shapes(config: Config, spec: CacheSpec, layer_type: str) -> LayerState:
     window = spec.kv_cache_shape(spec.ring)
     if layer_type == SLIDING:
         return LayerState(window=window)
     rate = config.compress_rate(layer_type)
-    entries = spec.kv_cache_shape(spec.entries(rate))
+    entries = spec.kv_cache_shape(pages=spec.pages(rate))
     compressor = _compressor_shapes(spec, rate, layer_type == CSA, config.head_dim)
     if layer_type == HCA:
         return LayerState(window=window, entries=entries, compressor=compressor)
-    index_keys = jax.ShapeDtypeStruct((spec.max_batch, spec.entries(rate), config.index_head_dim),
-                                      jnp.dtype(spec.compute_dtype))
+    fp8 = spec.index_cache == "fp8"
+    index_keys = jax.ShapeDtypeStruct(
+        index_format.cache_shape(spec.pages(rate), spec.page_size, config.index_head_dim, fp8=fp8),
+        jnp.uint8 if fp8 else jnp.dtype(spec.compute_dtype))
     return LayerState(window=window, entries=entries, compressor=compressor, index_keys=index_keys,
                       index_compressor=_compressor_shapes(spec, rate, True, config.index_head_dim))
 
@@ -249,20 +302,23 @@ def _layer_shapes(config: Config, spec: CacheSpec, layer_type: str) -> LayerStat
 def state_shapes(config: Config, spec: CacheSpec) -> DecodeState:
     """The state as a tree of `jax.ShapeDtypeStruct` (nothing allocated)."""
     lengths = jax.ShapeDtypeStruct((spec.max_batch,), jnp.int32)
-    mtp = {}
+    extra = {}
     if spec.mtp:
-        mtp = dict(mtp=_layer_shapes(config, spec, config.mtp_layer_type), mtp_lengths=lengths,
-                   last_streams=jax.ShapeDtypeStruct((spec.max_batch, config.hc_mult, config.hidden_size),
-                                                     jnp.dtype(spec.compute_dtype)))
+        extra = dict(mtp=layer_shapes(config, spec, config.mtp_layer_type), mtp_lengths=lengths,
+                     last_streams=jax.ShapeDtypeStruct((spec.max_batch, config.hc_mult, config.hidden_size),
+                                                       jnp.dtype(spec.compute_dtype)))
     if spec.dspark:
-        mtp["dspark"] = tuple(spec.kv_cache_shape(spec.dspark_slots) for _ in range(spec.dspark_stages))
-    layers = tuple(_layer_shapes(config, spec, t) for t in config.layer_types)
-    return DecodeState(layers=layers, lengths=lengths, spec=spec, **mtp)
+        extra["dspark"] = tuple(spec.kv_cache_shape(spec.dspark_slots) for _ in range(spec.dspark_stages))
+    if spec.paged:
+        extra["block_tables"] = {rate: jax.ShapeDtypeStruct((spec.max_batch, spec.table_width(rate)), jnp.int32)
+                                 for rate, _ in spec.pool_pages}
+    layers = tuple(layer_shapes(config, spec, t) for t in config.layer_types)
+    return DecodeState(layers=layers, lengths=lengths, spec=spec, **extra)
 
 
 def init_state(config: Config, *, max_batch: int, max_len: int, cache_dtype: str = "auto", chunk: int = 64,
                page_size: int = 64, dtype=jnp.float32, mtp: bool = False, attention_backend: str = "auto",
-               speculative: str | None = None) -> DecodeState:
+               speculative: str | None = None, index_cache: str = "auto") -> DecodeState:
     """Allocates an empty state (all sequences at length 0). See `make_spec` for the arguments; the state's
     `spec` says which cache dtype and attention backend were picked.
 
@@ -270,103 +326,13 @@ def init_state(config: Config, *, max_batch: int, max_len: int, cache_dtype: str
     """
     spec = make_spec(config, max_batch=max_batch, max_len=max_len, cache_dtype=cache_dtype, chunk=chunk,
                      page_size=page_size, dtype=dtype, mtp=mtp, attention_backend=attention_backend,
-                     speculative=speculative)
+                     speculative=speculative, index_cache=index_cache)
     return allocate(config, spec)
 
 
 def allocate(config: Config, spec: CacheSpec) -> DecodeState:
-    """Zero-filled state for `spec` (from `make_spec`)."""
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state_shapes(config, spec))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Memory
-
-
-def _nbytes(tree) -> int:
-    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
-@dataclasses.dataclass(frozen=True)
-class MemoryRow:
-    kind: str  # "sliding", "CSA (m=4)", "HCA (m=128)", "MTP (sliding)", ...
-    layers: int
-    fixed_per_sequence: int  # bytes per layer per sequence whatever the length (ring + buffers)
-    per_token: float  # bytes per layer per token of context (compressed entries + indexer keys)
-    total: int  # bytes of all such layers for the whole state
-
-
-@dataclasses.dataclass(frozen=True)
-class MemoryReport:
-    spec: CacheSpec
-    rows: tuple[MemoryRow, ...]
-    total: int  # bytes of the whole state
-
-    @property
-    def per_token(self) -> float:
-        """Bytes per token of context over all layers (the marginal cost of a longer context)."""
-        return sum(r.layers * r.per_token for r in self.rows)
-
-    @property
-    def fixed_per_sequence(self) -> int:
-        return sum(r.layers * r.fixed_per_sequence for r in self.rows)
-
-    def __str__(self) -> str:
-        s = self.spec
-        lines = [f"decode state: {s.cache_dtype} cache, {s.max_batch} sequences x {s.max_len} tokens "
-                 f"(window ring {s.ring} slots, pages of {s.page_size}; attention: {s.attention_backend})",
-                 f"  {'layer type':<16}{'layers':>7}{'fixed/seq/layer':>18}{'bytes/token/layer':>19}{'total':>12}"]
-        for r in self.rows:
-            lines.append(f"  {r.kind:<16}{r.layers:>7}{human_bytes(r.fixed_per_sequence):>18}{r.per_token:>19.1f}"
-                         f"{human_bytes(r.total):>12}")
-        lines.append(f"  {'all':<16}{sum(r.layers for r in self.rows):>7}{human_bytes(self.fixed_per_sequence):>18}"
-                     f"{self.per_token:>19.1f}{human_bytes(self.total):>12}")
-        return "\n".join(lines)
-
-
-def memory_report(config: Config, spec: CacheSpec) -> MemoryReport:
-    """Bytes of the state `spec` describes, by layer type: fixed per sequence, per token, and in total."""
-    kinds = {SLIDING: "sliding", CSA: f"CSA (m={config.compress_rate_csa})", HCA: f"HCA (m={config.compress_rate_hca})"}
-    groups = [(kinds[t], config.layer_types.count(t), t) for t in (SLIDING, CSA, HCA) if t in config.layer_types]
-    if spec.mtp:
-        groups.append((f"MTP ({kinds[config.mtp_layer_type]})", 1, config.mtp_layer_type))
-    if spec.dspark:
-        ring = spec.kv_cache_shape(spec.dspark_slots)
-        rows_extra = [MemoryRow("DSpark ring", spec.dspark_stages, round(_nbytes(ring) / spec.max_batch), 0.0,
-                                spec.dspark_stages * _nbytes(ring))]
-    else:
-        rows_extra = []
-    rows = []
-    for kind, count, layer_type in groups:
-        shapes = _layer_shapes(config, spec, layer_type)
-        per_seq_total = _nbytes(shapes) / spec.max_batch
-        fixed = _nbytes(shapes.window) + _nbytes(shapes.compressor) + _nbytes(shapes.index_compressor)
-        per_token = 0.0
-        if layer_type != SLIDING:
-            rate = config.compress_rate(layer_type)
-            per_entry = (_nbytes(shapes.entries) + _nbytes(shapes.index_keys)) / (spec.max_batch * spec.entries(rate))
-            per_token = per_entry / rate
-        rows.append(MemoryRow(kind, count, round(fixed / spec.max_batch), per_token,
-                              round(count * per_seq_total * spec.max_batch)))
-    return MemoryReport(spec, tuple(rows + rows_extra), _nbytes(state_shapes(config, spec)))
-
-
-def max_len_for_budget(config: Config, budget_bytes: int, **spec_kwargs) -> int:
-    """The largest `max_len` whose state fits in `budget_bytes` (other `make_spec` arguments as given).
-
-    Weights are not included: pass the memory left after them. Raises if not even one token fits.
-    """
-    def fits(n: int) -> bool:
-        return _nbytes(state_shapes(config, make_spec(config, max_len=n, **spec_kwargs))) <= budget_bytes
-
-    lo, hi = 0, config.max_position_embeddings
-    if not fits(1):
-        raise ValueError(f"max_len_for_budget: {budget_bytes} bytes do not hold a state of even one token "
-                         f"({human_bytes(_nbytes(state_shapes(config, make_spec(config, max_len=1, **spec_kwargs))))})")
-    while lo < hi:  # invariant: fits(lo) or lo == 0; answer in [lo, hi]
-        mid = (lo + hi + 1) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    """Zero-filled state for `spec` (from `make_spec`); a paged state's block tables start empty (−1)."""
+    state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state_shapes(config, spec))
+    if spec.paged:
+        state = state.replace(block_tables={r: jnp.full_like(t, -1) for r, t in state.block_tables.items()})
+    return state

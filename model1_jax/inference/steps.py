@@ -94,9 +94,32 @@ def compressor_step(comp: Compressor, cs: CompressorState, x_btd: jax.Array, len
     return entries_bwh, entry_bw, new_cs
 
 
+def page_slots(table_bu: jax.Array, entry, page_size: int) -> jax.Array:
+    """Flat pool slots (`page · page_size + offset`) of a sequence's entry indices through its block table.
+
+    table [b, u]; entry int [b, ...] (−1 = none). −1 where the entry is negative, past the table, or in a page
+    the table does not hold (−1): such entries are neither written nor read."""
+    width = table_bu.shape[1]
+    page_idx = entry // page_size
+    ok = (entry >= 0) & (page_idx < width)
+    flat = jnp.clip(page_idx, 0, width - 1).reshape(entry.shape[0], -1)
+    page_id = jnp.take_along_axis(table_bu, flat, axis=1).reshape(entry.shape)
+    return jnp.where(ok & (page_id >= 0), page_id * page_size + entry % page_size, -1).astype(jnp.int32)
+
+
+def block_tables(spec, rates, batch: int) -> dict:
+    """A static state's block tables: sequence b owns pages b·P … (b+1)·P − 1 of each rate's page arrays."""
+    return {rate: jnp.arange(batch, dtype=jnp.int32)[:, None] * spec.table_width(rate)
+            + jnp.arange(spec.table_width(rate), dtype=jnp.int32) for rate in rates}
+
+
 def attention_step(attn: Attention, ls: LayerState, x_btd: jax.Array, positions_bt: jax.Array,
-                   lengths_b: jax.Array, n_new_b: jax.Array, spec) -> tuple[jax.Array, LayerState]:
-    """One attention block over the caches (see the module docstring); returns its output [b, t, d]."""
+                   lengths_b: jax.Array, n_new_b: jax.Array, spec, tables: dict | None = None
+                   ) -> tuple[jax.Array, LayerState]:
+    """One attention block over the caches (see the module docstring); returns its output [b, t, d].
+
+    `tables` maps a compression rate to the block table [b, pages per sequence] of its entries and indexer keys
+    (default: the static state's own pages)."""
     cfg = attn.config
     b, t = x_btd.shape[:2]
     h, window = cfg.head_dim, cfg.sliding_window
@@ -120,29 +143,31 @@ def attention_step(attn: Attention, ls: LayerState, x_btd: jax.Array, positions_
     extra = {}
     if attn.compressor is not None:
         rate = attn.compressor.rate
-        cap = spec.entries(rate)
+        table_bu = (tables or block_tables(spec, (rate,), b))[rate]
+        cap = table_bu.shape[1] * page  # entry slots one sequence can address
         entries_bwh, entry_bw, cs = compressor_step(attn.compressor, ls.compressor, x_btd, lengths_b, n_new_b)
-        entry_bw = jnp.where(entry_bw < cap, entry_bw, -1)  # never spill into the next sequence's pages
-        entry_slots = jnp.where(entry_bw >= 0, b_b1 * cap + entry_bw, -1).reshape(-1)
-        entries = sharded_decode.write_kv(attn.layout, ls.entries, entry_slots, entries_bwh.reshape(-1, h),
-                                          kv_format=kv_format, page_size=page, batch=b)
+        entries = sharded_decode.write_kv(attn.layout, ls.entries, page_slots(table_bu, entry_bw, page).reshape(-1),
+                                          entries_bwh.reshape(-1, h), kv_format=kv_format, page_size=page, batch=b)
         ls = ls.replace(entries=entries, compressor=cs)
         visible_count_b = jnp.where(active_b, (lengths_b + n_new_b) // rate, 0)
         if attn.indexer is not None:
             keys_bwj, key_bw, ics = compressor_step(attn.indexer.compressor, ls.index_compressor, x_btd,
                                                     lengths_b, n_new_b)
-            key_rows = jnp.where((key_bw >= 0) & (key_bw < cap), key_bw, cap)
-            index_keys = ls.index_keys.at[b_b1, key_rows].set(keys_bwj.astype(ls.index_keys.dtype), mode="drop")
+            index_keys = sharded_decode.write_index_keys(attn.layout, ls.index_keys,
+                                                         page_slots(table_bu, key_bw, page).reshape(-1),
+                                                         keys_bwj.reshape(-1, keys_bwj.shape[-1]), page_size=page,
+                                                         batch=b)
             ls = ls.replace(index_keys=index_keys, index_compressor=ics)
-            scores_bts = attn.indexer.scores(x_btd, q_lat_btq, index_keys, positions_bt)
+            keys_bsj = sharded_decode.gather_index_keys(attn.layout, index_keys, table_bu, page_size=page)
+            scores_bts = attn.indexer.scores(x_btd, q_lat_btq, keys_bsj, positions_bt)
             picks_btk = select_top_k(scores_bts, positions_bt, rate, attn.indexer.top_k)
             extra_ok = (picks_btk >= 0) & valid_bt[..., None]
-            extra_idx = jnp.where(extra_ok, b_b1[..., None] * cap + picks_btk, -1)
+            extra_idx = jnp.where(extra_ok, page_slots(table_bu, picks_btk, page), -1)
             extra_len = jnp.minimum(visible_count_b, picks_btk.shape[-1])  # picks are sorted: valid ones first
         else:
-            w_s = jnp.arange(cap)
+            slots_bs = page_slots(table_bu, jnp.broadcast_to(jnp.arange(cap), (b, cap)), page)
             extra_ok = visible_entries(positions_bt, cap, rate) & valid_bt[..., None]
-            extra_idx = jnp.where(extra_ok, b_b1[..., None] * cap + w_s, -1)
+            extra_idx = jnp.where(extra_ok, slots_bs[:, None, :], -1)
             extra_len = visible_count_b
         extra = dict(extra_kv_cache=entries, extra_indices=extra_idx.astype(jnp.int32), extra_page_size=page,
                      extra_topk_length=extra_len.astype(jnp.int32))
@@ -159,11 +184,11 @@ def attention_step(attn: Attention, ls: LayerState, x_btd: jax.Array, positions_
 
 
 def cached_attention(ls: LayerState, positions_bt: jax.Array, lengths_b: jax.Array, n_new_b: jax.Array, spec,
-                     updated: list) -> AttentionFn:
+                     updated: list, tables: dict | None = None) -> AttentionFn:
     """An `attention=` replacement for a `DecoderLayer` that runs its block against the layer's caches
-    (`attention_step`) and appends the layer's new state to `updated`."""
+    (`attention_step`, through the block `tables`) and appends the layer's new state to `updated`."""
     def attention(attn: Attention, x_btd: jax.Array) -> jax.Array:
-        y_btd, new_ls = attention_step(attn, ls, x_btd, positions_bt, lengths_b, n_new_b, spec)
+        y_btd, new_ls = attention_step(attn, ls, x_btd, positions_bt, lengths_b, n_new_b, spec, tables)
         updated.append(new_ls)
         return y_btd
 
@@ -182,7 +207,8 @@ def model_step(model: Model1, state: DecodeState, ids_bt: jax.Array, n_new_b: ja
     updated: list[LayerState] = []
 
     def attention(i: int, attn: Attention, x_btd: jax.Array) -> jax.Array:
-        return cached_attention(state.layers[i], positions_bt, lengths_b, n_new_b, state.spec, updated)(attn, x_btd)
+        return cached_attention(state.layers[i], positions_bt, lengths_b, n_new_b, state.spec, updated,
+                                state.block_tables)(attn, x_btd)
 
     out = model.streams(ids_bt, positions_bt, attention=attention, capture=capture)
     state = state.replace(layers=tuple(updated), lengths=lengths_b + n_new_b)
@@ -209,7 +235,7 @@ def mtp_step(model: Model1, state: DecodeState, streams_bucd: jax.Array, next_id
     positions_bu = mtp_len_b[:, None] + jnp.arange(u, dtype=jnp.int32)
     updated: list[LayerState] = []
     x_bucd = mtp(_rows(streams_bucd, rows_bu), model.embed_tokens(ids_bu), positions_bu,
-                 cached_attention(state.mtp, positions_bu, mtp_len_b, n_b, state.spec, updated))
+                 cached_attention(state.mtp, positions_bu, mtp_len_b, n_b, state.spec, updated, state.block_tables))
     if not all_logits:
         x_bucd = _rows(x_bucd, jnp.maximum(n_b - 1, 0)[:, None])
     logits = model.logits(mtp.hidden(x_bucd))
@@ -265,6 +291,9 @@ def check_state(model: Model1, state: DecodeState) -> None:
         raise ValueError("decode state has MTP caches but the model has no MTP block")
     if spec.dspark and (model.dspark is None or len(model.dspark.stages) != spec.dspark_stages):
         raise ValueError("decode state has DSpark rings but the model has no such drafter")
+    if spec.paged:
+        raise ValueError("decode state is paged (pool_pages): its block tables belong to a Scheduler, which drives "
+                         "it; prefill / decode_step take a static state (init_state)")
 
 
 def prefill(model: Model1, state: DecodeState, ids, lengths=None, *, all_logits: bool = False,

@@ -1,7 +1,7 @@
 """Tokenizers: UTF-8 bytes (ids 0..255) or a Hugging Face `tokenizer.json` through `tokenizers`.
 
-Both expose `encode(text) -> list[int]`, `vocab_size`, `name` and `save(path)` (a tokenizer.json), so the
-data pipeline, generation and the scripts treat them alike.
+Both expose `encode(text) -> list[int]`, `decode(ids) -> str`, `vocab_size`, `name` and `save(path)` (a
+tokenizer.json), so the data pipeline, generation and the scripts treat them alike.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def decode(self, ids) -> str:
+        """Bytes → text; an incomplete or invalid UTF-8 sequence becomes U+FFFD."""
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
     def save(self, path: str | os.PathLike) -> None:
         """The same mapping as a `tokenizer.json` (byte-level BPE without merges), so tools that read
         tokenizer.json (scripts/generate.py) encode and decode text exactly as training did."""
@@ -58,6 +62,10 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        """Token ids → text, special tokens kept."""
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def save(self, path: str | os.PathLike) -> None:
         self.tokenizer.save(os.fspath(path))
