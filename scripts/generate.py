@@ -220,7 +220,7 @@ def batch_file(args: argparse.Namespace, model: m1.Model1, tokenizer: HFTokenize
     st = sched.stats
     print(f"done    {summary['requests']} requests, {summary['generated_tokens']} tokens in {summary['seconds']:.1f} s "
           f"({summary['tokens_per_s']:,.1f} tokens/s; compile {st.compile_s:.1f} s)"
-          + (f"; MTP {st.accepted}/{st.drafts} drafts accepted" if st.drafts else ""))
+          + (f"; {speculative.upper()} {st.accepted}/{st.drafts} drafts accepted" if st.drafts else ""))
     return 0
 
 
