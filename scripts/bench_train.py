@@ -9,7 +9,8 @@ point runs in a fresh process: one Trainer step (value and gradient of the next-
 per-layer remat) on one sequence of T tokens. Recorded: XLA's per-device plan of the step (`Trainer.
 memory_estimate`, printed before training by finetune.py), the measured peak (device peak on a GPU, the
 process's peak RSS above what was resident before the timed steps, the allocator trimmed, on a CPU), and the
-mean time of the steps after the compiling one. JSON goes to benchmarks/results/bench_train.json. Targets (issue):
+mean wall time (and the process's CPU time, all threads: what a shared machine's load changes least) of the
+steps after the compiling one. JSON goes to benchmarks/results/bench_train.json. Targets (issue):
 each doubling of T at most 2.3x in memory and time for the sparse path, and T = 32K within 20 GB.
 """
 
@@ -66,11 +67,12 @@ def one_point(length: int, attention: str, steps: int, max_bytes: float) -> dict
     compile_s = time.perf_counter() - t0
     if estimate["peak"] > max_bytes:  # the machine is shared: do not try what would not fit
         return {"seq_len": length, "attention": attention, "estimate_bytes": estimate, "skipped": "over --max-gib"}
-    times = []
+    times, cpu_times = [], []
     for i in range(steps + 1):  # the first step compiles (the jit cache is not the estimate's)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         jax.block_until_ready(trainer.step(batch)["loss"])
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)  # all threads: depends far less on a shared machine's load
         if i == 0:  # what the steps themselves add: peak since here, above what is resident now
             reset_peak()
             before = resident_bytes()
@@ -78,7 +80,8 @@ def one_point(length: int, attention: str, steps: int, max_bytes: float) -> dict
     return {"seq_len": length, "attention": attention, "estimate_bytes": estimate, "measured_bytes": peak,
             "measured": what, "resident_before_steps_bytes": before, "process_baseline_bytes": baseline,
             "step_bytes": peak - before if what == "process peak RSS" else peak,
-            "step_s": float(np.mean(times[1:])), "first_step_s": times[0], "estimate_compile_s": compile_s,
+            "step_s": float(np.mean(times[1:])), "step_min_s": float(np.min(times[1:])),
+            "step_cpu_s": float(np.mean(cpu_times[1:])), "first_step_s": times[0], "estimate_compile_s": compile_s,
             "steps_timed": steps}
 
 
@@ -122,7 +125,8 @@ def main(argv=None) -> None:
             est = point["estimate_bytes"]
             print(f"{attention:6s} T={length:6d}: estimate {est['peak'] / gib:6.2f} GiB (temporaries "
                   f"{est['temporaries'] / gib:6.2f}), measured step {point['step_bytes'] / gib:6.2f} GiB, "
-                  f"{point['measured']} {point['measured_bytes'] / gib:6.2f} GiB, step {point['step_s']:7.2f} s",
+                  f"{point['measured']} {point['measured_bytes'] / gib:6.2f} GiB, step {point['step_s']:7.2f} s "
+                  f"(CPU {point['step_cpu_s']:7.1f} s)",
                   flush=True)
 
     import jax
@@ -137,12 +141,12 @@ def main(argv=None) -> None:
     for attention, rows in result["growth_per_doubling"].items():
         for row in rows:
             print(f"{attention:6s} {row['from']:6d} -> {row['to']:6d}: memory x{row['memory']:.2f}, "
-                  f"time x{row['time']:.2f}")
+                  f"time x{row['time']:.2f}" + (f", CPU time x{row['cpu_time']:.2f}" if "cpu_time" in row else ""))
     print(f"wrote {out}")
 
 
 def _growth(points: list[dict]) -> dict:
-    """Ratios of the measured step memory, XLA's estimate and the step time between consecutive doublings."""
+    """Ratios of the measured step memory, XLA's estimate and the step time (wall, CPU) between doublings."""
     out: dict[str, list] = {}
     for attention in sorted({p["attention"] for p in points}):
         rows = sorted((p for p in points if p["attention"] == attention), key=lambda p: p["seq_len"])
@@ -150,7 +154,8 @@ def _growth(points: list[dict]) -> dict:
             {"from": a["seq_len"], "to": b["seq_len"],
              "memory": b["step_bytes"] / max(a["step_bytes"], 1),
              "estimate": b["estimate_bytes"]["peak"] / max(a["estimate_bytes"]["peak"], 1),
-             "time": b["step_s"] / a["step_s"]}
+             "time": b["step_s"] / a["step_s"],
+             **({"cpu_time": b["step_cpu_s"] / a["step_cpu_s"]} if "step_cpu_s" in a and "step_cpu_s" in b else {})}
             for a, b in zip(rows, rows[1:]) if b["seq_len"] == 2 * a["seq_len"]]
     return out
 
