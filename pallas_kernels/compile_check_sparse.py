@@ -30,7 +30,7 @@ INDICES = {64: 640, 128: 1152}  # heads -> indices per query: V4-Flash, V4-Pro
 B, T, S, H = 1, 128, 160, 512
 
 # Spill budget per thread: the decode kernels' 2048 B, for the same reason (docs/compile_check.md §3): these kernels
-# hold the same [64, 512] fp32 accumulator at 8 warps (128 of 255 registers), spill 0.4-1.5 KB today, and Triton
+# hold the same [64, 512] fp32 accumulator at 8 warps (128 of 255 registers), spill at most 1.04 KB today, and Triton
 # versions alone move such figures by half (§1), so a tighter guard would trip on the compiler, not on the kernel.
 SPILL_BUDGET_BYTES = 2048
 
