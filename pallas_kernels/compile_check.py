@@ -84,18 +84,12 @@ class KernelConfig:
         return capture_ir(self, d_chunk)[0]
 
 
-def decode_configurations() -> list[KernelConfig]:
+def configurations() -> list[KernelConfig]:
     """Every decode variant: formats × h_q 16/32/64/128 × split or not × extra scope or not, plus caches over 4 GiB
-    (the benchmark's peak V3.2 case has 3.2 GB; larger ones switch Pallas to 64-bit offsets)."""
+    (the benchmark's peak V3.2 case has 3.2 GB; larger ones switch Pallas to 64-bit offsets). The sparse-attention
+    kernels: compile_check_sparse.configurations(); both: compile_check_sparse.all_configurations()."""
     out = [KernelConfig(f, h, s, x) for f in KV_FORMATS for h in HEADS for s in (False, True) for x in (False, True)]
     return out + [KernelConfig(f, 128, True, False, large_cache=True) for f in KV_FORMATS]
-
-
-def configurations() -> list:
-    """Every kernel the check compiles: the decode variants, then the sparse-attention kernels."""
-    from pallas_kernels import compile_check_sparse  # it builds on this module's functions: import on use
-
-    return decode_configurations() + compile_check_sparse.configurations()
 
 
 # The test compiles these (the full matrix takes minutes): MODEL1's production shape (CONFIG2: h_q 128, split, extra

@@ -2,11 +2,11 @@
 """Compile every Pallas-Triton kernel variant for sm_90a and sm_100a on the CPU and record its resources.
 
 For each variant `sparse_mla_decode` can launch and the forward / dQ / dKV kernels of `sparse_attention` at V4-Flash
-and V4-Pro shapes (pallas_kernels.compile_check.configurations()), the Triton IR is captured by lowering for CUDA,
-compiled with the `triton` package (a test extra) to PTX and cubin, and ptxas's registers, spill bytes and stack per
-thread, Triton's shared memory and the matrix instruction are recorded. Writes benchmarks/results/compile_check.json
-and a markdown table beside it; exits 1 when a variant fails to compile or breaks a limit (shared memory, its
-family's spill budget, trap, matmuls off the tensor cores).
+and V4-Pro shapes (pallas_kernels.compile_check_sparse.all_configurations()), the Triton IR is captured by lowering
+for CUDA, compiled with the `triton` package (a test extra) to PTX and cubin, and ptxas's registers, spill bytes and
+stack per thread, Triton's shared memory and the matrix instruction are recorded. Writes
+benchmarks/results/compile_check.json and a markdown table beside it; exits 1 when a variant fails to compile or
+breaks a limit (shared memory, its family's spill budget, trap, matmuls off the tensor cores).
 
   python scripts/compile_check.py [--configs model1-h64-split,attention-dkv-n64] [--archs sm_90a] [--jobs 2]
                                   [--keep DIR]   # also keep each variant's .ttir / .ptx / .cubin
@@ -27,6 +27,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from pallas_kernels import compile_check as cc  # noqa: E402
+from pallas_kernels import compile_check_sparse  # noqa: E402
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR / "compile_check.json")
     p.add_argument("--list", action="store_true", help="print the kernel names and exit")
     args = p.parse_args(argv)
-    all_configs = {c.name: c for c in cc.configurations()}
+    all_configs = {c.name: c for c in compile_check_sparse.all_configurations()}
     if args.list:
         print("\n".join(all_configs))
         return 0

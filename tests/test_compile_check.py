@@ -28,7 +28,7 @@ def test_representative_variants_compile_within_limits():
 
 def test_representative_attention_kernels_compile_within_limits():
     """V4-Flash shape (n 64, h 512, bf16, 640 indices) on sm_90a: the forward and the dKV kernel."""
-    configs = [c for c in cc.configurations() if c.name in ccs.REPRESENTATIVE]
+    configs = [c for c in ccs.all_configurations() if c.name in ccs.REPRESENTATIVE]
     assert sorted(c.name for c in configs) == sorted(ccs.REPRESENTATIVE)
     records = cc.check_matrix(configs, ["sm_90a"], jobs=2)
     problems = [p for r in records for p in r["problems"]]
@@ -39,15 +39,15 @@ def test_representative_attention_kernels_compile_within_limits():
 
 
 def test_configurations_cover_every_launchable_variant():
-    names = [c.name for c in cc.configurations()]
+    names = [c.name for c in ccs.all_configurations()]
     assert len(names) == len(set(names))
-    decode = cc.decode_configurations()
+    decode = cc.configurations()
     got = {(c.kv_format, c.block_h, c.split, c.extra) for c in decode}
     want = {(f, b, s, x) for f in ("model1", "v32") for b in (16, 32, 64) for s in (False, True) for x in (False, True)}
     assert want <= got
     assert {c.h_q for c in decode} == {16, 32, 64, 128}
     assert any(c.large_cache for c in decode)
-    attention = {(c.kind, c.n, c.k) for c in cc.configurations() if c.family == "sparse_attention"}
+    attention = {(c.kind, c.n, c.k) for c in ccs.all_configurations() if c.family == "sparse_attention"}
     assert attention == {(kind, n, k) for kind in ("fwd", "dq", "dkv") for n, k in ((64, 640), (128, 1152))}
     assert len(names) == len(decode) + len(attention)
 
