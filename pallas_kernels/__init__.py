@@ -15,8 +15,8 @@ Public API:
   pallas_kernels.index_format: the lightning indexer's key cache as vLLM / SGLang / DeepGEMM store it (132-byte
     FP8 rows with a power-of-two scale, page-major): quantize_rows, write, read, gather_pages
 
-Tooling, imported by path: `pallas_kernels.compile_check` (the kernels compiled for sm_90a / sm_100a on the CPU;
-needs the `compile-check` extra, Triton).
+Tooling, imported by path: `pallas_kernels.compile_check` and `compile_check_sparse` (the kernels compiled for
+sm_90a / sm_100a on the CPU; needs the `compile-check` extra, Triton).
 """
 
 import importlib

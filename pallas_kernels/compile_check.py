@@ -1,6 +1,7 @@
-"""Static GPU compile check of the Pallas-Triton decode kernel, on a machine without a GPU (docs/compile_check.md).
+"""Static GPU compile check of the Pallas-Triton kernels, on a machine without a GPU (docs/compile_check.md).
 
-For every kernel variant `sparse_mla_decode` can launch, the kernel is lowered for CUDA on the CPU; the Triton IR
+For every kernel variant `sparse_mla_decode` can launch, and the forward / dQ / dKV kernels of `sparse_attention` at
+V4's shapes (compile_check_sparse.py), the kernel is lowered for CUDA on the CPU; the Triton IR
 that jax embeds in the lowered module is compiled by the standalone `triton` package for sm_90a and sm_100a to PTX
 and cubin (ptxas needs no GPU), and ptxas's report gives registers, spills and stack per thread; Triton's metadata
 gives the shared memory, the PTX whether tensor-core instructions (wgmma on sm_90a, tcgen05 on sm_100a) were
@@ -25,6 +26,7 @@ import pathlib
 import re
 import tempfile
 import time
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -48,14 +50,18 @@ class CompileCheckError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """One kernel variant: cache format, query heads (head block min(h_q, 64)), split-KV or not, with or
-    without the extra cache scope, and a cache over 4 GiB (64-bit element offsets)."""
+    """One decode kernel variant: cache format, query heads (head block min(h_q, 64)), split-KV or not, with or
+    without the extra cache scope, and a cache over 4 GiB (64-bit element offsets).
+
+    What `check_matrix` asks of a configuration (compile_check_sparse.AttentionConfig answers the same): `name`,
+    `family`, `block_h` (M of the logit matmul), `spill_budget`, `d_chunk(arch, forced)` and `capture(d_chunk)`."""
 
     kv_format: str
     h_q: int
     split: bool
     extra: bool
     large_cache: bool = False
+    family: ClassVar[str] = "sparse_mla_decode"
 
     @property
     def name(self) -> str:
@@ -66,10 +72,22 @@ class KernelConfig:
     def block_h(self) -> int:
         return min(self.h_q, 64)
 
+    @property
+    def spill_budget(self) -> int:
+        return SPILL_BUDGET_BYTES
+
+    def d_chunk(self, arch: str, forced: int | None = None) -> int:
+        """The V-column chunk compiled for `arch`: `forced`, else what a GPU of that architecture picks."""
+        return forced or arch_d_chunk(arch, self.block_h)
+
+    def capture(self, d_chunk: int) -> KernelIR:
+        return capture_ir(self, d_chunk)[0]
+
 
 def configurations() -> list[KernelConfig]:
-    """Every variant: formats × h_q 16/32/64/128 × split or not × extra scope or not, plus caches over 4 GiB
-    (the benchmark's peak V3.2 case has 3.2 GB; larger ones switch Pallas to 64-bit offsets)."""
+    """Every decode variant: formats × h_q 16/32/64/128 × split or not × extra scope or not, plus caches over 4 GiB
+    (the benchmark's peak V3.2 case has 3.2 GB; larger ones switch Pallas to 64-bit offsets). The sparse-attention
+    kernels: compile_check_sparse.configurations(); both: compile_check_sparse.all_configurations()."""
     out = [KernelConfig(f, h, s, x) for f in KV_FORMATS for h in HEADS for s in (False, True) for x in (False, True)]
     return out + [KernelConfig(f, 128, True, False, large_cache=True) for f in KV_FORMATS]
 
@@ -260,15 +278,17 @@ def _triton_knobs(triton, cache_dir: str):
         knobs.cache.dir, knobs.nvidia.dump_ptxas_log = saved
 
 
-# Spill budget per thread (ptxas's static spill-store bytes): a regression guard, not a performance goal; the worst
-# variant spills 1.7 KB today (two scopes: two copies of the tile loop). docs/compile_check.md §3 says why.
+# Decode spill budget per thread (ptxas's static spill-store bytes): a regression guard, not a performance goal; the
+# worst variant spills 1.7 KB today (two scopes: two copies of the tile loop). docs/compile_check.md §3 says why.
 SPILL_BUDGET_BYTES = 2048
 
 
-def problems(cfg: KernelConfig, stats: CompileStats, spill_budget: int = SPILL_BUDGET_BYTES) -> list[str]:
-    """What makes a compiled kernel unacceptable: shared memory over the limit, spills over the budget, a trap, or
-    matmuls off the tensor cores (a head block of 64 must get wgmma / tcgen05; smaller ones get mma.sync)."""
+def problems(cfg, stats: CompileStats, spill_budget: int | None = None) -> list[str]:
+    """What makes a compiled kernel unacceptable: shared memory over the limit, spills over the budget (default: the
+    config family's), a trap, or matmuls off the tensor cores (a head block of 64 must get wgmma / tcgen05; smaller
+    ones get mma.sync)."""
     out, name = [], f"{cfg.name} {stats.arch}"
+    spill_budget = cfg.spill_budget if spill_budget is None else spill_budget
     if stats.shared_bytes > SMEM_LIMIT_BYTES:
         out.append(f"{name}: {stats.shared_bytes} B shared memory > {SMEM_LIMIT_BYTES} B")
     if stats.spill_store_bytes > spill_budget:
@@ -290,15 +310,16 @@ def _compile_or_error(kernel: KernelIR, arch: str, keep_dir: pathlib.Path | None
         return None, f"{type(e).__name__}: {str(e)[-1500:]}"
 
 
-def check_matrix(configs: list[KernelConfig], archs: list[str], *, jobs: int = 1, d_chunk: int | None = None,
-                 keep_dir: pathlib.Path | None = None, spill_budget: int = SPILL_BUDGET_BYTES,
+def check_matrix(configs: list, archs: list[str], *, jobs: int = 1, d_chunk: int | None = None,
+                 keep_dir: pathlib.Path | None = None, spill_budget: int | None = None,
                  progress=None) -> list[dict]:
-    """Captures and compiles every (config, arch): one record each with the config, d_chunk, warps, stages, the
-    `CompileStats` fields (or `error`) and `problems`. d_chunk: force one chunk (default: each arch's choice).
-    jobs: compiles in parallel (spawned processes); progress: called with each finished record."""
-    chunk = {(cfg.name, arch): d_chunk or arch_d_chunk(arch, cfg.block_h) for cfg in configs for arch in archs}
-    kernels = {(cfg.name, c): capture_ir(cfg, c)[0] for cfg in configs for c in
-               sorted({chunk[cfg.name, arch] for arch in archs})}
+    """Captures and compiles every (config, arch): one record each with the family, the config, d_chunk (None where
+    the kernel has none), warps, stages, the spill budget, the `CompileStats` fields (or `error`) and `problems`.
+    d_chunk: force one decode chunk (default: each arch's choice); spill_budget: one budget for every family
+    (default: each family's). jobs: compiles in parallel (spawned processes); progress: called with each record."""
+    chunk = {(cfg.name, arch): cfg.d_chunk(arch, d_chunk) for cfg in configs for arch in archs}
+    kernels = {(cfg.name, c): cfg.capture(c) for cfg in configs for c in
+               sorted({chunk[cfg.name, arch] for arch in archs}, key=str)}
     pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
     records = []
     with pool:
@@ -308,14 +329,15 @@ def check_matrix(configs: list[KernelConfig], archs: list[str], *, jobs: int = 1
         for future in concurrent.futures.as_completed(futures):
             cfg, arch = futures[future]
             kernel, (stats, error) = kernels[cfg.name, chunk[cfg.name, arch]], future.result()
-            rec = {"kernel": cfg.name, **dataclasses.asdict(cfg), "block_h": cfg.block_h,
+            budget = cfg.spill_budget if spill_budget is None else spill_budget
+            rec = {"kernel": cfg.name, "family": cfg.family, **dataclasses.asdict(cfg), "block_h": cfg.block_h,
                    "d_chunk": chunk[cfg.name, arch], "num_warps": kernel.num_warps,
-                   "num_stages": kernel.num_stages, "arch": arch}
+                   "num_stages": kernel.num_stages, "arch": arch, "spill_budget_bytes": budget}
             if stats is None:
                 rec.update(error=error, problems=[f"{cfg.name} {arch}: compile error: {error.splitlines()[0]}"])
             else:
                 rec.update({k: v for k, v in dataclasses.asdict(stats).items() if k != "arch"},
-                           problems=problems(cfg, stats, spill_budget))
+                           problems=problems(cfg, stats, budget))
             records.append(rec)
             if progress:
                 progress(rec)

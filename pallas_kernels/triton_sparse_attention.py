@@ -24,8 +24,9 @@ GPU tile choices (untimed: no GPU was available; see docs/training.md §3.3), fo
 forward H = 64, BK = 32: q [64, 512] and one bf16 tile [32, 512] are 64 + 32 KiB of shared memory (two
 pipeline stages: 128 KiB), the fp32 accumulator [64, 512] is 128 registers per thread at 8 warps — the shape
 that the decode kernel compiled to with small spills. dQ: the same plus dO. dKV: a [32, 512] fp32 tile (64
-registers per thread) and [64, 32] logits per head block. fp32 inputs use IEEE fp32 dots (exact, slow: tests);
-bf16 inputs use tensor cores with fp32 accumulation and P / dS cast to bf16 for the value-side products.
+registers per thread) and [64, 32] logits per head block, the head blocks in a loop so that one block's q and dO
+are in shared memory at a time. fp32 inputs use IEEE fp32 dots (exact, slow: tests); bf16 inputs use tensor
+cores with fp32 accumulation and P / dS cast to bf16 for the value-side products.
 """
 
 from __future__ import annotations
@@ -132,12 +133,17 @@ def _dkv_kernel(ntiles_ref, q_ref, do_ref, logz2_ref, delta_ref, idx_ref, kv_ref
 
     def step(tile, carry):
         kv, valid, idx = _load_tile(idx_ref, kv_ref, tile, base, num_keys, block_k, width)
-        acc = jnp.zeros((block_k, width), jnp.float32)
-        for hb in range(n_pad // block_h):  # static: at most a few head blocks
-            heads = pl.ds(hb * block_h, block_h)
+
+        # A loop, not a Python unroll: unrolled, Triton hoists every head block's q and dO out of the tile loop
+        # into shared memory (n 128: 325 KiB > 227 KiB, docs/compile_check.md §2). A one-trip loop (n 64) compiles
+        # as the unrolled form did (same shared memory and spills).
+        def head_block(hb, acc):
+            heads = pl.ds(pl.multiple_of(hb * block_h, block_h), block_h)
             q, do = q_ref[heads, :], do_ref[heads, :]
             p, ds = _probs(q, do, kv, valid, logz2_ref[heads], delta_ref[heads], logit_scale)
-            acc += scale * _dot(ds.astype(q.dtype), q, TN) + _dot(p.astype(do.dtype), do, TN)
+            return acc + scale * _dot(ds.astype(q.dtype), q, TN) + _dot(p.astype(do.dtype), do, TN)
+
+        acc = lax.fori_loop(0, n_pad // block_h, head_block, jnp.zeros((block_k, width), jnp.float32))
         dest = jnp.where(valid, base + idx, spare_row + lane)  # invalid lanes: distinct spare rows, adding 0
         plt.atomic_add(dkv_ref, (dest[:, None], cols[None, :]), jnp.where(valid[:, None], acc, 0.0))
         return carry
