@@ -34,3 +34,10 @@ def test_a_stage_that_overruns_is_cut_off_and_the_run_goes_on(tmp_path):
     stage = gpu_check.Stage("kernel_matrix", 1)
     record = gpu_check.run_stage(stage, smoke=True, limit=0.5)
     assert record["status"].startswith("timed out after")
+
+
+def test_stage_limits_fit_the_whole_run():
+    """The stages' own limits add up to at most the default deadline (8 minutes), so none is cut short by it."""
+    assert sum(stage.seconds for stage in gpu_check.STAGES) <= gpu_check.DEADLINE_S == 480.0
+    assert {stage.name for stage in gpu_check.STAGES} >= {"env", "kernel_matrix", "sparse_decode", "decode", "train",
+                                                           "serve", "load"}
