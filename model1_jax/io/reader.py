@@ -260,11 +260,12 @@ def run_chunk(files: Files, piece: Piece, lead: int, r0: int, r1: int) -> int:
     width = values.shape[1]
     step = relayout.lookup_rows(width)
     index = scratch("index", (step * width,), np.uint16)
+    wide = scratch("wide", (step * width,), np.intp)
     dense = scratch("dense", (step, b1 - b0), dtype)
     row_scale = np.arange(r0, r1) // bo - r0 // bo
     for s in range(0, r1 - r0, step):  # dequantize a band that stays in the cache, then place it
         n = min(step, r1 - r0 - s)
-        relayout.dequantize_rows(fmt, values[s:s + n], scales, row_scale[s:s + n], bi, dense[:n], index)
+        relayout.dequantize_rows(fmt, values[s:s + n], scales, row_scale[s:s + n], bi, dense[:n], index, wide)
         put(dense[:n, c0 - b0:c1 - b0], r0 + s)
     return values.nbytes + scales.nbytes
 
