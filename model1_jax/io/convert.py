@@ -36,7 +36,7 @@ from model1_jax.io.regions import read_units
 from model1_jax.io.relayout import aligned_empty
 
 # A worker's reused buffers: a chunk of raw bytes (and, for a cast, its converted copy), plus the lookup
-# index and dense band of a dequantization (a few hundred KiB).
+# indices and dense band of a dequantization (under 1 MiB: `relayout.LOOKUP_BYTES`, `relayout.PLACE_BYTES`).
 SCRATCH_BYTES = 3 * CHUNK_BYTES + (1 << 20)
 ALIGN = 64  # every array in the ring starts on a 64-byte boundary: at most this much padding per array
 

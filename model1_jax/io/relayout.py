@@ -33,6 +33,9 @@ _SMALL = 1 << 14  # elements: below this a plain strided copy is as fast
 # Source bytes dequantized per lookup: the indices (uint16 and their intp widening), the table and the dense
 # band stay in the L2 cache.
 LOOKUP_BYTES = 1 << 15
+# Dense bytes placed (transposed) at once, in whole lookups: the band stays in the L2 cache, and the transpose
+# gets source rows enough for its tiles (a 32 KiB lookup of packed FP4 experts is 16 rows, half a tile).
+PLACE_BYTES = 1 << 19
 
 
 def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
@@ -147,6 +150,11 @@ def dequant_table(fmt: str, dtype: np.dtype) -> np.ndarray:
 def lookup_rows(width: int) -> int:
     """Rows dequantized per lookup for rows of `width` bytes (see LOOKUP_BYTES)."""
     return max(1, LOOKUP_BYTES // max(width, 1))
+
+
+def band_rows(step: int, row_bytes: int) -> int:
+    """Dense rows placed at once: whole lookups (`step` rows) filling about PLACE_BYTES."""
+    return max(1, PLACE_BYTES // max(row_bytes, 1) // step) * step
 
 
 def dequantize_rows(fmt: str, values: np.ndarray, scales: np.ndarray, row_scale: np.ndarray, block_cols: int,
