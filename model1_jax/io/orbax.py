@@ -313,6 +313,9 @@ class Writer:
         if writing is not None:
             writing.result()
         self.writing_bytes, self.saved = 0, len(self.items)
+        for future in self._syncing:  # a failed fsync stops the conversion now rather than at the commit
+            if future.done() and future.exception() is not None:
+                future.result()
 
     @property
     def writing(self) -> bool:
@@ -335,8 +338,7 @@ class Writer:
                     "items": self.items, "params": self.entries}
         with open(os.path.join(self.tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        _fsync(os.path.join(self.tmp, MANIFEST))
         _fsync(self.tmp)
         os.rename(self.tmp, self.final)  # the commit point
         _fsync(self.directory)
