@@ -5,13 +5,14 @@ and nothing is written unless it is sound. Then the plan's units are read in bat
 budget by the parallel reader (`regions.read_units`: chunks of tensors read with `preadv` by a thread pool,
 dequantized or kept packed, re-laid-out once into each parameter's buffer) and handed to an
 `orbax.Writer`, which writes an Orbax item in a background thread whenever its buffer reaches
-`budget_bytes` — so reading the next batch overlaps writing the last, while the parameters held in
-memory stay within twice the budget:
+`budget_bytes`, and fsyncs written items from another (`defer_sync`) — so reading the next batch
+overlaps writing the last and putting earlier ones on disk. The parameters in flight live in one `Ring`
+of max(2 × budget, largest unit) bytes, reused batch after batch:
 
     peak ≈ runtime + max(2 × budget, largest unit) + workers × per-worker scratch
 
 where a unit is one parameter (two for HF's merged gate_up_proj) in the output format and the scratch is
-a worker's chunk buffers (about `reader.CHUNK_BYTES` plus a few hundred KiB). With the default budget
+a worker's chunk buffers (about `reader.CHUNK_BYTES` plus under 1 MiB). With the default budget
 (half the largest source file) this is the runtime plus about one largest file plus a few MiB per
 worker, as long as no single output parameter is larger. `memory_plan` computes the bound for a given
 checkpoint; `describe` prints it (`--dry-run` reads only headers).
@@ -98,15 +99,16 @@ def batches(units: list[Unit], sizes: list[int], budget: int) -> list[list[Unit]
 
 
 class Ring:
-    """The host memory of the parameters in flight: one allocation, carved into each batch's buffers in order and
-    reused once the Orbax item holding them is written — so the conversion touches `capacity` bytes of fresh
-    memory once, instead of the kernel zeroing new pages for every parameter (a fifth of the CPU time)."""
+    """The host memory of the parameters in flight: one allocation, carved into the buffers of each batch in order
+    and reused once the Orbax item holding them is written — so the conversion touches `capacity` bytes of fresh
+    memory once, instead of the kernel zeroing new pages for every parameter (a fifth of the CPU time). Each
+    buffer is contiguous; a batch may wrap around the end between two buffers."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.memory = aligned_empty((capacity,), np.uint8)  # pages are touched (and zeroed) on first use only
-        self.regions: collections.deque[list] = collections.deque()  # [start, end, item] in order; item: last
-        # Orbax item holding the region's parameters (None until the batch is handed to the writer)
+        # [start, end, item] of each buffer in order; item: the Orbax item holding it (None until handed over)
+        self.regions: collections.deque[list] = collections.deque()
 
     def _fit(self, n: int) -> int | None:
         if not self.regions:
@@ -118,36 +120,40 @@ class Ring:
             return head
         return 0 if tail >= n else None
 
-    def carve(self, buffers: list[Buffer], writer: checkpoint.Writer) -> None:
-        """Sets the buffers' arrays to consecutive pieces of the ring, waiting for (or starting) the writing of
-        earlier items while there is no room."""
-        sizes = [[-(-math.prod(shape) * np.dtype(dtype).itemsize // ALIGN) * ALIGN for shape, dtype in b.parts.values()]
-                 for b in buffers]
-        n = max(ALIGN, sum(map(sum, sizes)))
+    def _take(self, n: int, writer: checkpoint.Writer) -> int:
+        """The start of `n` free bytes, waiting for (or starting) the writing of earlier items while none are."""
         while True:
             while self.regions and self.regions[0][2] is not None and self.regions[0][2] < writer.saved:
                 self.regions.popleft()
             start = self._fit(n)
             if start is not None:
-                break
+                self.regions.append([start, start + n, None])
+                return start
             if writer.writing:
                 writer.wait()
             elif writer.buffer_bytes:
                 writer.flush()  # the buffered parameters become the item being written
             else:
                 raise AssertionError(f"Ring: {n} bytes do not fit in {self.capacity}")
-        self.regions.append([start, start + n, None])
-        offset = start
-        for buffer, part_sizes in zip(buffers, sizes):
+
+    def carve(self, buffers: list[Buffer], writer: checkpoint.Writer) -> None:
+        """Sets every buffer's arrays to a free piece of the ring (64-byte aligned parts)."""
+        for buffer in buffers:
+            sizes = [math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in buffer.parts.values()]
+            offset = self._take(max(ALIGN, sum(-(-n // ALIGN) * ALIGN for n in sizes)), writer)
             buffer.arrays = {}
-            for (part, (shape, dtype)), size in zip(buffer.parts.items(), part_sizes):
-                nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-                buffer.arrays[part] = self.memory[offset:offset + nbytes].view(dtype).reshape(shape)
-                offset += size
+            for (part, (shape, dtype)), n in zip(buffer.parts.items(), sizes):
+                buffer.arrays[part] = self.memory[offset:offset + n].view(dtype).reshape(shape)
+                offset += -(-n // ALIGN) * ALIGN
 
     def handed_over(self, writer: checkpoint.Writer) -> None:
-        """Records which item holds the last batch: the one being filled, or the one it just completed."""
-        self.regions[-1][2] = len(writer.items) if writer.buffer_bytes else len(writer.items) - 1
+        """Records which item holds the buffers carved since the last call: the one being filled, or the one
+        their last parameter just completed."""
+        item = len(writer.items) if writer.buffer_bytes else len(writer.items) - 1
+        for region in reversed(self.regions):
+            if region[2] is not None:
+                break
+            region[2] = item
 
 
 def describe(plan: CheckpointPlan, mem: MemoryPlan, *, quantized: bool) -> str:
