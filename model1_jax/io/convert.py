@@ -86,16 +86,23 @@ def memory_plan(plan: CheckpointPlan, *, quantized: bool, budget_bytes: int | No
                       SCRATCH_BYTES, ring + workers * SCRATCH_BYTES)
 
 
-def batches(units: list[Unit], sizes: list[int], budget: int) -> list[list[Unit]]:
-    """Consecutive units of at most `budget` output bytes together (a larger unit alone)."""
-    out, current, size = [], [], 0
+# The first and last `budget` bytes go in batches (and items) of budget / EDGE_SPLIT: writing starts sooner, and
+# what is left to write and fsync once the last byte is read is a quarter item.
+EDGE_SPLIT = 4
+
+
+def batches(units: list[Unit], sizes: list[int], budget: int) -> list[tuple[list[Unit], int, bool]]:
+    """Consecutive units of at most `budget` output bytes together (a larger unit alone): (units, bytes, edge),
+    where `edge` batches lie within `budget` bytes of either end and hold at most budget / EDGE_SPLIT."""
+    out, current, size, done, total, edge = [], [], 0, 0, sum(sizes), False
     for unit, n in zip(units, sizes):
-        if current and size + n > budget:
-            out.append(current)
+        at_edge = done < budget or total - done <= budget
+        if current and (size + n > budget or edge != at_edge or (at_edge and size + n > budget // EDGE_SPLIT)):
+            out.append((current, size, edge))
             current, size = [], 0
         current.append(unit)
-        size += n
-    return out + [current] if current else out
+        size, done, edge = size + n, done + n, at_edge
+    return out + [(current, size, edge)] if current else out
 
 
 class Ring:
@@ -202,13 +209,14 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, *, dtype=jnp.b
     with progress_bar(mem.source_bytes, "converting", progress) as bar, new_pool(mem.workers) as pool, \
             checkpoint.Writer(output, plan.config, overwrite=overwrite, budget_bytes=mem.budget,
                               background=True, defer_sync=True) as writer:
-        for batch in batches(plan.units, sizes, mem.budget):
-            size = sum(unit_output_bytes(u, plan.targets, quantized) for u in batch)
+        for batch, size, edge in batches(plan.units, sizes, mem.budget):
             writer.reserve(size)  # flushes the buffer (in the background) if the batch would overflow it
             values = read_units(batch, plan.targets, keep_quantized=quantized, bar=bar, pool=pool,
                                 allocate=lambda buffers: ring.carve(buffers, writer))
             for path in list(values):
                 writer.add(path, values.pop(path))
+            if edge:
+                writer.flush()  # an item of its own: written while the next batch is read
             ring.handed_over(writer)
     tensors = {a.info.name for u in plan.units for a in u.assignments}
     return ConversionStats(writer.final, len(tensors), len(plan.targets), len(writer.items), mem.source_bytes,
