@@ -140,18 +140,19 @@ def nest(flat: dict[tuple, Any]) -> dict:
 
 class _UnsyncedNumpyHandler(ocp.type_handlers.NumpyHandler):
     """Writes NumPy leaves through a TensorStore context without per-file fsync (the Writer fsyncs the item
-    afterwards). One child context per Orbax context, so that an item's leaves share one OCDBT writer."""
+    afterwards). One child context per Orbax context (Orbax makes one per save), so that an item's leaves still
+    share one OCDBT writer."""
 
     def __init__(self):
         super().__init__(deepcopy_host_arrays=False)
-        self._contexts: dict[int, tuple[ts.Context, ts.Context]] = {}
 
     async def serialize(self, values, infos, args=None):
+        children: dict[int, ts.Context] = {}  # by id of the parent, which the infos keep alive meanwhile
         for info in infos:
             parent = info.ts_context
-            if id(parent) not in self._contexts:  # the parent is kept alive (and its id unique) by the entry
-                self._contexts[id(parent)] = (parent, ts.Context(ts.Context.Spec({"file_io_sync": False}), parent))
-            info.ts_context = self._contexts[id(parent)][1]
+            if id(parent) not in children:
+                children[id(parent)] = ts.Context(ts.Context.Spec({"file_io_sync": False}), parent)
+            info.ts_context = children[id(parent)]
         return await super().serialize(values, infos, args)
 
 
