@@ -15,6 +15,7 @@ from flax import nnx
 
 import model1_jax as m1
 from model1_jax.io import convert, hf, reader, regions, relayout
+from model1_jax.io import orbax as checkpoint
 from model1_jax.io.names import Slot, to_model_arrangement
 from model1_jax.model import quant
 from tests import synthetic as syn
@@ -178,7 +179,7 @@ def test_a_worker_error_is_the_same_one_error(checkpoints, monkeypatch):
     assert len(messages) == 1 and "layers.0.attn.wq_b.weight" in messages.pop()
 
 
-@pytest.mark.parametrize("where", ["reader", "writer"])
+@pytest.mark.parametrize("where", ["reader", "writer", "fsync"])
 def test_interrupted_conversion_leaves_nothing_half_written(where, checkpoints, tmp_path, monkeypatch):
     out = tmp_path / "out"
     convert.convert(checkpoints["original"], out, dtype=jnp.float32, progress=False)
@@ -195,8 +196,15 @@ def test_interrupted_conversion_leaves_nothing_half_written(where, checkpoints, 
                 return original(*args)
             patch.setattr(reader, "run_chunk", interrupted)
             error = KeyboardInterrupt
+        elif where == "fsync":  # the deferred fsync of an item fails (a disk error shows up there)
+            def failing_sync(path):
+                if path.endswith("params-00001"):
+                    raise OSError("injected: I/O error")
+                return sync(path)
+            sync = checkpoint._fsync_tree
+            patch.setattr(checkpoint, "_fsync_tree", failing_sync)
+            error = OSError
         else:  # the background Orbax save of an item fails
-            from model1_jax.io import orbax as checkpoint
             save = checkpoint.Writer._save
 
             def failing(self, item, tree):
@@ -211,6 +219,39 @@ def test_interrupted_conversion_leaves_nothing_half_written(where, checkpoints, 
     assert sorted(os.listdir(out)) == ["checkpoint-000001"]  # the new version was removed, the old one kept
     assert bits(m1.load(out, dtype=jnp.float32)) == before
     assert threading.active_count() < 20  # no reader or writer threads left behind
+
+
+def test_ring_reuse_keeps_every_byte(checkpoints, tmp_path):
+    """With a tiny item budget the converter's ring is reused many times over; what it wrote equals what
+    `from_pretrained` (fresh buffers, no Orbax) reads from the same files."""
+    plan = hf.plan_checkpoint(checkpoints["hf"], dtype=jnp.bfloat16, keep_quantized=True)
+    mem = convert.memory_plan(plan, quantized=True, budget_bytes=100_000)
+    assert mem.ring * 4 < mem.output_bytes
+    stats = convert.convert(checkpoints["hf"], tmp_path / "out", dtype=jnp.bfloat16, quantized=True,
+                            progress=False, workers=3, budget_bytes=100_000)
+    assert stats.items > 8
+    want = bits(m1.from_pretrained(checkpoints["hf"], dtype=jnp.bfloat16, quantized=True, workers=1))
+    assert bits(m1.load(tmp_path / "out", dtype=jnp.bfloat16)) == want
+
+
+def test_deferred_sync_puts_every_file_on_disk_before_the_commit(checkpoints, tmp_path, monkeypatch):
+    synced, unsynced_at_commit = set(), []
+    fsync, rename = checkpoint._fsync, os.rename
+
+    def recording_fsync(path):
+        synced.add(os.path.abspath(path))
+        fsync(path)
+
+    def checking_rename(src, dst):
+        if os.path.basename(src).startswith(".tmp-checkpoint-"):
+            paths = {os.path.join(root, name) for root, dirs, files in os.walk(src) for name in dirs + files}
+            unsynced_at_commit.append(sorted((paths | {os.path.abspath(src)}) - synced))
+        rename(src, dst)
+    monkeypatch.setattr(checkpoint, "_fsync", recording_fsync)
+    monkeypatch.setattr(os, "rename", checking_rename)
+    stats = convert.convert(checkpoints["original"], tmp_path / "out", dtype=jnp.bfloat16, progress=False,
+                            budget_bytes=200_000)
+    assert stats.items > 2 and unsynced_at_commit == [[]]
 
 
 def test_converted_bytes_do_not_depend_on_workers(checkpoints, tmp_path):

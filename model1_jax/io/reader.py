@@ -259,12 +259,17 @@ def run_chunk(files: Files, piece: Piece, lead: int, r0: int, r1: int) -> int:
     scales = _read_box(files, scale_info, lead, r0 // bo, -(-r1 // bo), b0 // bi, -(-b1 // bi), "scales")
     width = values.shape[1]
     step = relayout.lookup_rows(width)
+    band = relayout.band_rows(step, (b1 - b0) * dtype.itemsize)
     index = scratch("index", (step * width,), np.uint16)
-    dense = scratch("dense", (step, b1 - b0), dtype)
+    wide = scratch("wide", (step * width,), np.intp)
+    dense = scratch("dense", (band, b1 - b0), dtype)
     row_scale = np.arange(r0, r1) // bo - r0 // bo
-    for s in range(0, r1 - r0, step):  # dequantize a band that stays in the cache, then place it
-        n = min(step, r1 - r0 - s)
-        relayout.dequantize_rows(fmt, values[s:s + n], scales, row_scale[s:s + n], bi, dense[:n], index)
+    for s in range(0, r1 - r0, band):  # dequantize a band that stays in the cache, then place it
+        n = min(band, r1 - r0 - s)
+        for t in range(0, n, step):  # lookups small enough for their index to stay in the L1/L2 cache
+            m = min(step, n - t)
+            relayout.dequantize_rows(fmt, values[s + t:s + t + m], scales, row_scale[s + t:s + t + m], bi,
+                                     dense[t:t + m], index, wide)
         put(dense[:n, c0 - b0:c1 - b0], r0 + s)
     return values.nbytes + scales.nbytes
 

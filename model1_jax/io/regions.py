@@ -82,15 +82,18 @@ def unit_buffers(unit: Unit, targets: dict, keep_quantized: bool) -> tuple[dict[
 
 
 def read_units(units: Sequence[Unit], targets: dict, *, keep_quantized: bool, workers: int | None = None,
-               bar=None, on_complete=None, pool=None) -> dict[tuple, np.ndarray | quant.BlockQuantized]:
+               bar=None, on_complete=None, pool=None, allocate=None) -> dict[tuple, np.ndarray | quant.BlockQuantized]:
     """Reads whole parameters on the host, in the model's arrangement: path → array or `BlockQuantized`
     (dense ones in the target dtype, FP8/FP4 dequantized exactly unless `keep_quantized`). With
-    `on_complete(path, value)` each parameter is handed over when done and nothing is returned."""
+    `on_complete(path, value)` each parameter is handed over when done and nothing is returned. With
+    `allocate(buffers)`, the caller sets every buffer's `arrays` (in memory it reuses) before reading starts."""
     buffers, pieces = {}, []
     for unit in units:
         b, p = unit_buffers(unit, targets, keep_quantized)
         buffers.update(b)
         pieces += p
+    if allocate is not None:
+        allocate(list(buffers.values()))
     out = {}
 
     def complete(buffer: Buffer) -> None:

@@ -30,8 +30,12 @@ _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 # where TLB and cache-set conflicts dominate). Measured over the uint8/bf16 matrices of a V4-Flash layer.
 _LONG_ROW = 1 << 14
 _SMALL = 1 << 14  # elements: below this a plain strided copy is as fast
-# Source bytes dequantized per lookup: the index, the table and the dense band stay in the L2 cache.
-LOOKUP_BYTES = 1 << 16
+# Source bytes dequantized per lookup: the indices (uint16 and their intp widening), the table and the dense
+# band stay in the L2 cache.
+LOOKUP_BYTES = 1 << 15
+# Dense bytes placed (transposed) at once, in whole lookups: the band stays in the L2 cache, and the transpose
+# gets source rows enough for its tiles (a 32 KiB lookup of packed FP4 experts is 16 rows, half a tile).
+PLACE_BYTES = 1 << 19
 
 
 def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
@@ -148,13 +152,19 @@ def lookup_rows(width: int) -> int:
     return max(1, LOOKUP_BYTES // max(width, 1))
 
 
+def band_rows(step: int, row_bytes: int) -> int:
+    """Dense rows placed at once: whole lookups (`step` rows) filling about PLACE_BYTES."""
+    return max(1, PLACE_BYTES // max(row_bytes, 1) // step) * step
+
+
 def dequantize_rows(fmt: str, values: np.ndarray, scales: np.ndarray, row_scale: np.ndarray, block_cols: int,
-                    out: np.ndarray, index: np.ndarray) -> None:
+                    out: np.ndarray, index: np.ndarray, wide: np.ndarray | None = None) -> None:
     """Dense rows of a block-quantized matrix: `out[n, cols]` (target dtype) from `values` [n, cols or cols/2]
     (bytes; column 0 starts a scale block) and `scales` [s, ⌈cols/bi⌉] (UE8M0 bytes), row i using scale row
     `row_scale[i]`. `block_cols` is bi, the elements per scale along a row. `index`: uint16 scratch of at least
-    n · width elements (a uint16 index is built in one pass and gathered from directly; an intp one costs a
-    widening pass)."""
+    n · width elements (the index is built there in one pass, at uint16 width); `wide`: intp scratch as large,
+    into which it is widened for `np.take` — which would otherwise widen it into a fresh allocation per call
+    (page faults whenever malloc hands that memory back to the system)."""
     table = dequant_table(fmt, out.dtype)
     values, scales = as_bits(values), as_bits(scales)
     n, width = values.shape
@@ -169,4 +179,8 @@ def dequantize_rows(fmt: str, values: np.ndarray, scales: np.ndarray, row_scale:
                                                                                            None], out=blocks)
     if whole < width:  # a partial block at the end of the rows
         np.bitwise_or(values[:, whole:], shifted[:, whole // per_scale:whole // per_scale + 1], out=idx[:, whole:])
-    np.take(table, idx, out=out.reshape(n, width, -1).view(table.dtype).reshape(n, width), mode="clip")
+    if wide is not None:
+        idx = wide[:n * width].reshape(n, width)
+        np.copyto(idx, index[:n * width].reshape(n, width))
+    # Every uint16 index is in the 65,536-entry table, so "wrap" never wraps (and is the fastest mode).
+    np.take(table, idx, out=out.reshape(n, width, -1).view(table.dtype).reshape(n, width), mode="wrap")
