@@ -10,7 +10,10 @@ Data flow for normed input x [b, t, d]:
   y     = grouped low-rank projection: per group of n/g heads → o_lora, then → d.
 
 The full-sequence forward runs `pallas_kernels.sparse_attention` over per-query index lists (window rows,
-then CSA picks or every visible HCA entry; `model/index_lists.py`), linear in t (docs/training.md §1).
+then the CSA picks; `model/index_lists.py`), linear in t (docs/training.md §1). An HCA layer attends to every
+visible entry, so gathering them per query costs more than a matmul: it runs the window through
+`sparse_attention` and the t/m entries as a dense masked softmax (`entries_attention`), merged into the one
+softmax by log-sum-exp (`merge_with_entries`).
 `full_attention` picks its backend: "auto" (Pallas kernels on a GPU, else jnp), "xla", "pallas",
 "interpret", or "dense" — the masked softmax `attend` over all rows, quadratic, kept as the reference.
 Decode runs the sparse FP8 decode kernel instead (`inference/steps.py`).
@@ -30,8 +33,8 @@ from flax import nnx
 from model1_jax.config import CSA, HCA, SLIDING, Config
 from model1_jax.model import rope
 from model1_jax.model.compressor import Compressor
-from model1_jax.model.index_lists import all_entry_indices, attention_indices, window_indices
-from model1_jax.model.indexer import Indexer, visible_entries
+from model1_jax.model.index_lists import all_entry_indices, attention_indices, entry_bounds, window_indices
+from model1_jax.model.indexer import Indexer, blockwise, query_blocks, visible_entries
 from model1_jax.model.indexer_objective import kl_per_query, recall_at_k, teacher
 from model1_jax.model.layers import Linear, RMSNorm, const_param, constrain, rms_norm, weight
 from model1_jax.parallel.layout import Layout
@@ -62,6 +65,48 @@ def attend(q_btnh: jax.Array, keys_bsh: jax.Array, visible_bts: jax.Array, sinks
     denom_btn = jnp.sum(probs_btns, axis=-1) + jnp.exp(sinks_n - top_btn)
     probs_btns = (probs_btns / denom_btn[..., None]).astype(keys_bsh.dtype)
     return jnp.einsum("btns,bsh->btnh", probs_btns, keys_bsh, preferred_element_type=F32).astype(q_btnh.dtype)
+
+
+def entries_attention(q_btnh: jax.Array, entries_bsh: jax.Array, first_bt: jax.Array, end_bt: jax.Array,
+                      scale: float) -> tuple[jax.Array, jax.Array]:
+    """Softmax of every head over the entries w with first ≤ w < end (no sink): (o [b, t, n, h] f32, lse [b, t, n]
+    f32, −inf for a query that sees no entry, its o then 0). Computed over blocks of queries whose backward
+    recomputes the block, so only one block's [b, block, n, s] logits exist at a time."""
+    b, t, n, _ = q_btnh.shape
+    s = entries_bsh.shape[1]
+
+    @jax.checkpoint
+    def block(q_btnh, first_bt, end_bt):
+        w_s = jnp.arange(s, dtype=jnp.int32)
+        visible_bt1s = ((w_s >= first_bt[..., None]) & (w_s < end_bt[..., None]))[:, :, None, :]
+        nonempty_bt1 = (end_bt > first_bt)[..., None]
+        z_btns = jnp.einsum("btnh,bsh->btns", q_btnh, entries_bsh, preferred_element_type=F32) * scale
+        z_btns = jnp.where(visible_bt1s, z_btns, -jnp.inf)
+        # lse and o do not depend on the shift m, so it carries no gradient.
+        m_btn = jax.lax.stop_gradient(jnp.where(nonempty_bt1, z_btns.max(axis=-1, initial=-jnp.inf), 0.0))
+        e_btns = jnp.where(visible_bt1s, jnp.exp(z_btns - m_btn[..., None]), 0.0)
+        l_btn = jnp.where(nonempty_bt1, e_btns.sum(axis=-1), 1.0)
+        p_btns = (e_btns / l_btn[..., None]).astype(entries_bsh.dtype)  # as `attend`: cast before the values
+        o_btnh = jnp.einsum("btns,bsh->btnh", p_btns, entries_bsh, preferred_element_type=F32)
+        return o_btnh, jnp.where(nonempty_bt1, jnp.log(l_btn) + m_btn, -jnp.inf)
+
+    return blockwise(block, query_blocks(b, t, n * s), q_btnh, first_bt, end_bt)
+
+
+def merge_with_entries(o_w_btnh: jax.Array, lse_w_btn: jax.Array, o_e_btnh: jax.Array, lse_e_btn: jax.Array,
+                       sinks_n: jax.Array) -> jax.Array:
+    """The output of one softmax over window keys, entries and sink from its two parts, in q's dtype.
+
+    (o_w, lse_w) come from `sparse_attention` (o_w normalised by Z_w + S, lse_w = log Z_w, +inf for an empty
+    list), (o_e, lse_e) from `entries_attention` (normalised by Z_e). With ℓ_w = log(Z_w + S) and
+    ℓ = log(Z_w + S + Z_e):  o = o_w · exp(ℓ_w − ℓ) + o_e · exp(lse_e − ℓ).
+    """
+    lse_w_btn = jnp.where(jnp.isfinite(lse_w_btn), lse_w_btn, -jnp.inf)  # no window key: Z_w = 0
+    logz_w_btn = jnp.logaddexp(lse_w_btn, sinks_n.astype(F32))
+    logz_btn = jnp.logaddexp(logz_w_btn, lse_e_btn)
+    o_btnh = (o_w_btnh.astype(F32) * jnp.exp(logz_w_btn - logz_btn)[..., None]
+              + o_e_btnh.astype(F32) * jnp.exp(lse_e_btn - logz_btn)[..., None])
+    return o_btnh.astype(o_w_btnh.dtype)
 
 
 def sliding_visible(q_positions_bt: jax.Array, k_positions_bs: jax.Array, window: int) -> jax.Array:
@@ -140,15 +185,19 @@ class Attention(nnx.Module):
         t = x_btd.shape[1]
         window_btw = window_indices(positions_bt, self.config.sliding_window)
         lists_btk, picks_btk = window_btw, None
-        if self.compressor is not None:
-            entries_bsh = self.compressor(x_btd, positions_bt)
-            if self.indexer is not None:
-                picks_btk = entry_btk = self.indexer(x_btd, q_lat_btq, positions_bt)
-            else:
-                entry_btk = all_entry_indices(positions_bt, entries_bsh.shape[1], self.compressor.rate)
-            keys_bsh = jnp.concatenate([keys_bsh, entries_bsh.astype(keys_bsh.dtype)], axis=1)
-            lists_btk = attention_indices(window_btw, entry_btk, t)
         sinks_n = weight(self.sinks, F32)
+        if self.compressor is not None and self.indexer is None:  # HCA: window sparse, entries dense
+            entries_bsh = self.compressor(x_btd, positions_bt).astype(keys_bsh.dtype)
+            o_w_btnh, lse_w_btn = self._sparse(q_btnh, keys_bsh, window_btw, sinks_n)
+            first_bt, end_bt = entry_bounds(positions_bt, self.compressor.rate)
+            o_e_btnh, lse_e_btn = entries_attention(q_btnh, entries_bsh, first_bt, end_bt,
+                                                    self.config.head_dim ** -0.5)
+            return self.output(merge_with_entries(o_w_btnh, lse_w_btn, o_e_btnh, lse_e_btn, sinks_n), positions_bt)
+        if self.compressor is not None:  # CSA: the indexer's picks join each query's list
+            entries_bsh = self.compressor(x_btd, positions_bt)
+            picks_btk = self.indexer(x_btd, q_lat_btq, positions_bt)
+            keys_bsh = jnp.concatenate([keys_bsh, entries_bsh.astype(keys_bsh.dtype)], axis=1)
+            lists_btk = attention_indices(window_btw, picks_btk, t)
         o_btnh, lse_btn = self._sparse(q_btnh, keys_bsh, lists_btk, sinks_n)
         if self.indexer is not None and self.indexer_stage is not None:
             self._indexer_terms(x_btd, q_lat_btq, q_btnh, keys_bsh, window_btw, picks_btk, lse_btn, sinks_n,

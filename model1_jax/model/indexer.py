@@ -55,7 +55,7 @@ def query_blocks(b: int, t: int, per_query: int) -> int:
     return block
 
 
-def _blockwise(fn, block_t: int, *xs_bt):
+def blockwise(fn, block_t: int, *xs_bt):
     """`fn` over blocks of `block_t` queries of arrays [b, t, ...] (padded with zeros), results [b, t, ...]."""
     b, t = xs_bt[0].shape[:2]
     pad = -t % block_t
@@ -116,7 +116,7 @@ class Indexer(nnx.Module):
             ok_btk = (picks_btk >= first_bt[..., None]) & (picks_btk < end_bt[..., None])
             return jnp.where(ok_btk, picks_btk, -1).astype(jnp.int32)
 
-        return _blockwise(block, query_blocks(b, t, i * s), q_btij, w_bti, first_bt, end_bt)
+        return blockwise(block, query_blocks(b, t, i * s), q_btij, w_bti, first_bt, end_bt)
 
     def scores_at(self, x_btd: jax.Array, q_lat_btq: jax.Array, keys_bsj: jax.Array, cand_btc: jax.Array,
                   positions_bt: jax.Array) -> jax.Array:
@@ -135,7 +135,7 @@ class Indexer(nnx.Module):
             return jnp.where(valid_btc, scores_btc, 0.0)
 
         c = cand_btc.shape[2]
-        return _blockwise(block, query_blocks(b, t, c * max(i, j)), q_btij, w_bti, cand_btc)
+        return blockwise(block, query_blocks(b, t, c * max(i, j)), q_btij, w_bti, cand_btc)
 
     def __call__(self, x_btd: jax.Array, q_lat_btq: jax.Array, positions_bt: jax.Array) -> jax.Array:
         """Full-sequence selection: picks [b, t, k] into this call's entries (`positions_bt` inside documents)."""
