@@ -1,5 +1,5 @@
 """Small helpers every layer shares, one copy each: argument checks with errors that name the argument,
-and human-readable sizes."""
+human-readable sizes, and this process's host memory (Linux /proc)."""
 
 from __future__ import annotations
 
@@ -53,3 +53,33 @@ def human_count(n: float, unit: str = "") -> str:
             return f"{n:.3g}{suffix}{unit}" if suffix else f"{n:g}{unit}"
         n /= 1000
     raise AssertionError("unreachable")
+
+
+def process_memory(field: str) -> int | None:
+    """A size field of /proc/self/status in bytes — "VmRSS" (resident now), "VmHWM" (its peak); None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory(trim: bool = True) -> bool:
+    """Restarts the peak (VmHWM) from the current resident size (Linux `clear_refs`); False where unsupported.
+    `trim` first hands the C allocator's freed blocks back to the OS (the compiler's, mostly), so that later work
+    reusing them shows up as growth."""
+    if trim:
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

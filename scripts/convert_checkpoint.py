@@ -17,32 +17,11 @@ import sys
 
 import jax.numpy as jnp
 
+from model1_jax.common import process_memory, reset_peak_memory
 from model1_jax.io import convert
 from model1_jax.io.hf import CheckpointError, plan_checkpoint
 
 WEIGHTS = {"bf16": (jnp.bfloat16, False), "fp32": (jnp.float32, False), "fp8": (None, True)}
-
-
-def _rss_bytes(field: str) -> int | None:
-    """VmRSS / VmHWM of this process (Linux); None elsewhere."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Restarts VmHWM from the current RSS (Linux), so the peak measured is the conversion's own."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
@@ -91,14 +70,14 @@ def main() -> int:
             print("dry run: checkpoint is valid; nothing written")
             return 0
         _fixed_mmap_threshold()
-        rss_start = _rss_bytes("VmRSS")
-        exact_peak = _reset_peak_rss()
+        rss_start = process_memory("VmRSS")
+        exact_peak = reset_peak_memory(trim=False)
         stats = convert.convert(args.source, args.output, dtype=dtype, quantized=quantized, overwrite=args.overwrite,
                                 budget_bytes=budget, progress=not args.no_progress, workers=args.workers)
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    peak = _rss_bytes("VmHWM") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = process_memory("VmHWM") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"wrote {stats.path}: {stats.parameters} parameters from {stats.tensors} tensors in {stats.items} Orbax "
           f"item(s); read {stats.source_bytes / 1e9:.3f} GB in {stats.seconds:.2f} s ({stats.gb_per_s:.3f} GB/s); "
           f"peak RSS {peak / 1e9:.3f} GB (started at {(rss_start or 0) / 1e9:.3f} GB)")

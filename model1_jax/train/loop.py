@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from model1_jax.common import positive_int
+from model1_jax.common import positive_int, process_memory, reset_peak_memory
 from model1_jax.train import balance
 from model1_jax.train.data import Batches, PackedData, eval_batches
 from model1_jax.train.trainer import Trainer
@@ -162,40 +162,18 @@ def measured_peak() -> tuple[int, str]:
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         return int(stats["peak_bytes_in_use"]), "device peak"
-    return _proc_status("VmHWM"), "process peak RSS"
+    return process_memory("VmHWM") or 0, "process peak RSS"
 
 
 def resident_bytes() -> int:
     """The process's current resident memory (0 where /proc is unavailable)."""
-    return _proc_status("VmRSS")
+    return process_memory("VmRSS") or 0
 
 
 def reset_peak() -> None:
-    """Restarts the process's peak-RSS count (Linux `clear_refs`), e.g. after compiling, so that the next
-    `measured_peak` covers only what ran since; a no-op elsewhere (the device peak of a GPU is not reset).
-    The C allocator first returns the memory it kept from freed blocks (the compiler's, mostly): otherwise
-    the step would reuse it without the resident size growing."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _proc_status(field: str) -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    """Restarts the process's peak-RSS count, e.g. after compiling, so that the next `measured_peak` covers only
+    what ran since (`common.reset_peak_memory`); a no-op elsewhere (the device peak of a GPU is not reset)."""
+    reset_peak_memory()
 
 
 def tokens_per_second(history: list[dict[str, float]]) -> float:
