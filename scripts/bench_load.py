@@ -7,20 +7,29 @@ sharded with an index) under `--dir` (default /tmp/model1_bench_load, never the 
 `--size-gb` through the number of routed experts. Then, each stage in a fresh process so that its peak host
 memory is its own (Linux VmHWM, reset after start-up), `--repeat` times:
 
-  read                  plain reads of the checkpoint's files (one thread, one reused buffer): the I/O ceiling
+  read                  plain reads of the checkpoint's files (one thread, one reused buffer): the read ceiling
+  copy                  the files copied into new files and fsynced (a thread per file, up to the CPUs): the
+                        ceiling of a conversion whose output is as large as its source (fp8), in its conditions
   from_pretrained       dense bf16 (FP8/FP4 dequantized exactly)
   from_pretrained_q     `quantized=True` (FP8/FP4 kept block-quantized)
   convert_bf16 / _fp8   the converter (`io.convert.convert`, as scripts/convert_checkpoint.py --weights bf16 / fp8)
   load_bf16 / _fp8      `m1.load` of those outputs
 
-The converter writes into an empty directory: the previous run's output is deleted before the clock starts
-(deleting a 4 GB checkpoint took 1.5-1.8 s here, and is not conversion).
+The converter and `copy` write into an empty directory: the previous run's output is deleted before the clock
+starts (deleting a 4 GB checkpoint took 1.5-1.8 s here, and is not conversion). Writing goes through the
+kernel's page cache, whose cost depends on the memory it gets: on this project's virtual machines, a page that
+has been free for a while costs several times more to fill than one just freed (the host hands it back
+first), so `copy` measures the write ceiling under the same conditions as the converter, in the same run. The
+converter drops each item from the page cache once it is on disk, so `load` stages first read the Orbax files
+once (before the clock) and, like `read`, measure loading from the page cache.
 
 Throughput is bytes of the checkpoint a stage reads (the safetensors files; for `load` the Orbax
 directory) per second of the call (process start-up and imports excluded), GB = 1e9 bytes. Beside it, the
-CPU time of the call (all threads) as GB per CPU-second, and the machine's load average: on a shared machine
-the wall-clock rate depends on how much of the cores the stage got, the CPU-time rate much less. The minimum,
-median and maximum over the repeats are reported. JSON goes to benchmarks/results/load_<label>_<date>.json.
+CPU time of the call (all threads) as GB per CPU-second, split into user time (the loader's own work) and
+system time (the kernel's: page-cache copies, page faults), and the machine's load average: on a shared
+machine the wall-clock rate depends on how much of the cores the stage got, the CPU-time rate much less. The
+minimum, median and maximum over the repeats are reported (the user and system times: their medians). JSON
+goes to benchmarks/results/load_<label>_<date>.json.
 
   python scripts/bench_load.py [--size-gb 1.4] [--repeat 3] [--stages read,from_pretrained_q,...]
 """
@@ -44,7 +53,8 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-STAGES = ("read", "from_pretrained", "from_pretrained_q", "convert_bf16", "convert_fp8", "load_bf16", "load_fp8")
+STAGES = ("read", "copy", "from_pretrained", "from_pretrained_q", "convert_bf16", "convert_fp8", "load_bf16",
+          "load_fp8")
 GENERATOR_VERSION = 1
 
 
@@ -171,17 +181,62 @@ def _files_bytes(path: pathlib.Path, suffix: str = "") -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.name.endswith(suffix))
 
 
-def plain_read(path: pathlib.Path) -> int:
-    """Reads every safetensors file once, sequentially, into one reused 64 MiB buffer."""
+def plain_read(path: pathlib.Path, suffix: str = ".safetensors") -> int:
+    """Reads every file under `path` ending in `suffix` once, sequentially, into one reused 64 MiB buffer."""
     buffer = bytearray(64 << 20)
     view, total = memoryview(buffer), 0
-    for file in sorted(path.glob("*.safetensors")):
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(suffix)):
         fd = os.open(file, os.O_RDONLY)
         try:
             while (n := os.readv(fd, [view])) > 0:
                 total += n
         finally:
             os.close(fd)
+    return total
+
+
+COPY_SYNC_BYTES = 256 << 20  # the copy fsyncs and drops what it wrote this often (the converter: once per item)
+
+
+def _copy_file(file: pathlib.Path, out: pathlib.Path) -> int:
+    view, total, synced = memoryview(bytearray(64 << 20)), 0, 0
+    src = os.open(file, os.O_RDONLY)
+    dst = os.open(out / file.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        while True:
+            n = os.readv(src, [view])
+            if n > 0:
+                written = 0
+                while written < n:
+                    written += os.write(dst, view[written:n])
+                total += n
+            if total - synced >= COPY_SYNC_BYTES or (n <= 0 and total > synced):
+                os.fsync(dst)  # then its pages are clean: drop them, as the converter does, for the next writes
+                os.posix_fadvise(dst, synced, total - synced, os.POSIX_FADV_DONTNEED)
+                synced = total
+            if n <= 0:
+                break
+    finally:
+        os.close(src)
+        os.close(dst)
+    return total
+
+
+def plain_copy(path: pathlib.Path, out: pathlib.Path) -> int:
+    """Copies every safetensors file into `out`, a thread per file (as many at once as CPUs) through a 64 MiB
+    buffer each, fsyncing (and dropping from the page cache) every 256 MiB written, then the directory — as the
+    converter does with each Orbax item and at its commit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out.mkdir(parents=True)
+    files = sorted(path.glob("*.safetensors"))
+    with ThreadPoolExecutor(min(len(files), os.cpu_count() or 1)) as pool:
+        total = sum(pool.map(lambda f: _copy_file(f, out), files))
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return total
 
 
@@ -206,14 +261,18 @@ def run_stage(stage: str, ckpt: pathlib.Path, work: pathlib.Path) -> dict:
         except (OSError, AttributeError):
             pass
     nbytes = _files_bytes(out) if stage.startswith("load_") else source
-    if stage.startswith("convert_") and out.exists():
+    if stage.startswith(("convert_", "copy")) and out.exists():
         shutil.rmtree(out)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS: the peak measured from here is the stage's own
+    if stage.startswith("load_"):
+        plain_read(out, "")  # the converter leaves its output out of the page cache: load it from there, as `read`
     rss_start = _status("VmRSS")
-    start, cpu = time.perf_counter(), time.process_time()
+    start, cpu, times = time.perf_counter(), time.process_time(), os.times()
     if stage == "read":
         nbytes = plain_read(ckpt)
+    elif stage == "copy":
+        nbytes = plain_copy(ckpt, out)
     elif stage in ("from_pretrained", "from_pretrained_q"):
         ready(m1.from_pretrained(ckpt, dtype=jnp.bfloat16, quantized=stage.endswith("_q")))
     elif stage in ("convert_bf16", "convert_fp8"):
@@ -223,12 +282,13 @@ def run_stage(stage: str, ckpt: pathlib.Path, work: pathlib.Path) -> dict:
         ready(m1.load(out, dtype=jnp.bfloat16))
     else:
         raise ValueError(stage)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    seconds, cpu, end = time.perf_counter() - start, time.process_time() - cpu, os.times()
     row = dict(stage=stage, device=jax.devices()[0].device_kind, bytes=nbytes, seconds=seconds,
-               gb_per_s=nbytes / seconds / 1e9, cpu_seconds=cpu,
+               gb_per_s=nbytes / seconds / 1e9, cpu_seconds=cpu, user_seconds=end.user - times.user,
+               system_seconds=end.system - times.system,
                gb_per_cpu_s=nbytes / cpu / 1e9, rss_start=rss_start, peak_rss=_status("VmHWM"),
                peak_growth=_status("VmHWM") - rss_start)
-    if stage.startswith("convert_"):
+    if stage.startswith(("convert_", "copy")):
         row["output_bytes"] = _files_bytes(out)
     return row
 
@@ -249,6 +309,8 @@ def summarize(rows: list[dict]) -> dict:
     return dict(stage=rows[0]["stage"], bytes=rows[0]["bytes"], runs=len(rows), gb_per_s_min=min(rates),
                 gb_per_s_median=statistics.median(rates), gb_per_s_max=max(rates),
                 gb_per_cpu_s_median=statistics.median(cpu),
+                user_seconds_median=statistics.median(r["user_seconds"] for r in rows),
+                system_seconds_median=statistics.median(r["system_seconds"] for r in rows),
                 peak_growth_max=max(r["peak_growth"] for r in rows),
                 output_bytes=rows[0].get("output_bytes"), load_average=[r["load_average"] for r in rows])
 
@@ -300,10 +362,12 @@ def main(argv=None) -> int:
                   f"GB/CPU-s  peak +{row['peak_growth'] / 2**20:6.0f} MiB  (load average {row['load_average']:.1f})",
                   flush=True)
     summary = [summarize(rows) for rows in runs.values()]
-    print(f"\n{'stage':<18} {'GB/s min':>9} {'median':>8} {'max':>8} {'GB/CPU-s':>9} {'peak +MiB':>10}")
+    print(f"\n{'stage':<18} {'GB/s min':>9} {'median':>8} {'max':>8} {'GB/CPU-s':>9} {'user s':>7} {'sys s':>6} "
+          f"{'peak +MiB':>10}")
     for s in summary:
         print(f"{s['stage']:<18} {s['gb_per_s_min']:9.3f} {s['gb_per_s_median']:8.3f} {s['gb_per_s_max']:8.3f} "
-              f"{s['gb_per_cpu_s_median']:9.3f} {s['peak_growth_max'] / 2**20:10.0f}")
+              f"{s['gb_per_cpu_s_median']:9.3f} {s['user_seconds_median']:7.2f} {s['system_seconds_median']:6.2f} "
+              f"{s['peak_growth_max'] / 2**20:10.0f}")
     header = dict(label=ns.label, commit=_git_commit(), date=datetime.datetime.now().isoformat(timespec="seconds"),
                   machine=dict(cpus=os.cpu_count(), platform=platform.platform(),
                                memory_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),

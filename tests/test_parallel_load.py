@@ -105,13 +105,29 @@ def test_place_in_chunks_equals_to_model_arrangement(slot, shape):
 
 
 def test_transpose_into_strided_destinations():
-    for shape in [(3, 5), (200, 300), (1000, 3000)]:
+    # (1000, 3000): several bands of the two-pass path and a partial last one; (200, 300) bytes and (99, 4100):
+    # rows of no whole words (the tiled path); float32: the tiled path
+    for shape in [(3, 5), (200, 300), (1000, 3000), (99, 4100)]:
         for dtype in (np.uint8, np.uint16, np.float32):
             src = RNG.integers(0, 200, shape).astype(dtype)
             dst = np.zeros((shape[1], shape[0] + 7), dtype)
             relayout.transpose_into(src, dst[:, 3:3 + shape[0]])
             np.testing.assert_array_equal(dst[:, 3:3 + shape[0]], src.T)
             assert not dst[:, :3].any() and not dst[:, 3 + shape[0]:].any()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_transpose_into_unaligned_and_banded_sources(dtype):
+    """Sources the two-pass path must not take as words (misaligned, odd row strides) and column bands of a
+    wider matrix (rows that are not contiguous with each other) all transpose exactly."""
+    wide = RNG.integers(0, 250, (300, 1040)).astype(dtype)
+    sources = [wide[:, 8:520], wide[:, 1:513], wide[::2, 16:528]]
+    flat = RNG.integers(0, 250, 300 * 512 + 1).astype(dtype)
+    sources.append(flat[1:].reshape(300, 512))  # the data starts off an 8-byte boundary
+    for src in sources:
+        dst = np.zeros((src.shape[1], src.shape[0]), dtype)
+        relayout.transpose_into(src, dst)
+        np.testing.assert_array_equal(dst, src.T)
 
 
 # -- the same bytes whatever the workers and chunks ----------------------------------------------------------
@@ -197,10 +213,10 @@ def test_interrupted_conversion_leaves_nothing_half_written(where, checkpoints, 
             patch.setattr(reader, "run_chunk", interrupted)
             error = KeyboardInterrupt
         elif where == "fsync":  # the deferred fsync of an item fails (a disk error shows up there)
-            def failing_sync(path):
+            def failing_sync(path, drop=False):
                 if path.endswith("params-00001"):
                     raise OSError("injected: I/O error")
-                return sync(path)
+                return sync(path, drop)
             sync = checkpoint._fsync_tree
             patch.setattr(checkpoint, "_fsync_tree", failing_sync)
             error = OSError
@@ -235,12 +251,14 @@ def test_ring_reuse_keeps_every_byte(checkpoints, tmp_path):
 
 
 def test_deferred_sync_puts_every_file_on_disk_before_the_commit(checkpoints, tmp_path, monkeypatch):
-    synced, unsynced_at_commit = set(), []
+    synced, dropped, unsynced_at_commit = set(), set(), []
     fsync, rename = checkpoint._fsync, os.rename
 
-    def recording_fsync(path):
+    def recording_fsync(path, drop=False):
         synced.add(os.path.abspath(path))
-        fsync(path)
+        if drop:
+            dropped.add(os.path.abspath(path))
+        fsync(path, drop)
 
     def checking_rename(src, dst):
         if os.path.basename(src).startswith(".tmp-checkpoint-"):
@@ -252,6 +270,13 @@ def test_deferred_sync_puts_every_file_on_disk_before_the_commit(checkpoints, tm
     stats = convert.convert(checkpoints["original"], tmp_path / "out", dtype=jnp.bfloat16, progress=False,
                             budget_bytes=200_000)
     assert stats.items > 2 and unsynced_at_commit == [[]]
+    # every file of every item left the page cache once synced (the next items' writes reuse its pages)
+    final = {os.path.relpath(os.path.join(root, name), stats.path)
+             for root, _, files in os.walk(stats.path) for name in files if name != checkpoint.MANIFEST}
+    tmp = os.path.dirname(next(iter(dropped)))
+    while not os.path.basename(tmp).startswith(".tmp-checkpoint-"):
+        tmp = os.path.dirname(tmp)
+    assert final and {os.path.relpath(p, tmp) for p in dropped} == final
 
 
 def test_converted_bytes_do_not_depend_on_workers(checkpoints, tmp_path):

@@ -17,7 +17,10 @@ leaves the previous checkpoint loadable (Orbax's own commit is per item, which i
 Every file of the version is on disk (fsync) before the rename. TensorStore fsyncs each file as it
 writes it, which serialises an item's write on the disk (about 0.8 GB/s here against 3 GB/s into the
 page cache); the streaming converter's `Writer(defer_sync=True)` instead writes host arrays without it
-and fsyncs each finished item from a second thread while the next ones are read and written.
+and fsyncs each finished item from a second thread while the next ones are read and written. Once on
+disk, an item's pages are dropped from the page cache: the next items' writes reuse that memory rather than
+take pages the kernel has not touched yet — which a virtual machine may first have to obtain from its host,
+at several times the cost of the copy (the fp8 conversion ran 0.39 → 0.65 GB/s here with it).
 FP8 values and UE8M0 scales are stored as their uint8 bit patterns (bit-exact, and independent of
 which float8 types a given Orbax/TensorStore version supports); the manifest records their dtype.
 
@@ -105,20 +108,23 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
         return False
 
 
-def _fsync(path: str) -> None:
-    """fsync of a file or a directory (through a read-only descriptor, which Linux allows for both)."""
+def _fsync(path: str, drop: bool = False) -> None:
+    """fsync of a file or a directory (through a read-only descriptor, which Linux allows for both); with `drop`,
+    the file's pages then leave the page cache (they are clean: on disk)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+        if drop and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
 
 
-def _fsync_tree(path: str) -> None:
-    """fsyncs every file and directory under `path` (files first, then their directories)."""
+def _fsync_tree(path: str, drop: bool = False) -> None:
+    """fsyncs every file and directory under `path` (files first, then their directories); `drop` as `_fsync`."""
     for root, _, files in os.walk(path, topdown=False):
         for name in files:
-            _fsync(os.path.join(root, name))
+            _fsync(os.path.join(root, name), drop)
         _fsync(root)
 
 
@@ -205,9 +211,9 @@ class Writer:
     whenever the buffer would exceed `budget_bytes` (None: one item). With `background`, an item is written
     by a thread while the next one is filled (at most one at a time; `writing_bytes` says how much it
     holds). With `defer_sync` (host arrays only), items are written without TensorStore's per-file fsync
-    and a third thread fsyncs each finished item while the next ones are written; the commit waits for
-    it, so the guarantee is the same. Use as a context manager: the version is committed on normal exit and
-    discarded if an exception escapes.
+    and a third thread fsyncs each finished item (then drops its pages from the page cache) while the next
+    ones are written; the commit waits for it, so the guarantee is the same. Use as a context manager: the
+    version is committed on normal exit and discarded if an exception escapes.
     """
 
     def __init__(self, directory: str | os.PathLike, config: Config, *, overwrite: bool = False,
@@ -306,7 +312,7 @@ class Writer:
         del tree
         gc.collect(1)  # Orbax's save leaves (young) reference cycles that hold the arrays until collected
         if self._syncer is not None:
-            self._syncing.append(self._syncer.submit(_fsync_tree, path))
+            self._syncing.append(self._syncer.submit(_fsync_tree, path, True))
 
     def wait(self) -> None:
         """Returns when no item is being written; raises what writing it raised."""

@@ -3,10 +3,14 @@
 The model is built abstractly (`nnx.eval_shape`), the manifest is checked against it, and every array is
 restored straight into its target sharding (Orbax / TensorStore read each device's slice), never through a
 full host copy. FP8/FP4 parameters, stored as their bit patterns, are bit-cast back on the device.
+TensorStore reads the files through memory maps where it can (`file_io_mode`), copying from the page cache
+straight into each array instead of through a read buffer of its own: one fresh allocation per array
+instead of two, which halved the kernel's share of the time here (fresh pages are dear in a virtual machine).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -16,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from model1_jax.io.hf import CheckpointError
@@ -56,10 +61,42 @@ def _sharding_fn(mesh: jax.sharding.Mesh | None, shardings: ShardingSpec | None
     raise TypeError(f"load: shardings must be a mapping or a callable, got {type(shardings).__name__}")
 
 
+@functools.cache
+def _memmap_spec() -> ts.Context.Spec | None:
+    """The TensorStore context that reads files through memory maps; None where TensorStore lacks the option."""
+    try:
+        spec = ts.Context.Spec({"file_io_mode": {"mode": "memmap"}})
+        ts.Context(spec)
+        return spec
+    except ValueError:
+        return None
+
+
+class _MemmapArrayHandler(ocp.type_handlers.ArrayHandler):
+    """Orbax's jax.Array handler, reading through a child TensorStore context with memory-mapped file reads
+    (one child per parent context: Orbax makes one per restore, which its arrays share)."""
+
+    async def deserialize(self, infos, args=None):
+        children: dict[int, ts.Context] = {}  # by id of the parent, which the infos keep alive meanwhile
+        for info in infos:
+            parent = info.ts_context
+            if id(parent) not in children:
+                children[id(parent)] = ts.Context(_memmap_spec(), parent)
+            info.ts_context = children[id(parent)]
+        return await super().deserialize(infos, args)
+
+
+def _restore_handler() -> ocp.PyTreeCheckpointHandler:
+    if _memmap_spec() is None:
+        return ocp.PyTreeCheckpointHandler()
+    registry = ocp.type_handlers.create_type_handler_registry((jax.Array, _MemmapArrayHandler()))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
 def _restore_item(directory: str, targets: dict[tuple, jax.ShapeDtypeStruct]) -> dict[tuple, jax.Array]:
     """One Orbax item's arrays, each straight into its target sharding."""
     tree = nest(targets)
-    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    checkpointer = ocp.Checkpointer(_restore_handler())
     try:
         result = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
             item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree)))
