@@ -59,7 +59,7 @@ STAGES = (
     Stage("serve", 45, "bench_serve.py", ("--requests", "64"), None),
     # The synthetic checkpoint is written first (about 1 GB); every stage runs in a fresh process.
     Stage("load", 50, "bench_load.py", ("--size-gb", "1.0", "--repeat", "1", "--stages",
-                                        "read,from_pretrained_q,convert_fp8,load_fp8"), None),
+                                        "read,copy,from_pretrained_q,convert_fp8,load_fp8"), None),
 )
 
 

@@ -37,8 +37,9 @@ from model1_jax.io.regions import read_units
 from model1_jax.io.relayout import aligned_empty
 
 # A worker's reused buffers: a chunk of raw bytes (and, for a cast, its converted copy), plus the lookup
-# indices and dense band of a dequantization (under 1 MiB: `relayout.LOOKUP_BYTES`, `relayout.PLACE_BYTES`).
-SCRATCH_BYTES = 3 * CHUNK_BYTES + (1 << 20)
+# indices and dense band of a dequantization and the words of a transpose band (under 2 MiB:
+# `relayout.LOOKUP_BYTES`, `relayout.PLACE_BYTES`, `relayout.WORDS_BYTES`).
+SCRATCH_BYTES = 3 * CHUNK_BYTES + (2 << 20)
 ALIGN = 64  # every array in the ring starts on a 64-byte boundary: at most this much padding per array
 
 

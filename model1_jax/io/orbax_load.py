@@ -4,8 +4,8 @@ The model is built abstractly (`nnx.eval_shape`), the manifest is checked agains
 restored straight into its target sharding (Orbax / TensorStore read each device's slice), never through a
 full host copy. FP8/FP4 parameters, stored as their bit patterns, are bit-cast back on the device.
 TensorStore reads the files through memory maps where it can (`file_io_mode`), copying from the page cache
-straight into each array instead of through a read buffer of its own: one fresh allocation per array
-instead of two, which halved the kernel's share of the time here (fresh pages are dear in a virtual machine).
+straight into each array instead of through a read buffer of its own: one fresh allocation per array instead
+of two (fresh pages are dear in a virtual machine: docs/checkpoints.md §8.4).
 """
 
 from __future__ import annotations
