@@ -116,6 +116,15 @@ def test_transpose_into_strided_destinations():
             assert not dst[:, :3].any() and not dst[:, 3 + shape[0]:].any()
 
 
+def test_reshaped_view_never_copies():
+    band = np.arange(24, dtype=np.uint16).reshape(4, 6)[:, :4]  # rows not contiguous with each other
+    view = relayout.reshaped_view(band, (4, 2, 2))
+    view[0, 0, 0] = 99
+    assert band[0, 0] == 99
+    with pytest.raises(ValueError, match="no view of shape"):
+        relayout.reshaped_view(band, (16,))
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 def test_transpose_into_unaligned_and_banded_sources(dtype):
     """Sources the two-pass path must not take as words (misaligned, odd row strides) and column bands of a

@@ -143,17 +143,26 @@ def row_segments(slot: Slot, shape: tuple[int, ...], lead: int, rows: int, r0: i
     raise ValueError(f"slot kind {kind!r} is not placed by rows")
 
 
+def reshaped_view(array: np.ndarray, shape) -> np.ndarray:
+    """`array` under another shape, always as a view: raises ValueError where that would need a copy (which
+    assigning `.shape` did; NumPy 2.5 deprecates that assignment)."""
+    out = array.reshape(shape)
+    if out.size and not np.may_share_memory(out, array):
+        raise ValueError(f"an array of shape {array.shape}, strides {array.strides} has no view of shape {shape}")
+    return out
+
+
 def view2d(slot: Slot, buffer: np.ndarray, source_cols: int) -> np.ndarray:
     """The buffer (model arrangement, contiguous) viewed so that `row_segments`' indices apply."""
-    shape, view = buffer.shape, buffer.view()
+    shape = buffer.shape
     if slot.kind in ("copy", "index", "reshape"):
-        view.shape = (-1, source_cols)  # assigning the shape raises rather than silently copy
-    elif slot.kind == "linear":
-        view.shape = (math.prod(shape[:slot.n_in]), math.prod(shape[slot.n_in:]))
-    elif slot.kind == "grouped":
+        return reshaped_view(buffer, (-1, source_cols))
+    if slot.kind == "linear":
+        return reshaped_view(buffer, (math.prod(shape[:slot.n_in]), math.prod(shape[slot.n_in:])))
+    if slot.kind == "grouped":
         g, m, h, o = shape
-        view.shape = (g, m * h, o)
-    return view  # experts: [e, in, out] already
+        return reshaped_view(buffer, (g, m * h, o))
+    return buffer  # experts: [e, in, out] already
 
 
 def place(slot: Slot, buffer: np.ndarray, chunk: np.ndarray, lead: int, rows: int, r0: int) -> None:
@@ -218,8 +227,7 @@ def dequantize_rows(fmt: str, values: np.ndarray, scales: np.ndarray, row_scale:
     shifted = scales[row_scale].astype(np.uint16) << 8  # [n, scale columns]: tiny
     idx = index[:n * width].reshape(n, width)
     if whole:  # whole blocks: scales broadcast over their bytes by a reshape
-        blocks = idx[:, :whole]
-        blocks.shape = (n, whole // per_scale, per_scale)  # a view (raises rather than copy)
+        blocks = reshaped_view(idx[:, :whole], (n, whole // per_scale, per_scale))
         np.bitwise_or(values[:, :whole].reshape(n, whole // per_scale, per_scale), shifted[:, :whole // per_scale,
                                                                                            None], out=blocks)
     if whole < width:  # a partial block at the end of the rows
