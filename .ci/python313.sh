@@ -117,10 +117,11 @@ start=$SECONDS
 "$PY" -m venv --clear "$VENV"
 # No version pins: this leg exists to run the newest releases. No torch / transformers (see above); the
 # compile-check extra (Triton) for tests/test_compile_check.py.
-"$VENV/bin/pip" install -q -e ".[compile-check]" jax flax optax orbax-checkpoint pytest
+"$VENV/bin/pip" install -q -e ".[compile-check]" jax flax optax orbax-checkpoint pytest pytest-xdist
 "$VENV/bin/python" - <<'EOF'
 import sys, importlib.metadata as md
-names = ["jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml_dtypes", "triton", "pytest"]
+names = ["jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml_dtypes", "triton", "pytest",
+         "pytest-xdist"]
 print("[python313] Python", sys.version.split()[0], "|", ", ".join(f"{n} {md.version(n)}" for n in names),
       file=sys.stderr)
 EOF

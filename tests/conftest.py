@@ -90,7 +90,11 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_terminal_summary(terminalreporter, config):
     left = config.oracle_left_out
-    if config.getoption("--no-oracle"):
+    if config.getoption("--no-oracle") and config.pluginmanager.getplugin("dsession") is not None:
+        # pytest-xdist's controller collects nothing: its workers left the oracle tests out
+        terminalreporter.write_line("--no-oracle: the worker processes left out the tests marked oracle and did not "
+                                    "import the modules marked as a whole (`-n 0` lists them)")
+    elif config.getoption("--no-oracle"):
         terminalreporter.write_line(
             f"--no-oracle: {left['tests']} tests marked oracle deselected; modules marked oracle as a whole, not "
             f"imported: {', '.join(sorted(left['modules'])) or 'none'}")
