@@ -170,11 +170,12 @@ def ensure_checkpoint(directory: pathlib.Path, size_gb: float, layers: int, voca
 # -- one stage, in its own process -------------------------------------------------------------------
 
 def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
+    from model1_jax.common import process_memory
+
+    value = process_memory(field)
+    if value is None:
+        raise RuntimeError(f"/proc/self/status has no {field}: the benchmark measures memory on Linux")
+    return value
 
 
 def _files_bytes(path: pathlib.Path, suffix: str = "") -> int:
@@ -248,6 +249,7 @@ def run_stage(stage: str, ckpt: pathlib.Path, work: pathlib.Path) -> dict:
     from flax import nnx
 
     import model1_jax as m1
+    from model1_jax.common import reset_peak_memory
     from model1_jax.io import convert
 
     def ready(model):
@@ -263,10 +265,9 @@ def run_stage(stage: str, ckpt: pathlib.Path, work: pathlib.Path) -> dict:
     nbytes = _files_bytes(out) if stage.startswith("load_") else source
     if stage.startswith(("convert_", "copy")) and out.exists():
         shutil.rmtree(out)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS: the peak measured from here is the stage's own
     if stage.startswith("load_"):
         plain_read(out, "")  # the converter leaves its output out of the page cache: load it from there, as `read`
+    reset_peak_memory(trim=False)  # VmHWM := VmRSS: the peak measured from here is the stage's own
     rss_start = _status("VmRSS")
     start, cpu, times = time.perf_counter(), time.process_time(), os.times()
     if stage == "read":

@@ -105,8 +105,8 @@ def test_place_in_chunks_equals_to_model_arrangement(slot, shape):
 
 
 def test_transpose_into_strided_destinations():
-    # (1000, 3000): several bands of the two-pass path and a partial last one; (200, 300) bytes and (99, 4100):
-    # rows of no whole words (the tiled path); float32: the tiled path
+    # (1000, 3000): several bands of the two-pass path and a partial last one; bytes of (200, 300) and (99, 4100):
+    # rows of no whole words (the tiled path), as float32 everywhere
     for shape in [(3, 5), (200, 300), (1000, 3000), (99, 4100)]:
         for dtype in (np.uint8, np.uint16, np.float32):
             src = RNG.integers(0, 200, shape).astype(dtype)

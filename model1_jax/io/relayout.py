@@ -68,7 +68,7 @@ def transpose_into(src: np.ndarray, dst: np.ndarray) -> None:
     if rows * cols <= _SMALL or rows == 1 or cols == 1:
         dst[...] = src.T
         return
-    if _narrow(src, dst):
+    if _narrow(src):
         _transpose_narrow(src, dst)
         return
     _transpose_tiled(src, dst)
@@ -89,7 +89,7 @@ WORDS_BYTES = 1 << 19
 _words = threading.local()  # each thread's reused band of words (WORDS_BYTES; more for rows wider than that)
 
 
-def _narrow(src: np.ndarray, dst: np.ndarray) -> bool:
+def _narrow(src: np.ndarray) -> bool:
     """Whether `_transpose_narrow` applies: 1- or 2-byte elements, rows of whole aligned 8-byte words."""
     width = 8 // src.itemsize
     return (src.itemsize in (1, 2) and src.shape[1] % width == 0 and src.strides[1] == src.itemsize
