@@ -16,12 +16,17 @@ memory is its own (Linux VmHWM, reset after start-up), `--repeat` times:
   load_bf16 / _fp8      `m1.load` of those outputs
 
 The converter and `copy` write into an empty directory: the previous run's output is deleted before the clock
-starts (deleting a 4 GB checkpoint took 1.5-1.8 s here, and is not conversion). Writing goes through the
-kernel's page cache, whose cost depends on the memory it gets: on this project's virtual machines, a page that
-has been free for a while costs several times more to fill than one just freed (the host hands it back
-first), so `copy` measures the write ceiling under the same conditions as the converter, in the same run. The
-converter drops each item from the page cache once it is on disk, so `load` stages first read the Orbax files
-once (before the clock) and, like `read`, measure loading from the page cache.
+starts (deleting a 4 GB checkpoint took 1.5-1.8 s here, and is not conversion). The converter drops each item
+from the page cache once it is on disk, so `load` stages first read the Orbax files once (before the clock)
+and, like `read`, measure loading from the page cache.
+
+Memory conditions. On this project's virtual machines the host takes back guest memory that has been free for
+about two seconds (free-page reporting), and a page it took back costs far more to fill again than one just
+freed (2.3 s per GiB of kernel time in huge pages, against 0.2 s just freed; io/hostmem.py). Stages run one
+after another, so without a pause each would find the previous stage's memory just freed, a condition no
+user's fresh process meets. Each stage therefore waits `--settle` seconds (default 5) after its preparation,
+then starts the clock: it gets its memory, and the page cache its pages, as a process started on an idle
+machine does.
 
 Throughput is bytes of the checkpoint a stage reads (the safetensors files; for `load` the Orbax
 directory) per second of the call (process start-up and imports excluded), GB = 1e9 bytes. Beside it, the
@@ -241,7 +246,7 @@ def plain_copy(path: pathlib.Path, out: pathlib.Path) -> int:
     return total
 
 
-def run_stage(stage: str, ckpt: pathlib.Path, work: pathlib.Path) -> dict:
+def run_stage(stage: str, ckpt: pathlib.Path, work: pathlib.Path, settle: float = 0.0) -> dict:
     import ctypes
 
     import jax
@@ -267,6 +272,7 @@ def run_stage(stage: str, ckpt: pathlib.Path, work: pathlib.Path) -> dict:
         shutil.rmtree(out)
     if stage.startswith("load_"):
         plain_read(out, "")  # the converter leaves its output out of the page cache: load it from there, as `read`
+    time.sleep(settle)  # memory freed by the preparation (and earlier stages) goes back to the host (docstring)
     reset_peak_memory(trim=False)  # VmHWM := VmRSS: the peak measured from here is the stage's own
     rss_start = _status("VmRSS")
     start, cpu, times = time.perf_counter(), time.process_time(), os.times()
@@ -294,10 +300,11 @@ def run_stage(stage: str, ckpt: pathlib.Path, work: pathlib.Path) -> dict:
     return row
 
 
-def spawn(stage: str, ckpt: pathlib.Path, work: pathlib.Path) -> dict:
+def spawn(stage: str, ckpt: pathlib.Path, work: pathlib.Path, settle: float) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # JAX's default backend: a GPU where there is one
     load = os.getloadavg()[0]
-    cmd = [sys.executable, __file__, "--stage", stage, "--checkpoint", str(ckpt), "--work", str(work)]
+    cmd = [sys.executable, __file__, "--stage", stage, "--checkpoint", str(ckpt), "--work", str(work),
+           "--settle", str(settle)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if result.returncode:
         raise RuntimeError(f"{stage} failed:\n{result.stderr[-3000:]}")
@@ -336,12 +343,14 @@ def main(argv=None) -> int:
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR)
     p.add_argument("--label", default="", help="recorded in the JSON (e.g. before / after)")
+    p.add_argument("--settle", type=float, default=5.0,
+                   help="seconds each stage waits before its clock starts (memory conditions, docstring)")
     p.add_argument("--stage", help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", type=pathlib.Path, help=argparse.SUPPRESS)
     p.add_argument("--work", type=pathlib.Path, help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
     if ns.stage:
-        print(json.dumps(run_stage(ns.stage, ns.checkpoint, ns.work)))
+        print(json.dumps(run_stage(ns.stage, ns.checkpoint, ns.work, ns.settle)))
         return 0
     if ROOT in ns.dir.resolve().parents or ns.dir.resolve() == ROOT:
         p.error("--dir must lie outside the repository")
@@ -357,7 +366,7 @@ def main(argv=None) -> int:
     runs: dict[str, list[dict]] = {s: [] for s in stages}
     for _ in range(ns.repeat):
         for stage in stages:
-            row = spawn(stage, ckpt, work)
+            row = spawn(stage, ckpt, work, ns.settle)
             runs[stage].append(row)
             print(f"  {stage:<18} {row['gb_per_s']:7.3f} GB/s  {row['seconds']:7.2f} s  {row['gb_per_cpu_s']:7.3f} "
                   f"GB/CPU-s  peak +{row['peak_growth'] / 2**20:6.0f} MiB  (load average {row['load_average']:.1f})",
@@ -369,7 +378,8 @@ def main(argv=None) -> int:
         print(f"{s['stage']:<18} {s['gb_per_s_min']:9.3f} {s['gb_per_s_median']:8.3f} {s['gb_per_s_max']:8.3f} "
               f"{s['gb_per_cpu_s_median']:9.3f} {s['user_seconds_median']:7.2f} {s['system_seconds_median']:6.2f} "
               f"{s['peak_growth_max'] / 2**20:10.0f}")
-    header = dict(label=ns.label, commit=_git_commit(), date=datetime.datetime.now().isoformat(timespec="seconds"),
+    header = dict(label=ns.label, commit=_git_commit(), settle_seconds=ns.settle,
+                  date=datetime.datetime.now().isoformat(timespec="seconds"),
                   machine=dict(cpus=os.cpu_count(), platform=platform.platform(),
                                memory_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
                   checkpoint=dict(path=str(ckpt), **stamp, hidden=4096, widths="V4-Flash"))

@@ -30,11 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from model1_jax.common import human_bytes
+from model1_jax.io import hostmem
 from model1_jax.io import orbax as checkpoint
 from model1_jax.io.hf import CheckpointPlan, Unit, plan_checkpoint, unit_output_bytes
 from model1_jax.io.reader import CHUNK_BYTES, Buffer, default_workers, new_pool, progress_bar
 from model1_jax.io.regions import read_units
-from model1_jax.io.relayout import aligned_empty
 
 # A worker's reused buffers: a chunk of raw bytes (and, for a cast, its converted copy), plus the lookup
 # indices and dense band of a dequantization and the words of a transpose band (under 2 MiB:
@@ -114,7 +114,7 @@ class Ring:
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self.memory = aligned_empty((capacity,), np.uint8)  # pages are touched (and zeroed) on first use only
+        self.memory = hostmem.empty((capacity,), np.uint8)  # pages are touched (and zeroed) on first use only
         # [start, end, item] of each buffer in order; item: the Orbax item holding it (None until handed over)
         self.regions: collections.deque[list] = collections.deque()
 

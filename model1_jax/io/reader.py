@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from model1_jax.io import relayout
+from model1_jax.io import hostmem, relayout
 from model1_jax.io.names import Slot
 from model1_jax.io.safetensors_file import DTYPES, SafetensorsError, TensorInfo
 from model1_jax.model import quant
@@ -139,7 +139,7 @@ def scratch(name: str, shape, dtype) -> np.ndarray:
     buffers = _scratch.__dict__.setdefault("buffers", {})
     buf = buffers.get(name)
     if buf is None or buf.nbytes < nbytes:
-        buf = buffers[name] = relayout.aligned_empty((max(nbytes, 4096),), np.uint8)
+        buf = buffers[name] = hostmem.empty((max(nbytes, 4096),), np.uint8)
     return buf[:nbytes].view(dtype).reshape(shape)
 
 
@@ -156,14 +156,17 @@ class Buffer:
     quant: tuple[str, tuple[int, ...], int | None] | None = None
     arrays: dict[str, np.ndarray] | None = None
     pending: int = 0
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     @property
     def nbytes(self) -> int:
         return sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in self.parts.values())
 
     def allocate(self) -> None:
-        if self.arrays is None:
-            self.arrays = {part: relayout.aligned_empty(shape, dtype) for part, (shape, dtype) in self.parts.items()}
+        """Allocates the arrays once (the first of the workers reaching the buffer does; the others wait)."""
+        with self.lock:
+            if self.arrays is None:
+                self.arrays = {part: hostmem.empty(shape, dtype) for part, (shape, dtype) in self.parts.items()}
 
     def value(self):
         """The finished array, or a `BlockQuantized` when `quant` is set."""
@@ -291,8 +294,7 @@ def read_pieces(pieces: Iterable[Piece], *, workers: int | None = None, bar: tqd
                 on_complete(buffer)
     with Files() as files:
         def task(piece: Piece, lead: int, r0: int, r1: int) -> int:
-            with lock:
-                piece.buffer.allocate()
+            piece.buffer.allocate()  # outside `lock`: the pages are faulted in meanwhile (io.hostmem)
             n = run_chunk(files, piece, lead, r0, r1)
             with lock:
                 piece.buffer.pending -= 1

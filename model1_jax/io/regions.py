@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from model1_jax.io import relayout
+from model1_jax.io import hostmem
 from model1_jax.io.hf import Assignment, Unit, output_arrangement
 from model1_jax.io.names import Slot, quant_arrangement
 from model1_jax.io.reader import Buffer, Piece, matrix_shape, read_pieces
@@ -214,6 +214,6 @@ def read_shard(assignments: Sequence[Assignment], shape: tuple[int, ...], dtype,
     if region == box:
         return array
     inner = tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(box, region))
-    out = relayout.aligned_empty(array[inner].shape, array.dtype)
+    out = hostmem.empty(array[inner].shape, array.dtype)
     out[...] = array[inner]
     return out

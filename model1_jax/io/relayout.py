@@ -25,6 +25,7 @@ import threading
 
 import numpy as np
 
+from model1_jax.io import hostmem
 from model1_jax.io.names import Slot
 from model1_jax.model import quant
 
@@ -40,16 +41,6 @@ LOOKUP_BYTES = 1 << 15
 # Dense bytes placed (transposed) at once, in whole lookups: the band stays in the L2 cache, and the transpose
 # gets source rows enough for its tiles (a 32 KiB lookup of packed FP4 experts is 16 rows, half a tile).
 PLACE_BYTES = 1 << 19
-
-
-def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data starts on an `align`-byte boundary: JAX's CPU backend
-    then adopts the buffer in `device_put` instead of copying it."""
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + align, np.uint8)
-    start = -raw.ctypes.data % align
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def as_bits(array: np.ndarray) -> np.ndarray:
@@ -106,7 +97,7 @@ def _transpose_narrow(src: np.ndarray, dst: np.ndarray) -> None:
     need = cols // width * min(band, rows)
     buf = getattr(_words, "buf", None)
     if buf is None or buf.size < need:
-        buf = _words.buf = aligned_empty((need,), np.uint64)
+        buf = _words.buf = hostmem.empty((need,), np.uint64)
     # dst[w·c + k, r] as [c, k, r]: the same memory, strides from dst's own
     planes = np.lib.stride_tricks.as_strided(dst, (cols // width, width, rows),
                                              (width * dst.strides[0], dst.strides[0], dst.strides[1]))

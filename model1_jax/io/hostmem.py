@@ -1,0 +1,81 @@
+"""Host buffers for loaded weights: page-aligned, in small pages.
+
+Loading creates gigabytes of new host memory that is written once (read or dequantized into) and then handed
+to XLA. NumPy asks the kernel for transparent huge pages on every array of 4 MiB or more
+(`madvise(MADV_HUGEPAGE)`). Where the kernel's THP mode is `madvise` (Debian's and most distributions'
+default), that advice makes each first touch of a 2 MiB page a compaction-and-zeroing of the whole page, and on
+virtual machines whose host takes free guest memory back (balloon free-page reporting, as on this project's
+machines) each such page is also faulted back in by the host 4 KiB at a time. Measured on the project's 2-core
+VM (docs/checkpoints.md §7.4): writing 2 GiB of fresh memory costs 5.1 s of kernel time with the advice and
+0.64 s without; reusing just-freed huge pages costs 0.25 s. So the loaders' buffers come from anonymous maps
+advised `MADV_NOHUGEPAGE`: at worst (memory the process freed a moment ago) that costs 0.2 s more per GiB than
+huge pages, at best it saves 2 s per GiB.
+
+`empty` is the loaders' allocator; `small_pages` covers arrays that other libraries allocate with NumPy
+(TensorStore's reads in `m1.load`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import mmap
+import threading
+
+import numpy as np
+
+# Below this NumPy does not ask for huge pages either, and a map per array would cost more than it saves.
+MAP_BYTES = 4 << 20
+ALIGN = 64  # JAX's CPU backend adopts (does not copy) a buffer aligned to 64 bytes in `device_put`
+
+_NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", None)  # Linux only; elsewhere a plain map
+_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if _NOHUGEPAGE is not None else None)  # Linux ≥ 5.14
+
+
+def empty(shape, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array, 64-byte aligned; from 4 MiB up in its own anonymous map, advised
+    against huge pages and faulted in at once (freed, like any array, when the last reference goes)."""
+    dtype = np.dtype(dtype)
+    shape = tuple(shape)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < MAP_BYTES:
+        raw = np.empty(nbytes + ALIGN, np.uint8)
+        start = -raw.ctypes.data % ALIGN
+        return raw[start:start + nbytes].view(dtype).reshape(shape)
+    # private (Python's default for an anonymous map is shared: tmpfs pages), page-aligned, zero-filled
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for advice in (_NOHUGEPAGE, _POPULATE_WRITE):
+        # Populating faults every page in one call, the kernel's loop instead of one trap per page as the
+        # copies first write it (half the kernel time here). Older kernels refuse it: pages then come lazily.
+        if advice is not None:
+            try:
+                region.madvise(advice)
+            except OSError:
+                pass
+    return np.frombuffer(region, dtype, math.prod(shape)).reshape(shape)
+
+
+_numpy_lock = threading.Lock()
+_numpy_state = {"users": 0, "previous": True}
+
+
+@contextlib.contextmanager
+def small_pages():
+    """Within the block, NumPy's own large arrays are not advised to use huge pages (NumPy's process-wide
+    switch, restored when the last concurrent user leaves). Arrays allocated meanwhile by other threads are
+    affected too; that changes their page size, never their contents."""
+    switch = getattr(np._core.multiarray, "_set_madvise_hugepage", None)
+    if switch is None:  # a NumPy without the switch (or without the advice): nothing to do
+        yield
+        return
+    with _numpy_lock:
+        if _numpy_state["users"] == 0:
+            _numpy_state["previous"] = switch(False)
+        _numpy_state["users"] += 1
+    try:
+        yield
+    finally:
+        with _numpy_lock:
+            _numpy_state["users"] -= 1
+            if _numpy_state["users"] == 0:
+                switch(_numpy_state["previous"])

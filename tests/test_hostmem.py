@@ -1,0 +1,129 @@
+"""Host buffers of the loaders (io/hostmem.py): aligned, writable, private small-page maps that are faulted in at
+allocation and unmapped with their last reference; `small_pages` switches NumPy's huge-page advice off and back."""
+
+import gc
+import mmap
+import sys
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+from model1_jax.io import hostmem
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+
+
+def _mapping(address: int) -> dict | None:
+    """The /proc/self/smaps entry of the mapping holding `address`: perms, size and fields (kB), VmFlags."""
+    entry = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and all(c in "0123456789abcdef-" for c in head[0]):
+                if entry is not None:
+                    return entry
+                start, end = (int(x, 16) for x in head[0].split("-"))
+                entry = {"perms": head[1], "size": end - start} if start <= address < end else None
+            elif entry is not None:
+                key, _, value = line.partition(":")
+                entry[key] = value.split() if key == "VmFlags" else int(value.split()[0]) * 1024
+    return entry
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 5), np.float32), ((0,), np.uint8), ((1024, 2048), np.uint16),
+                                         ((4, 1 << 20), np.float32)])
+def test_empty_is_an_aligned_writable_array(shape, dtype):
+    array = hostmem.empty(shape, dtype)
+    assert array.shape == shape and array.dtype == dtype
+    assert array.flags.c_contiguous and array.flags.writeable
+    assert array.ctypes.data % hostmem.ALIGN == 0
+    values = np.arange(array.size, dtype=np.int64).astype(dtype).reshape(shape)
+    array[...] = values
+    np.testing.assert_array_equal(array, values)
+
+
+@linux
+def test_large_buffers_are_private_small_page_maps_populated_and_freed():
+    nbytes = 2 * hostmem.MAP_BYTES
+    array = hostmem.empty((nbytes // 4,), np.float32)
+    address = array.ctypes.data
+    assert address % mmap.PAGESIZE == 0
+    entry = _mapping(address)
+    assert entry["size"] == nbytes, entry  # a map of its own
+    assert entry["perms"] == "rw-p", entry  # private: not tmpfs pages (Python's default anonymous map is shared)
+    assert "nh" in entry["VmFlags"], entry  # MADV_NOHUGEPAGE
+    assert entry.get("AnonHugePages", 0) == 0
+    probe = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        probe.madvise(hostmem._POPULATE_WRITE)
+        populates = True
+    except (OSError, TypeError):  # a kernel older than 5.14
+        populates = False
+    probe.close()
+    if populates:
+        assert entry["Rss"] == nbytes, entry  # every page faulted in before the first write
+    view = array[5:]  # a view keeps the map alive …
+    del array
+    gc.collect()
+    assert _mapping(address) is not None
+    del view  # … and the last reference unmaps it
+    gc.collect()
+    entry = _mapping(address)
+    assert entry is None or entry["size"] != nbytes
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (256, 4096)])  # a small (NumPy) and a mapped buffer
+def test_host_backend_adopts_the_buffer(shape):
+    """`device_put` on the CPU backend keeps the buffer (no copy: the loaders' peak memory counts on it)."""
+    array = hostmem.empty(shape, np.float32)
+    array[...] = 1.5
+    placed = jax.device_put(array, jax.devices("cpu")[0])
+    assert placed.unsafe_buffer_pointer() == array.ctypes.data
+    assert float(placed.sum()) == 1.5 * array.size
+
+
+def _numpy_switch():
+    return np._core.multiarray._set_madvise_hugepage
+
+
+def test_small_pages_switches_numpy_advice_off_and_restores_it():
+    switch = _numpy_switch()
+    for before in (True, False):
+        switch(before)
+        try:
+            with hostmem.small_pages():
+                assert switch(False) is False  # off inside (reading the switch sets it; it stays off)
+            assert switch(before) is before  # restored
+            with pytest.raises(RuntimeError), hostmem.small_pages():
+                raise RuntimeError("boom")
+            assert switch(before) is before  # restored after an exception too
+        finally:
+            switch(True)
+
+
+def test_small_pages_concurrent_users_restore_once_the_last_leaves():
+    switch = _numpy_switch()
+    switch(True)
+    first_in, second_out = threading.Event(), threading.Event()
+    seen = []
+
+    def first():
+        with hostmem.small_pages():
+            first_in.set()
+            second_out.wait(10)
+            seen.append(("first, after the second left", switch(False)))
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    first_in.wait(10)
+    with hostmem.small_pages():
+        pass
+    second_out.set()
+    thread.join()
+    try:
+        assert seen == [("first, after the second left", False)]  # the second user's exit left it off
+        assert switch(True) is True  # the last one out restored it
+    finally:
+        switch(True)
