@@ -1,15 +1,14 @@
-"""Host buffers for loaded weights: page-aligned, in small pages.
+"""Host buffers for loaded weights: page-aligned, in small pages, faulted in at once.
 
 Loading creates gigabytes of new host memory that is written once (read or dequantized into) and then handed
-to XLA. NumPy asks the kernel for transparent huge pages on every array of 4 MiB or more
-(`madvise(MADV_HUGEPAGE)`). Where the kernel's THP mode is `madvise` (Debian's and most distributions'
-default), that advice makes each first touch of a 2 MiB page a compaction-and-zeroing of the whole page, and on
-virtual machines whose host takes free guest memory back (balloon free-page reporting, as on this project's
-machines) each such page is also faulted back in by the host 4 KiB at a time. Measured on the project's 2-core
-VM (docs/checkpoints.md §7.4): writing 2 GiB of fresh memory costs 5.1 s of kernel time with the advice and
-0.64 s without; reusing just-freed huge pages costs 0.25 s. So the loaders' buffers come from anonymous maps
-advised `MADV_NOHUGEPAGE`: at worst (memory the process freed a moment ago) that costs 0.2 s more per GiB than
-huge pages, at best it saves 2 s per GiB.
+to XLA or to the checkpoint writer. NumPy asks the kernel for transparent huge pages on every array of 4 MiB or
+more (`madvise(MADV_HUGEPAGE)`), which the kernel follows in its default THP mode `madvise`. On virtual machines
+whose host takes back guest memory that has been free for a while (free-page reporting, as on this project's
+machines), clearing such a 2 MiB page costs far more than small pages do (the host provides it again). Measured here
+(docs/checkpoints.md §7.4): touching 1 GiB of such memory costs 1.65-2.68 s of kernel time with the advice and
+0.30-0.33 s without; memory freed a moment earlier costs 0.17-0.21 s in huge pages. So the loaders' buffers come
+from private anonymous maps advised `MADV_NOHUGEPAGE` and populated in one call (`MADV_POPULATE_WRITE`): at
+worst about 0.1 s per GiB more than huge pages, at best 2 s per GiB less.
 
 `empty` is the loaders' allocator; `small_pages` covers arrays that other libraries allocate with NumPy
 (TensorStore's reads in `m1.load`).
