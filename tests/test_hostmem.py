@@ -38,7 +38,7 @@ def test_empty_is_an_aligned_writable_array(shape, dtype):
     array = hostmem.empty(shape, dtype)
     assert array.shape == shape and array.dtype == dtype
     assert array.flags.c_contiguous and array.flags.writeable
-    assert array.ctypes.data % hostmem.ALIGN == 0
+    assert array.size == 0 or array.ctypes.data % hostmem.ALIGN == 0  # (an empty array has no data to align)
     values = np.arange(array.size, dtype=np.int64).astype(dtype).reshape(shape)
     array[...] = values
     np.testing.assert_array_equal(array, values)
@@ -72,6 +72,15 @@ def test_large_buffers_are_private_small_page_maps_populated_and_freed():
     gc.collect()
     entry = _mapping(address)
     assert entry is None or entry["size"] != nbytes
+
+
+@linux
+def test_unpopulated_buffers_fault_small_pages_as_they_are_written():
+    array = hostmem.empty((2 * hostmem.MAP_BYTES,), np.uint8, populate=False)
+    assert _mapping(array.ctypes.data)["Rss"] == 0  # nothing faulted yet
+    array[0] = 1
+    array[hostmem.MAP_BYTES] = 1
+    assert _mapping(array.ctypes.data)["Rss"] == 2 * mmap.PAGESIZE  # one small page per write, never 2 MiB
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (256, 4096)])  # a small (NumPy) and a mapped buffer

@@ -31,9 +31,11 @@ _NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", None)  # Linux only; elsewhere a 
 _POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if _NOHUGEPAGE is not None else None)  # Linux ≥ 5.14
 
 
-def empty(shape, dtype) -> np.ndarray:
+def empty(shape, dtype, *, populate: bool = True) -> np.ndarray:
     """An uninitialised C-contiguous array, 64-byte aligned; from 4 MiB up in its own anonymous map, advised
-    against huge pages and faulted in at once (freed, like any array, when the last reference goes)."""
+    against huge pages and, with `populate`, faulted in at once (freed, like any array, when the last reference
+    goes). Populate buffers about to be filled whole; not one filled piecemeal over a long time, whose pages
+    are better faulted by the threads that first write them, as they go."""
     dtype = np.dtype(dtype)
     shape = tuple(shape)
     nbytes = math.prod(shape) * dtype.itemsize
@@ -43,7 +45,7 @@ def empty(shape, dtype) -> np.ndarray:
         return raw[start:start + nbytes].view(dtype).reshape(shape)
     # private (Python's default for an anonymous map is shared: tmpfs pages), page-aligned, zero-filled
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    for advice in (_NOHUGEPAGE, _POPULATE_WRITE):
+    for advice in (_NOHUGEPAGE, _POPULATE_WRITE if populate else None):
         # Populating faults every page in one call, the kernel's loop instead of one trap per page as the
         # copies first write it (half the kernel time here). Older kernels refuse it: pages then come lazily.
         if advice is not None:
