@@ -57,8 +57,9 @@ STAGES = (
     Stage("train", 45, "bench_train.py", ("--lengths", "8192", "32768", "--dense-max", "8192", "--timeout", "25"),
           None),
     Stage("serve", 45, "bench_serve.py", ("--requests", "64"), None),
-    # The synthetic checkpoint is written first (about 1 GB); every stage runs in a fresh process.
-    Stage("load", 50, "bench_load.py", ("--size-gb", "1.0", "--repeat", "1", "--stages",
+    # The synthetic checkpoint is written first (about 1 GB); every stage runs in a fresh process, after a 1 s
+    # pause instead of the default 5 s (the device's time is scarce; bench_load's docstring says what it is for).
+    Stage("load", 50, "bench_load.py", ("--size-gb", "1.0", "--repeat", "1", "--settle", "1", "--stages",
                                         "read,copy,from_pretrained_q,convert_fp8,load_fp8"), None),
 )
 
