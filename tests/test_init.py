@@ -50,3 +50,30 @@ def test_every_variable_has_logical_axes(model):
         axes = var.get_metadata().get("logical_axes")
         assert axes is not None and len(axes) == var.ndim, path
     assert all(not isinstance(v, nnx.Param) for v in jax.tree.leaves(nnx.state(model, Buffer)))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_dspark"])
+def test_abstract_model_is_the_models_eval_shape(preset):
+    """`abstract_model` (which draws no random numbers) has the graph and the abstract variables — paths, types,
+    shapes, dtypes, metadata — of `nnx.eval_shape` over the model built with real `nnx.Rngs`."""
+    import jax.numpy as jnp
+
+    from model1_jax.model.transformer import abstract_model
+
+    config = m1.Config.tiny()
+    if preset == "tiny_dspark":  # every layer type, hash routing, and the DSpark drafter
+        config = config.replace(
+            num_hidden_layers=3, layer_types=(m1.SLIDING, m1.CSA, m1.HCA),
+            mlp_layer_types=(m1.HASH_MOE, m1.MOE, m1.MOE), num_nextn_predict_layers=0,
+            dspark=m1.DSparkConfig(5, 200, (0, 1, 2), 8))
+    expected = nnx.eval_shape(lambda: m1.Model1(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
+                                                param_dtype=jnp.bfloat16))
+    graphdef, state = nnx.split(expected)
+    got_graphdef, got = abstract_model(config, jnp.bfloat16)
+    assert got_graphdef == graphdef
+    expected = list(nnx.to_flat_state(state))
+    assert [p for p, _ in got] == [p for p, _ in expected]
+    for (path, a), (_, b) in zip(got, expected):
+        assert type(a) is type(b), path
+        assert a.get_value() == b.get_value(), path  # ShapeDtypeStructs: shape, dtype, sharding
+        assert a.get_metadata() == b.get_metadata(), path
