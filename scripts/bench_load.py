@@ -36,7 +36,12 @@ machine the wall-clock rate depends on how much of the cores the stage got, the 
 minimum, median and maximum over the repeats are reported (the user and system times: their medians). JSON
 goes to benchmarks/results/load_<label>_<date>.json.
 
-  python scripts/bench_load.py [--size-gb 1.4] [--repeat 3] [--stages read,from_pretrained_q,...]
+To compare code, give `--baseline` a checkout of the other version (`git worktree add /tmp/base COMMIT`): each
+stage then runs with the baseline's library and right after with this checkout's, in turns, repeat after repeat,
+so that both meet the same moments of a shared machine; the JSON holds both (`baseline`: its commit, summary and
+runs). The script itself, and the checkpoint, are this checkout's.
+
+  python scripts/bench_load.py [--size-gb 1.4] [--repeat 3] [--stages read,from_pretrained_q,...] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -290,7 +295,8 @@ def run_stage(stage: str, ckpt: pathlib.Path, work: pathlib.Path, settle: float 
     else:
         raise ValueError(stage)
     seconds, cpu, end = time.perf_counter() - start, time.process_time() - cpu, os.times()
-    row = dict(stage=stage, device=jax.devices()[0].device_kind, bytes=nbytes, seconds=seconds,
+    row = dict(stage=stage, library=str(pathlib.Path(m1.__file__).parents[1]), device=jax.devices()[0].device_kind,
+               bytes=nbytes, seconds=seconds,
                gb_per_s=nbytes / seconds / 1e9, cpu_seconds=cpu, user_seconds=end.user - times.user,
                system_seconds=end.system - times.system,
                gb_per_cpu_s=nbytes / cpu / 1e9, rss_start=rss_start, peak_rss=_status("VmHWM"),
@@ -300,11 +306,12 @@ def run_stage(stage: str, ckpt: pathlib.Path, work: pathlib.Path, settle: float 
     return row
 
 
-def spawn(stage: str, ckpt: pathlib.Path, work: pathlib.Path, settle: float) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # JAX's default backend: a GPU where there is one
+def spawn(stage: str, ckpt: pathlib.Path, work: pathlib.Path, settle: float, code: pathlib.Path = ROOT) -> dict:
+    """Runs one stage in a fresh process with the library of the checkout `code` (this one, or --baseline)."""
+    env = {**os.environ, "PYTHONPATH": str(code)}  # JAX's default backend: a GPU where there is one
     load = os.getloadavg()[0]
     cmd = [sys.executable, __file__, "--stage", stage, "--checkpoint", str(ckpt), "--work", str(work),
-           "--settle", str(settle)]
+           "--settle", str(settle), "--code", str(code)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if result.returncode:
         raise RuntimeError(f"{stage} failed:\n{result.stderr[-3000:]}")
@@ -323,9 +330,9 @@ def summarize(rows: list[dict]) -> dict:
                 output_bytes=rows[0].get("output_bytes"), load_average=[r["load_average"] for r in rows])
 
 
-def _git_commit() -> str:
+def _git_commit(root: pathlib.Path = ROOT) -> str:
     try:
-        return subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+        return subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True,
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -345,13 +352,22 @@ def main(argv=None) -> int:
     p.add_argument("--label", default="", help="recorded in the JSON (e.g. before / after)")
     p.add_argument("--settle", type=float, default=5.0,
                    help="seconds each stage waits before its clock starts (memory conditions, docstring)")
+    p.add_argument("--baseline", type=pathlib.Path,
+                   help="a checkout of other code (e.g. `git worktree add /tmp/base COMMIT`): every stage runs with "
+                        "it, then with this checkout, in turns, and both go in the JSON")
     p.add_argument("--stage", help=argparse.SUPPRESS)
+    p.add_argument("--code", type=pathlib.Path, default=ROOT, help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", type=pathlib.Path, help=argparse.SUPPRESS)
     p.add_argument("--work", type=pathlib.Path, help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
     if ns.stage:
+        sys.path.insert(0, str(ns.code))  # the library of the checkout under test, ahead of this one's
         print(json.dumps(run_stage(ns.stage, ns.checkpoint, ns.work, ns.settle)))
         return 0
+    if ns.baseline is not None:
+        ns.baseline = ns.baseline.resolve()
+        if not (ns.baseline / "model1_jax" / "__init__.py").is_file():
+            p.error(f"--baseline {ns.baseline}: not a checkout of this repository (no model1_jax/__init__.py)")
     if ROOT in ns.dir.resolve().parents or ns.dir.resolve() == ROOT:
         p.error("--dir must lie outside the repository")
     stages = [s for s in ns.stages.split(",") if s]
@@ -363,21 +379,31 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     print(f"checkpoint {ckpt}: {stamp['bytes'] / 1e9:.2f} GB, {ns.layers} layers, {stamp['experts']} experts, "
           f"{ns.shards} shards; commit {_git_commit()}", flush=True)
-    runs: dict[str, list[dict]] = {s: [] for s in stages}
+    if ns.baseline is not None:
+        print(f"baseline {ns.baseline} (commit {_git_commit(ns.baseline)}): each stage runs with it first",
+              flush=True)
+    codes = {"baseline": ns.baseline} if ns.baseline is not None else {}
+    codes["current"] = ROOT
+    runs: dict[str, dict[str, list[dict]]] = {code: {s: [] for s in stages} for code in codes}
     for _ in range(ns.repeat):
         for stage in stages:
-            row = spawn(stage, ckpt, work, ns.settle)
-            runs[stage].append(row)
-            print(f"  {stage:<18} {row['gb_per_s']:7.3f} GB/s  {row['seconds']:7.2f} s  {row['gb_per_cpu_s']:7.3f} "
-                  f"GB/CPU-s  peak +{row['peak_growth'] / 2**20:6.0f} MiB  (load average {row['load_average']:.1f})",
-                  flush=True)
-    summary = [summarize(rows) for rows in runs.values()]
-    print(f"\n{'stage':<18} {'GB/s min':>9} {'median':>8} {'max':>8} {'GB/CPU-s':>9} {'user s':>7} {'sys s':>6} "
-          f"{'peak +MiB':>10}")
-    for s in summary:
-        print(f"{s['stage']:<18} {s['gb_per_s_min']:9.3f} {s['gb_per_s_median']:8.3f} {s['gb_per_s_max']:8.3f} "
-              f"{s['gb_per_cpu_s_median']:9.3f} {s['user_seconds_median']:7.2f} {s['system_seconds_median']:6.2f} "
-              f"{s['peak_growth_max'] / 2**20:10.0f}")
+            for code, root in codes.items():  # in turns, so that both meet the same moment of a shared machine
+                row = spawn(stage, ckpt, work, ns.settle, root)
+                runs[code][stage].append(row)
+                print(f"  {stage:<18} {code if len(codes) > 1 else '':<8} {row['gb_per_s']:7.3f} GB/s  "
+                      f"{row['seconds']:7.2f} s  {row['gb_per_cpu_s']:7.3f} GB/CPU-s  "
+                      f"peak +{row['peak_growth'] / 2**20:6.0f} MiB  (load average {row['load_average']:.1f})",
+                      flush=True)
+    summaries = {code: [summarize(rows) for rows in by_stage.values()] for code, by_stage in runs.items()}
+    print(f"\n{'stage':<18} {'':<8} {'GB/s min':>9} {'median':>8} {'max':>8} {'GB/CPU-s':>9} {'user s':>7} "
+          f"{'sys s':>6} {'peak +MiB':>10}")
+    for i, stage in enumerate(stages):
+        for code in codes:
+            s = summaries[code][i]
+            print(f"{stage:<18} {code if len(codes) > 1 else '':<8} {s['gb_per_s_min']:9.3f} "
+                  f"{s['gb_per_s_median']:8.3f} {s['gb_per_s_max']:8.3f} {s['gb_per_cpu_s_median']:9.3f} "
+                  f"{s['user_seconds_median']:7.2f} {s['system_seconds_median']:6.2f} "
+                  f"{s['peak_growth_max'] / 2**20:10.0f}")
     header = dict(label=ns.label, commit=_git_commit(), settle_seconds=ns.settle,
                   date=datetime.datetime.now().isoformat(timespec="seconds"),
                   machine=dict(cpus=os.cpu_count(), platform=platform.platform(),
@@ -385,7 +411,11 @@ def main(argv=None) -> int:
                   checkpoint=dict(path=str(ckpt), **stamp, hidden=4096, widths="V4-Flash"))
     ns.out.mkdir(parents=True, exist_ok=True)
     path = ns.out / f"load_{ns.label + '_' if ns.label else ''}{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps(dict(**header, summary=summary, runs=runs), indent=1))
+    record = dict(**header, summary=summaries["current"], runs=runs["current"])
+    if ns.baseline is not None:
+        record["baseline"] = dict(path=str(ns.baseline), commit=_git_commit(ns.baseline),
+                                  summary=summaries["baseline"], runs=runs["baseline"])
+    path.write_text(json.dumps(record, indent=1))
     print(f"wrote {path}")
     return 0
 

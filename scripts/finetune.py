@@ -39,6 +39,7 @@ import model1_jax as m1
 from model1_jax import cli, parallel
 from model1_jax.common import human_bytes, human_count
 from model1_jax.io.pretrained import read_config
+from model1_jax.model import abstract_module
 from model1_jax.model.attention import FULL_ATTENTION, INDEXER_STAGES, use_full_attention
 from model1_jax.parallel import distributed
 from model1_jax.text.tokenizers import load_tokenizer
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> tuple[Trainer, list[dict[str, float]]]:
         raise ValueError(f"{os.path.abspath(train_dir)} already holds checkpoints; pass --resume or another "
                          "--checkpoint-dir")
     if lora:  # targets are checked on the abstract model, before any data is read or weight built
-        find_targets(nnx.eval_shape(lambda: m1.Model1(config, rngs=nnx.Rngs(0))), lora.targets)
+        find_targets(abstract_module(config), lora.targets)
     tokenizer = load_tokenizer(args.tokenizer)
     files = args.data or mdata.default_corpus()
     eos = config.eos_token_ids[0] if config.eos_token_ids else None

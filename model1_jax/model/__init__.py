@@ -6,7 +6,7 @@ from model1_jax.model.decoder import DecoderLayer
 from model1_jax.model.moe import MoE, record_routing
 from model1_jax.model.mtp import MTPBlock
 from model1_jax.model.quant import BlockQuantized
-from model1_jax.model.transformer import Model1, abstract_model
+from model1_jax.model.transformer import Model1, abstract_model, abstract_module
 
 __all__ = ["Attention", "BlockQuantized", "DecoderLayer", "MTPBlock", "MoE", "Model1", "abstract_model",
-           "record_routing"]
+           "abstract_module", "record_routing"]

@@ -159,10 +159,14 @@ class _ShapeOnlyRngs:
         return jax.random.key(0)
 
 
+def abstract_module(config: Config, *, dtype=jnp.float32, param_dtype=jnp.float32) -> Model1:
+    """The model with abstract (shape-only) variables, as `nnx.eval_shape` builds it; nothing is allocated."""
+    return nnx.eval_shape(lambda: Model1(config, rngs=_ShapeOnlyRngs(), dtype=dtype, param_dtype=param_dtype))
+
+
 def abstract_model(config: Config, dtype) -> tuple[nnx.GraphDef, list]:
     """The model's graph and flat state of abstract (shape-only) variables; nothing is allocated."""
-    abstract = nnx.eval_shape(lambda: Model1(config, rngs=_ShapeOnlyRngs(), dtype=dtype, param_dtype=dtype))
-    graphdef, state = nnx.split(abstract)
+    graphdef, state = nnx.split(abstract_module(config, dtype=dtype, param_dtype=dtype))
     return graphdef, list(nnx.to_flat_state(state))
 
 
