@@ -75,12 +75,13 @@ def test_large_buffers_are_private_small_page_maps_populated_and_freed():
 
 
 @linux
-def test_unpopulated_buffers_fault_small_pages_as_they_are_written():
-    array = hostmem.empty((2 * hostmem.MAP_BYTES,), np.uint8, populate=False)
-    assert _mapping(array.ctypes.data)["Rss"] == 0  # nothing faulted yet
-    array[0] = 1
-    array[hostmem.MAP_BYTES] = 1
-    assert _mapping(array.ctypes.data)["Rss"] == 2 * mmap.PAGESIZE  # one small page per write, never 2 MiB
+def test_reused_buffers_are_advised_huge_pages_and_faulted_lazily():
+    array = hostmem.empty((2 * hostmem.MAP_BYTES,), np.uint8, reused=True)
+    entry = _mapping(array.ctypes.data)
+    assert entry["perms"] == "rw-p" and "hg" in entry["VmFlags"], entry  # MADV_HUGEPAGE
+    assert entry["Rss"] == 0  # nothing faulted yet: the writers fault it as they go
+    array[...] = 1
+    assert int(array.sum()) == array.size
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (256, 4096)])  # a small (NumPy) and a mapped buffer

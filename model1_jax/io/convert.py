@@ -114,9 +114,8 @@ class Ring:
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        # Faulted in by the readers as they first fill it (populating it all up front measured slower here:
-        # fp8 conversion 0.55 against 0.65 GB/s), in small pages (io.hostmem).
-        self.memory = hostmem.empty((capacity,), np.uint8, populate=False)
+        # In huge pages, faulted in by the readers as they first fill it (io.hostmem: a reused buffer)
+        self.memory = hostmem.empty((capacity,), np.uint8, reused=True)
         # [start, end, item] of each buffer in order; item: the Orbax item holding it (None until handed over)
         self.regions: collections.deque[list] = collections.deque()
 
