@@ -37,9 +37,9 @@ minimum, median and maximum over the repeats are reported (the user and system t
 goes to benchmarks/results/load_<label>_<date>.json.
 
 To compare code, give `--baseline` a checkout of the other version (`git worktree add /tmp/base COMMIT`): each
-stage then runs with the baseline's library and right after with this checkout's, in turns, repeat after repeat,
-so that both meet the same moments of a shared machine; the JSON holds both (`baseline`: its commit, summary and
-runs). The script itself, and the checkpoint, are this checkout's.
+stage then runs with the baseline's library and with this checkout's, one right after the other, the first of
+the two alternating from repeat to repeat, so that both meet the same moments of a shared machine; the JSON holds
+both (`baseline`: its commit, summary and runs). The script itself, and the checkpoint, are this checkout's.
 
   python scripts/bench_load.py [--size-gb 1.4] [--repeat 3] [--stages read,from_pretrained_q,...] [--baseline DIR]
 """
@@ -380,14 +380,17 @@ def main(argv=None) -> int:
     print(f"checkpoint {ckpt}: {stamp['bytes'] / 1e9:.2f} GB, {ns.layers} layers, {stamp['experts']} experts, "
           f"{ns.shards} shards; commit {_git_commit()}", flush=True)
     if ns.baseline is not None:
-        print(f"baseline {ns.baseline} (commit {_git_commit(ns.baseline)}): each stage runs with it first",
-              flush=True)
+        print(f"baseline {ns.baseline} (commit {_git_commit(ns.baseline)}): every stage runs with it and with this "
+              "checkout, in turns", flush=True)
     codes = {"baseline": ns.baseline} if ns.baseline is not None else {}
     codes["current"] = ROOT
     runs: dict[str, dict[str, list[dict]]] = {code: {s: [] for s in stages} for code in codes}
-    for _ in range(ns.repeat):
+    for repeat in range(ns.repeat):
         for stage in stages:
-            for code, root in codes.items():  # in turns, so that both meet the same moment of a shared machine
+            # In turns, so that both meet the same moments of a shared machine; which one goes first alternates
+            # (a stage finds the memory its predecessor freed, which the host may not have taken back yet).
+            order = list(codes.items())[::-1 if repeat % 2 else 1]
+            for code, root in order:
                 row = spawn(stage, ckpt, work, ns.settle, root)
                 runs[code][stage].append(row)
                 print(f"  {stage:<18} {code if len(codes) > 1 else '':<8} {row['gb_per_s']:7.3f} GB/s  "
