@@ -152,7 +152,7 @@ class _ShapeOnlyRngs:
     """Stands in for `nnx.Rngs` where only shapes are wanted: every draw is the same key. `nnx.Rngs` counts its
     draws in a Variable, and under tracing each count update asks the traced count for its `.sharding`, whose
     error message JAX builds by scanning every equation traced so far: quadratic in the parameters (V4-Flash's
-    abstract model took 7.5 s)."""
+    abstract model took 7.5-8.8 s)."""
 
     @staticmethod
     def params() -> jax.Array:
