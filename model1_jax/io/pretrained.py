@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from model1_jax.config import Config
-from model1_jax.io import hf, orbax, orbax_load, placement, regions
+from model1_jax.io import device_dequant, hf, orbax, orbax_load, placement, regions
 from model1_jax.io.reader import progress_bar
 from model1_jax.model.transformer import Model1, abstract_model, merge
 from model1_jax.parallel.layout import Layout, attach
@@ -65,11 +65,17 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, quantized: b
             return attach(merge(p.graphdef, p.flat, placement.read_sharded(p, layout, keep_quantized=quantized,
                                                                            workers=workers, bar=bar)), layout)
         values = {}
+        # dense: FP8/FP4 weights are read kept quantized and dequantized on the device (io.device_dequant)
+        on_device = frozenset() if quantized else device_dequant.dequantized_on_device(p)
 
         def done(key: tuple, value) -> None:
-            values[key] = jax.tree.map(jax.device_put, value)  # adopts the aligned host buffer on a CPU
+            if key in on_device:
+                values[key] = device_dequant.to_dense(value, p.targets[key].dtype)
+            else:
+                values[key] = jax.tree.map(jax.device_put, value)  # adopts the aligned host buffer on a CPU
 
-        regions.read_units(p.units, p.targets, keep_quantized=quantized, workers=workers, bar=bar, on_complete=done)
+        regions.read_units(p.units, p.targets, keep_quantized=quantized or on_device, workers=workers, bar=bar,
+                           on_complete=done)
     return merge(p.graphdef, p.flat, values)
 
 

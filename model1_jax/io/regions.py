@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import jax
 import numpy as np
@@ -71,20 +71,24 @@ def parameter_pieces(assignment: Assignment, buffer: Buffer) -> list[Piece]:
             Piece(a.scale, buffer, "scales", index, slot, range(leads), (r0 // bo, -(-r1 // bo)), (0, scale_cols))]
 
 
-def unit_buffers(unit: Unit, targets: dict, keep_quantized: bool) -> tuple[dict[tuple, Buffer], list[Piece]]:
-    """Buffers of a unit's parameters and the pieces that fill them."""
+def unit_buffers(unit: Unit, targets: dict, keep_quantized: bool | Collection[tuple]
+                 ) -> tuple[dict[tuple, Buffer], list[Piece]]:
+    """Buffers of a unit's parameters and the pieces that fill them (`keep_quantized`: all, or these paths)."""
     buffers, pieces = {}, []
     for a in unit.assignments:
         if a.slot.path not in buffers:
-            buffers[a.slot.path] = parameter_buffer(a.slot.path, a, targets[a.slot.path], keep_quantized)
+            keep = keep_quantized if isinstance(keep_quantized, bool) else a.slot.path in keep_quantized
+            buffers[a.slot.path] = parameter_buffer(a.slot.path, a, targets[a.slot.path], keep)
         pieces += parameter_pieces(a, buffers[a.slot.path])
     return buffers, pieces
 
 
-def read_units(units: Sequence[Unit], targets: dict, *, keep_quantized: bool, workers: int | None = None,
-               bar=None, on_complete=None, pool=None, allocate=None) -> dict[tuple, np.ndarray | quant.BlockQuantized]:
+def read_units(units: Sequence[Unit], targets: dict, *, keep_quantized: bool | Collection[tuple],
+               workers: int | None = None, bar=None, on_complete=None, pool=None, allocate=None
+               ) -> dict[tuple, np.ndarray | quant.BlockQuantized]:
     """Reads whole parameters on the host, in the model's arrangement: path → array or `BlockQuantized`
-    (dense ones in the target dtype, FP8/FP4 dequantized exactly unless `keep_quantized`). With
+    (dense ones in the target dtype, FP8/FP4 dequantized exactly unless kept: `keep_quantized` is True for every
+    block-quantized parameter, or the collection of the paths to keep). With
     `on_complete(path, value)` each parameter is handed over when done and nothing is returned. With
     `allocate(buffers)`, the caller sets every buffer's `arrays` (in memory it reuses) before reading starts."""
     buffers, pieces = {}, []
