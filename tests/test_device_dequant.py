@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import model1_jax as m1
-from model1_jax.io import device_dequant, hf, regions, relayout
+from model1_jax.io import device_dequant, hf, placement, regions, relayout
 from model1_jax.model import quant
 from tests import synthetic as syn
 
@@ -47,7 +47,7 @@ def device_calls(monkeypatch):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_device_gives_the_table_bits_for_every_byte_and_accepted_scale(fmt, dtype, device_calls):
     weight = every_byte(fmt, np.arange(device_dequant.MIN_SCALE[fmt], device_dequant.MAX_SCALE + 1))
-    assert device_dequant.device_safe(weight)
+    assert device_dequant.scales_exact(fmt, weight.scales)
     got = device_dequant.to_dense(weight, dtype)
     assert device_calls == [fmt] and isinstance(got, jax.Array)
     with np.errstate(over="ignore"):
@@ -62,7 +62,7 @@ def test_other_scales_are_dequantized_on_the_host_with_the_same_bits(fmt, outsid
     target does too. The bits are the table's either way."""
     weight = every_byte(fmt, np.array([outside, 127, 200, device_dequant.MIN_SCALE[fmt]]))
     on_device = outside >= device_dequant.MIN_SCALE[fmt] and outside <= device_dequant.MAX_SCALE
-    assert device_dequant.device_safe(weight) == on_device
+    assert device_dequant.scales_exact(fmt, weight.scales) == on_device
     for dtype in (jnp.bfloat16, jnp.float16):
         got = device_dequant.to_dense(weight, dtype)
         with np.errstate(over="ignore"):
@@ -111,3 +111,28 @@ def test_dense_load_equals_the_host_read_path(dtype, checkpoint, device_calls):
         got = np.asarray(var.get_value())
         assert got.dtype == host[path].dtype, path
         np.testing.assert_array_equal(got.view(np.uint8), host[path].view(np.uint8), err_msg=str(path))
+
+
+@pytest.mark.usefixtures("eight_devices")
+@pytest.mark.parametrize("min_scale", [None, 255])
+def test_sharded_dense_load_dequantizes_on_the_devices(min_scale, checkpoint, monkeypatch):
+    """Direct placement: each weight's quantized shards are dequantized on their devices into the dense sharding;
+    a scale byte the device would not multiply exactly (every one, with MIN_SCALE raised) sends it to the host."""
+    calls = []
+    original = device_dequant._dequantize_into
+    monkeypatch.setattr(device_dequant, "_dequantize_into", lambda w, dtype, sharding: (
+        calls.append(sharding), original(w, dtype=dtype, sharding=sharding))[1])
+    if min_scale is not None:
+        monkeypatch.setattr(device_dequant, "MIN_SCALE", dict.fromkeys(device_dequant.MIN_SCALE, min_scale))
+    layout = m1.Layout.build("data=2,expert=2,tensor=2", "tensor_parallel")
+    model = m1.from_pretrained(checkpoint, dtype=jnp.bfloat16, layout=layout)
+    plan = hf.plan_checkpoint(checkpoint, dtype=jnp.bfloat16)
+    host = regions.read_units(plan.units, plan.targets, keep_quantized=False, workers=2)
+    # the weights whose values and scales the layout splits evenly (at these toy widths not every scale grid is)
+    on_device = placement._on_device(plan, layout)
+    assert 0 < len(on_device) < len({a.slot.path for u in plan.units for a in u.assignments if a.fmt})
+    assert len(calls) == (0 if min_scale else len(on_device))
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        got = var.get_value()
+        assert got.sharding == layout.sharding(var.get_metadata()["logical_axes"], got.shape), path
+        np.testing.assert_array_equal(np.asarray(got).view(np.uint8), host[path].view(np.uint8), err_msg=str(path))

@@ -63,21 +63,35 @@ def _dequantize(weight: quant.BlockQuantized, dtype) -> jax.Array:
     return weight.dequantize(dtype)
 
 
-def device_safe(weight: quant.BlockQuantized) -> bool:
-    """Whether every scale byte lies where the device gives the exact product (module docstring)."""
-    scales = np.asarray(weight.scales).view(np.uint8)
-    return scales.size == 0 or (int(scales.min()) >= MIN_SCALE[weight.fmt] and int(scales.max()) <= MAX_SCALE)
+@functools.partial(jax.jit, static_argnames=("dtype", "sharding"))
+def _dequantize_into(weight: quant.BlockQuantized, dtype, sharding) -> jax.Array:
+    return jax.lax.with_sharding_constraint(weight.dequantize(dtype), sharding)
+
+
+def scales_exact(fmt: str, scales: np.ndarray) -> bool:
+    """Whether every scale byte (host array) lies where the device gives the exact product (module docstring)."""
+    scales = np.asarray(scales).view(np.uint8)
+    return scales.size == 0 or (int(scales.min()) >= MIN_SCALE[fmt] and int(scales.max()) <= MAX_SCALE)
 
 
 def to_dense(weight: quant.BlockQuantized, dtype, device=None) -> jax.Array:
-    """The dense weight in `dtype` on `device` (default: JAX's default device), exactly value · scale.
-
-    Waits for the result, so that a reader calling it holds one quantized weight in flight at a time."""
+    """The dense weight (host arrays) in `dtype` on `device` (default: JAX's default device), exactly
+    value · scale. Waits for the result, so that a reader calling it holds one quantized weight in flight."""
     dtype = np.dtype(dtype)
-    if dtype in DTYPES and device_safe(weight):
+    if dtype in DTYPES and scales_exact(weight.fmt, weight.scales):
         out = _dequantize(jax.tree.map(lambda a: jax.device_put(a, device), weight), dtype=dtype)
         return out.block_until_ready()
     return jax.device_put(host_dequantize(weight, dtype), device)
+
+
+def to_dense_sharded(weight: quant.BlockQuantized, dtype, sharding, *, exact_on_device: bool) -> jax.Array:
+    """A global weight (values and scales split along the weight's own axes, one process) as the dense weight with
+    `sharding`. `exact_on_device`: every scale byte passed `scales_exact` (the reader saw them on the host);
+    otherwise the weight is gathered and dequantized on the host."""
+    dtype = np.dtype(dtype)
+    if exact_on_device and dtype in DTYPES:
+        return _dequantize_into(weight, dtype=dtype, sharding=sharding)
+    return jax.device_put(host_dequantize(jax.tree.map(np.asarray, weight), dtype), sharding)
 
 
 def host_dequantize(weight: quant.BlockQuantized, dtype) -> np.ndarray:
