@@ -3,18 +3,19 @@
 A dense `from_pretrained` of the released checkpoints would otherwise dequantize on the host: a table lookup per
 byte, then a transpose of the dense result (two to four bytes per stored byte) into the model's arrangement.
 Reading the weights kept quantized transposes the stored bytes instead, and `BlockQuantized.dequantize` — the
-model's own function, jitted — then runs where the weight will live: on a GPU at memory speed, after moving a
-half (FP8 into bf16) or a quarter (FP4) of the bytes; on the CPU in XLA's vectorised loops on all cores
-(docs/checkpoints.md §7.2 gives the measured rates).
+model's own function, jitted — then runs where the weight will live: on a GPU after moving a half (FP8 into bf16)
+or a quarter (FP4) of the bytes; on the CPU in XLA's vectorised loops on all cores (docs/checkpoints.md §7.3 gives
+the rates measured there).
 
 Exactness. Every product value · 2^(s − 127) is exact in float32 and its cast to bfloat16 exact or correctly
 rounded — as long as it is a normal number. XLA's CPU backend flushes subnormal inputs and results to zero,
 where NumPy does not, so the device path is taken only when every scale byte of the weight lies in
 [`MIN_SCALE`, 254]: there the smallest nonzero product (e4m3 2^−9, e2m1 2^−1, times 2^(s − 127)) is still
-at least 2^−126, and 255 (NaN) is excluded. A weight with any other scale byte — no real checkpoint has
-one — is dequantized on the host with NumPy instead, in bounded slices, giving the bits
+at least 2^−126, and 255 (NaN) is excluded. A weight with any other scale byte (a block scaled below 2^−117,
+or a NaN scale: a trained weight has neither) is dequantized on the host with NumPy instead, in bounded slices,
+giving the bits
 `BlockQuantized.dequantize` gives there. Either way the result equals the host lookup table of
-`io.relayout` bit for bit (tests/test_parallel_load.py checks every value code against every scale byte).
+`io.relayout` bit for bit (tests/test_device_dequant.py checks every value byte under every scale byte).
 The target dtype must be bfloat16 or float32, whose normal range is float32's; other dtypes stay on the
 host path.
 """
