@@ -13,11 +13,9 @@ where NumPy does not, so the device path is taken only when every scale byte of 
 [`MIN_SCALE`, 254]: there the smallest nonzero product (e4m3 2^−9, e2m1 2^−1, times 2^(s − 127)) is still
 at least 2^−126, and 255 (NaN) is excluded. A weight with any other scale byte (a block scaled below 2^−117,
 or a NaN scale: a trained weight has neither) is dequantized on the host with NumPy instead, in bounded slices,
-giving the bits
-`BlockQuantized.dequantize` gives there. Either way the result equals the host lookup table of
-`io.relayout` bit for bit (tests/test_device_dequant.py checks every value byte under every scale byte).
-The target dtype must be bfloat16 or float32, whose normal range is float32's; other dtypes stay on the
-host path.
+giving the bits `BlockQuantized.dequantize` gives there. Either way the result equals the host lookup table of
+`io.relayout` bit for bit (tests/test_device_dequant.py checks every value byte under every scale byte). The
+target dtype must be bfloat16 or float32, whose normal range is float32's; other dtypes stay on the host path.
 """
 
 from __future__ import annotations
@@ -49,12 +47,13 @@ def dequantized_on_device(plan: CheckpointPlan) -> frozenset[tuple]:
     paths, other = set(), set()
     for unit in plan.units:
         for a in unit.assignments:
-            path = a.slot.path
-            try:
-                ok = (a.fmt is not None and np.dtype(plan.targets[path].dtype) in DTYPES
-                      and quant_arrangement(a.slot, tuple(plan.targets[path].shape), a.hf_block) is not None)
-            except ValueError:
-                ok = False
+            path, target = a.slot.path, plan.targets[a.slot.path]
+            ok = a.fmt is not None and np.dtype(target.dtype) in DTYPES
+            if ok:
+                try:
+                    quant_arrangement(a.slot, tuple(target.shape), a.hf_block)  # raises where blocks do not map
+                except ValueError:
+                    ok = False
             (paths if ok else other).add(path)
     return frozenset(paths - other)
 

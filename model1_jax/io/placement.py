@@ -39,8 +39,7 @@ def _arrays(plan: CheckpointPlan, keep_quantized: bool | Collection[tuple]) -> d
         for path in unit.paths:
             first = next(a for a in unit.assignments if a.slot.path == path)
             target = plan.targets[path]
-            keep = keep_quantized if isinstance(keep_quantized, bool) else path in keep_quantized
-            if keep and first.fmt:
+            if regions.kept(keep_quantized, path) and first.fmt:
                 values, scales, pack_axis = output_arrangement(first, tuple(target.shape))
                 block, _ = quant_arrangement(first.slot, tuple(target.shape), first.hf_block)
                 values_dtype = quant.E4M3 if first.fmt == quant.FP8 else np.dtype(np.uint8)

@@ -71,14 +71,20 @@ def parameter_pieces(assignment: Assignment, buffer: Buffer) -> list[Piece]:
             Piece(a.scale, buffer, "scales", index, slot, range(leads), (r0 // bo, -(-r1 // bo)), (0, scale_cols))]
 
 
+def kept(keep_quantized: bool | Collection[tuple], path: tuple) -> bool:
+    """Whether a block-quantized parameter is kept quantized: `keep_quantized` is True / False for every one, or
+    the collection of the paths to keep."""
+    return keep_quantized if isinstance(keep_quantized, bool) else path in keep_quantized
+
+
 def unit_buffers(unit: Unit, targets: dict, keep_quantized: bool | Collection[tuple]
                  ) -> tuple[dict[tuple, Buffer], list[Piece]]:
     """Buffers of a unit's parameters and the pieces that fill them (`keep_quantized`: all, or these paths)."""
     buffers, pieces = {}, []
     for a in unit.assignments:
         if a.slot.path not in buffers:
-            keep = keep_quantized if isinstance(keep_quantized, bool) else a.slot.path in keep_quantized
-            buffers[a.slot.path] = parameter_buffer(a.slot.path, a, targets[a.slot.path], keep)
+            buffers[a.slot.path] = parameter_buffer(a.slot.path, a, targets[a.slot.path],
+                                                    kept(keep_quantized, a.slot.path))
         pieces += parameter_pieces(a, buffers[a.slot.path])
     return buffers, pieces
 
