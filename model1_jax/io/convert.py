@@ -12,7 +12,7 @@ of max(2 × budget, largest unit) bytes, reused batch after batch:
     peak ≈ runtime + max(2 × budget, largest unit) + workers × per-worker scratch
 
 where a unit is one parameter (two for HF's merged gate_up_proj) in the output format and the scratch is
-a worker's chunk buffers (about `reader.CHUNK_BYTES` plus under 1 MiB). With the default budget
+a worker's reused buffers (`SCRATCH_BYTES`: three chunks of `reader.CHUNK_BYTES` and 3 MiB). With the default budget
 (half the largest source file) this is the runtime plus about one largest file plus a few MiB per
 worker, as long as no single output parameter is larger. `memory_plan` computes the bound for a given
 checkpoint; `describe` prints it (`--dry-run` reads only headers).
@@ -37,9 +37,9 @@ from model1_jax.io.reader import CHUNK_BYTES, Buffer, default_workers, new_pool,
 from model1_jax.io.regions import read_units
 
 # A worker's reused buffers: a chunk of raw bytes (and, for a cast, its converted copy), plus the lookup
-# indices and dense band of a dequantization and the words of a transpose band (under 2 MiB:
+# indices and dense band of a dequantization and the words of a transpose band (under 3 MiB:
 # `relayout.LOOKUP_BYTES`, `relayout.PLACE_BYTES`, `relayout.WORDS_BYTES`).
-SCRATCH_BYTES = 3 * CHUNK_BYTES + (2 << 20)
+SCRATCH_BYTES = 3 * CHUNK_BYTES + (3 << 20)
 ALIGN = 64  # every array in the ring starts on a 64-byte boundary: at most this much padding per array
 
 

@@ -75,8 +75,11 @@ def _transpose_tiled(src: np.ndarray, dst: np.ndarray) -> None:
             dst[c:c + tile_cols, r:r + tile_rows] = block[:, c:c + tile_cols].T
 
 
-# Source bytes per band of the two-pass transpose: its words stay in the L2 cache between the passes.
-WORDS_BYTES = 1 << 19
+# Source bytes per band of the two-pass transpose: a whole reader chunk (`reader.CHUNK_BYTES`). Each band writes a
+# short segment into every destination row, each row on pages of its own; four 512 KiB bands per chunk, whose words
+# stayed in the L2 cache, cost more in those writes than one band's words coming back from the L3 (with two threads:
+# 3.0 -> 2.0 CPU-ns per byte of a 4096 x 7168 byte matrix, 2.2 -> 1.4 for 2048 x 4096; medians of 3).
+WORDS_BYTES = 1 << 21
 _words = threading.local()  # each thread's reused band of words (WORDS_BYTES; more for rows wider than that)
 
 
