@@ -78,6 +78,24 @@ def pytest_ignore_collect(collection_path, config):
     return None
 
 
+class _LeftOutModule(pytest.Module):
+    """A module marked oracle as a whole, named on the command line under --no-oracle: reported as skipped, never
+    imported (pytest_ignore_collect is not asked about the paths given as arguments)."""
+
+    def collect(self):
+        pytest.skip("needs the PyTorch oracle (marked oracle as a whole); left out under --no-oracle")
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    config = parent.config
+    path = pathlib.Path(module_path)
+    if (config.getoption("--no-oracle") and path.parent == oracle_marks.TESTS
+            and oracle_marks.module_marked(path)):
+        config.oracle_left_out["modules"].add(path.name)
+        return _LeftOutModule.from_parent(parent, path=path)
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     if not config.getoption("--no-oracle"):
         return
