@@ -27,3 +27,19 @@ def test_the_check_finds_unmarked_uses(tmp_path):
         path = tmp_path / f"test_case{i}.py"
         path.write_text(source)
         assert len(oracle_marks.unmarked_oracle_uses(path)) == want, source
+
+
+def test_a_module_marked_as_a_whole_named_under_no_oracle_is_skipped():
+    """Named on the command line, a module marked oracle as a whole is reported skipped under --no-oracle, never
+    imported (its imports would fail without PyTorch; here they would reach the import blocker)."""
+    import subprocess
+    import sys
+
+    marked = sorted(p.name for p in oracle_marks.TESTS.glob("test_*.py") if oracle_marks.module_marked(p))
+    assert "test_loading.py" in marked
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "--no-oracle",
+                          f"tests/{marked[0]}"], cwd=oracle_marks.TESTS.parent, capture_output=True, text=True,
+                         timeout=300)
+    # pytest's "no tests collected" (as when a -m selection leaves nothing), not a collection error (2)
+    assert run.returncode == 5, run.stdout + run.stderr
+    assert "1 skipped" in run.stdout and "left out under --no-oracle" in run.stdout + run.stderr, run.stdout
