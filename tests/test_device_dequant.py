@@ -129,7 +129,7 @@ def test_sharded_dense_load_dequantizes_on_the_devices(min_scale, checkpoint, mo
     plan = hf.plan_checkpoint(checkpoint, dtype=jnp.bfloat16)
     host = regions.read_units(plan.units, plan.targets, keep_quantized=False, workers=2)
     # the weights whose values and scales the layout splits evenly (at these toy widths not every scale grid is)
-    on_device = placement._on_device(plan, layout)
+    on_device = placement._candidates(plan, layout)
     assert 0 < len(on_device) < len({a.slot.path for u in plan.units for a in u.assignments if a.fmt})
     assert len(calls) == (0 if min_scale else len(on_device))
     for path, var in nnx.to_flat_state(nnx.state(model)):

@@ -84,14 +84,11 @@ def to_dense(weight: quant.BlockQuantized, dtype, device=None) -> jax.Array:
     return jax.device_put(host_dequantize(weight, dtype), device)
 
 
-def to_dense_sharded(weight: quant.BlockQuantized, dtype, sharding, *, exact_on_device: bool) -> jax.Array:
-    """A global weight (values and scales split along the weight's own axes, one process) as the dense weight with
-    `sharding`. `exact_on_device`: every scale byte passed `scales_exact` (the reader saw them on the host);
-    otherwise the weight is gathered and dequantized on the host."""
-    dtype = np.dtype(dtype)
-    if exact_on_device and dtype in DTYPES:
-        return _dequantize_into(weight, dtype=dtype, sharding=sharding)
-    return jax.device_put(host_dequantize(jax.tree.map(np.asarray, weight), dtype), sharding)
+def to_dense_sharded(weight: quant.BlockQuantized, dtype, sharding) -> jax.Array:
+    """A global weight (values and scales split along the weight's own axes) as the dense weight with `sharding`,
+    dequantized on its devices. The caller has checked every scale byte with `scales_exact`, in every process
+    (`io.placement`), and `dtype` is one of `DTYPES`."""
+    return _dequantize_into(weight, dtype=np.dtype(dtype), sharding=sharding)
 
 
 def host_dequantize(weight: quant.BlockQuantized, dtype) -> np.ndarray:

@@ -8,17 +8,19 @@ reads only its own shards — and is put on its devices as soon as its last chun
 `jax.make_array_from_single_device_arrays` assembles the global arrays. Host memory therefore holds the
 shards in flight, not the model (with JAX's CPU backend the device buffer is the host buffer itself).
 
-A dense load of FP8/FP4 weights in a single process reads them kept quantized, shard by shard, and dequantizes
-them on their devices into the dense sharding (`io.device_dequant`): a GPU receives the stored bytes, not the
-two to four times larger dense ones. Several processes would each see only their own shards' scales and could
-disagree on whether the device gives the exact product, so there every weight is dequantized on the host.
+A dense load reads the FP8/FP4 weights kept quantized, shard by shard, and dequantizes them on their devices into
+the dense sharding (`io.device_dequant`): a GPU receives the stored bytes, not the two to four times larger dense
+ones. The device gives the exact product only if every scale byte of the weight is in range, and each process sees
+only its own shards' bytes; so the scales are read first, the processes agree on the weights that pass (one
+all-gather of a flag per weight, `parallel.distributed.all_processes`), and any other weight is read dense, its
+dequantization done on the host by the reader's exact lookup.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import jax
 import numpy as np
@@ -29,6 +31,7 @@ from model1_jax.io.hf import CheckpointPlan, output_arrangement
 from model1_jax.io.names import quant_arrangement
 from model1_jax.io.reader import Buffer, read_pieces
 from model1_jax.model import quant
+from model1_jax.parallel import distributed
 from model1_jax.parallel.layout import Layout
 
 
@@ -53,7 +56,7 @@ def _arrays(plan: CheckpointPlan, keep_quantized: bool | Collection[tuple]) -> d
 def shardings(plan: CheckpointPlan, layout: Layout, keep_quantized: bool | Collection[tuple]
               ) -> dict[tuple[tuple, str], NamedSharding]:
     """The sharding of every array to build; raises one ValueError listing every split that does not divide."""
-    axes = {path: var.get_metadata()["logical_axes"] for path, var in plan.flat}
+    axes = _axes(plan)
     result, problems = {}, []
     for path, parts in _arrays(plan, keep_quantized).items():
         for part, spec in parts.items():
@@ -69,14 +72,15 @@ def shardings(plan: CheckpointPlan, layout: Layout, keep_quantized: bool | Colle
     return result
 
 
-def _on_device(plan: CheckpointPlan, layout: Layout) -> frozenset[tuple]:
-    """The weights a dense load dequantizes on their devices (module docstring): one process only, and only
-    where the layout also splits their values and scales evenly."""
-    if jax.process_count() > 1:
-        return frozenset()
+def _axes(plan: CheckpointPlan) -> dict[tuple, tuple]:
+    return {path: var.get_metadata()["logical_axes"] for path, var in plan.flat}
+
+
+def _candidates(plan: CheckpointPlan, layout: Layout) -> frozenset[tuple]:
+    """The weights a dense load may dequantize on their devices (`device_dequant.dequantized_on_device`) whose
+    values and scales the layout also splits evenly; each still needs every scale byte accepted (`_agreed`)."""
     candidates = device_dequant.dequantized_on_device(plan)
-    arrays = _arrays(plan, candidates)
-    axes = {path: var.get_metadata()["logical_axes"] for path, var in plan.flat}
+    arrays, axes = _arrays(plan, candidates), _axes(plan)
     kept = set()
     for path in candidates:
         try:
@@ -88,24 +92,24 @@ def _on_device(plan: CheckpointPlan, layout: Layout) -> frozenset[tuple]:
     return frozenset(kept)
 
 
-def read_sharded(plan: CheckpointPlan, layout: Layout, *, keep_quantized: bool, workers: int | None = None,
-                 bar=None) -> dict[tuple, jax.Array | quant.BlockQuantized]:
-    """Every parameter as a global `jax.Array` (or `BlockQuantized` of two) placed by `layout`."""
-    on_device = frozenset() if keep_quantized else _on_device(plan, layout)
-    specs = _arrays(plan, keep_quantized or on_device)
-    placed = shardings(plan, layout, keep_quantized or on_device)
-    axes = {path: var.get_metadata()["logical_axes"] for path, var in plan.flat}
-    assignments = defaultdict(list)
-    for unit in plan.units:
-        for a in unit.assignments:
-            assignments[a.slot.path].append(a)
+def _agreed(exact: dict[tuple, bool]) -> frozenset[tuple]:
+    """The paths whose flag holds in every process (the plan, hence the keys, is the same in all of them)."""
+    keys = sorted(exact, key=lambda path: "/".join(map(str, path)))  # one order everywhere (not set order)
+    flags = distributed.all_processes([exact[k] for k in keys])
+    return frozenset(k for k, ok in zip(keys, flags) if ok)
+
+
+def _read(arrays: dict[tuple[tuple, str], NamedSharding], specs: dict[tuple, dict], assignments: dict[tuple, list],
+          on_path: Callable[[tuple, dict[str, list]], None], *, check: Callable[[tuple, str, np.ndarray], None] | None,
+          workers: int | None, bar) -> None:
+    """Reads this process's shards of `arrays` ((path, part) → sharding), puts each on its devices as soon as it is
+    read (`check(path, part, host shard)` sees it first) and calls `on_path(path, {part: device shards})` once the
+    path's last shard here is placed. Devices holding the same box (replicas) share one read."""
     lock = threading.Lock()
-    device_arrays: dict[tuple, dict[str, list]] = defaultdict(dict)  # path → part → shards
+    placed: dict[tuple, dict[str, list]] = defaultdict(dict)  # path → part → shards
     pending: dict[tuple, int] = defaultdict(int)  # path → its buffers not yet on their devices
-    exact: dict[tuple, bool] = defaultdict(lambda: True)  # path → every scale byte passed `scales_exact`
-    values = {}
     pieces = []
-    for (path, part), sharding in placed.items():
+    for (path, part), sharding in arrays.items():
         shape, dtype = specs[path][part]
         boxes: dict[tuple, list] = defaultdict(list)
         for device, index in sharding.addressable_devices_indices_map(shape).items():
@@ -119,10 +123,66 @@ def read_sharded(plan: CheckpointPlan, layout: Layout, *, keep_quantized: bool, 
             pending[path] += 1
             pieces += regions.shard_pieces(assignments[path], shape, region, part, buffer)
 
+    def done(buffer: Buffer) -> None:
+        path, part, box, region, devices = buffer.key
+        array = buffer.arrays[part]
+        if region != box:
+            array = np.ascontiguousarray(array[tuple(slice(b.start - r.start, b.stop - r.start)
+                                                     for b, r in zip(box, region))])
+        if check is not None:
+            check(path, part, array)
+        shards = [jax.device_put(array, device) for device in devices]
+        buffer.arrays = None
+        with lock:
+            placed[path].setdefault(part, []).extend(shards)
+            pending[path] -= 1
+            complete = placed.pop(path) if pending[path] == 0 else None
+        if complete is not None:
+            on_path(path, complete)
+
+    read_pieces(pieces, workers=workers, bar=bar, on_complete=done)
+
+
+def read_sharded(plan: CheckpointPlan, layout: Layout, *, keep_quantized: bool, workers: int | None = None,
+                 bar=None) -> dict[tuple, jax.Array | quant.BlockQuantized]:
+    """Every parameter as a global `jax.Array` (or `BlockQuantized` of two) placed by `layout`."""
+    axes = _axes(plan)
+    assignments = defaultdict(list)
+    for unit in plan.units:
+        for a in unit.assignments:
+            assignments[a.slot.path].append(a)
+    lock = threading.Lock()
+    scale_shards: dict[tuple, list] = {}  # path → its scales' shards, read first (a dense load's candidates)
+    on_device: frozenset[tuple] = frozenset()
+    if not keep_quantized:
+        # A dense load reads the scales of its candidates first: the device multiplies a weight exactly only if every
+        # scale byte passes `scales_exact`, and each process sees its own shards' bytes, so the processes agree on
+        # the weights to dequantize on the devices before any is read. The others are read dense on the host (their
+        # scales are then read once more: only for scale bytes no trained weight has).
+        candidates = _candidates(plan, layout)
+        specs, placed = _arrays(plan, candidates), shardings(plan, layout, candidates)
+        exact = dict.fromkeys(candidates, True)
+
+        def check(path: tuple, part: str, scales: np.ndarray) -> None:
+            ok = device_dequant.scales_exact(specs[path]["quant"][0], scales)
+            with lock:
+                exact[path] &= ok
+
+        _read({(path, "scales"): placed[(path, "scales")] for path in candidates}, specs, assignments,
+              lambda path, shards: scale_shards.__setitem__(path, shards["scales"]), check=check, workers=workers,
+              bar=bar)
+        on_device = _agreed(exact)
+        scale_shards = {path: shards for path, shards in scale_shards.items() if path in on_device}
+    kept = keep_quantized or on_device
+    specs, placed = _arrays(plan, kept), shardings(plan, layout, kept)
+    values = {}
+
     def assemble(path: tuple, shards: dict[str, list]) -> None:
         """The global arrays of a parameter whose shards are all on their devices; a weight read quantized for a
         dense load is dequantized there at once, so its quantized shards are freed as the load goes on."""
         parts = specs[path]
+        if path in on_device:
+            shards = {**shards, "scales": scale_shards.pop(path, [])}
         arrays = {part: jax.make_array_from_single_device_arrays(spec[0], placed[(path, part)], shards.get(part, []))
                   for part, spec in parts.items() if part != "quant"}
         if "quant" not in parts:
@@ -132,27 +192,11 @@ def read_sharded(plan: CheckpointPlan, layout: Layout, *, keep_quantized: bool, 
         if path in on_device:
             target = plan.targets[path]
             sharding = layout.sharding(axes[path], target.shape, "/".join(map(str, path)))
-            weight = device_dequant.to_dense_sharded(weight, target.dtype, sharding, exact_on_device=exact[path])
+            weight = device_dequant.to_dense_sharded(weight, target.dtype, sharding)
         values[path] = weight
 
-    def done(buffer: Buffer) -> None:
-        path, part, box, region, devices = buffer.key
-        array = buffer.arrays[part]
-        if region != box:
-            array = np.ascontiguousarray(array[tuple(slice(b.start - r.start, b.stop - r.start)
-                                                     for b, r in zip(box, region))])
-        ok = part != "scales" or path not in on_device or device_dequant.scales_exact(specs[path]["quant"][0], array)
-        shards = [jax.device_put(array, device) for device in devices]
-        buffer.arrays = None
-        with lock:
-            device_arrays[path].setdefault(part, []).extend(shards)
-            exact[path] &= ok
-            pending[path] -= 1
-            complete = device_arrays.pop(path) if pending[path] == 0 else None
-        if complete is not None:
-            assemble(path, complete)
-
-    read_pieces(pieces, workers=workers, bar=bar, on_complete=done)
+    _read({key: sharding for key, sharding in placed.items() if not (key[0] in on_device and key[1] == "scales")},
+          specs, assignments, assemble, check=None, workers=workers, bar=bar)
     for path in specs:
         if path not in values:  # no shard on this process's devices
             assemble(path, {})

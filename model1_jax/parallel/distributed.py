@@ -135,3 +135,14 @@ def to_host(x) -> np.ndarray:
         return np.asarray(x)
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def all_processes(flags: Sequence[bool]) -> list[bool]:
+    """Each flag AND-ed over the processes of the run: every process passes the same number of flags, in the same
+    order, and gets the same answer (one all-gather; no communication in a single process)."""
+    local = np.asarray(flags, np.uint8).reshape(-1)
+    if jax.process_count() == 1 or not local.size:
+        return local.astype(bool).tolist()
+    from jax.experimental import multihost_utils
+    gathered = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, local.size)  # [processes, flags]
+    return gathered.min(axis=0).astype(bool).tolist()
