@@ -34,7 +34,7 @@ def quantize_some(model: m1.Model1) -> m1.Model1:
         for var, block in ((attn.q_b_proj.kernel, (16, 2, 16)), (attn.o_a_proj.kernel, (1, 2, 16, 12))):
             var.set_value(jax.tree.map(jnp.asarray, quant.quantize(np.asarray(var[...]), quant.FP8, block)))
         for var in (experts.gate_proj, experts.up_proj, experts.down_proj):
-            var.set_value(jax.tree.map(jnp.asarray, quant.quantize(np.asarray(var[...]), quant.FP4, (1, 32, 1), 1)))
+            var.set_value(jax.tree.map(jnp.asarray, quant.quantize(np.asarray(var[...]), quant.FP4, (1, 1, 32), 2)))
     return model
 
 
@@ -278,3 +278,19 @@ def test_load_lists_mismatches(dense, tmp_path):
     for needle in ("missing parameter layers/0/self_attn/sinks", "norm/weight: stored shape [3]",
                    "unexpected parameter layers/3/self_attn/q_a_proj/kernel"):
         assert needle in message, message
+
+
+@pytest.mark.parametrize("version, needle", [
+    (1, "format version 1 keeps the routed experts input axis first"),
+    (99, "version 99, expected 'model1-jax' 2"),
+])
+def test_other_format_versions_are_refused_by_name(version, needle, dense, tmp_path):
+    """Version 1 stored the routed experts [e, d, f]; its arrays would not fit today's [e, f, d] parameters."""
+    path = m1.save(dense, tmp_path / "ckpt")
+    with open(os.path.join(path, "model1.json")) as f:
+        manifest = json.load(f)
+    manifest["format_version"] = version
+    with open(os.path.join(path, "model1.json"), "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(m1.CheckpointError, match=needle):
+        m1.load(tmp_path / "ckpt", dtype=jnp.float32)

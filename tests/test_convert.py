@@ -88,7 +88,7 @@ def test_converted_logits_equal_the_dequantized_model(weights, sources, oracle, 
         attn, experts = model.layers[1].self_attn, model.layers[1].mlp.experts
         q_b, gate = attn.q_b_proj.kernel.get_value(), experts.gate_proj.get_value()
         assert (q_b.fmt, q_b.values.dtype, q_b.block) == (quant.FP8, jnp.float8_e4m3fn, (128, 1, 128))
-        assert (gate.fmt, gate.values.shape, gate.block, gate.pack_axis) == (quant.FP4, (4, 64, 128), (1, 32, 1), 1)
+        assert (gate.fmt, gate.values.shape, gate.block, gate.pack_axis) == (quant.FP4, (4, 128, 64), (1, 1, 32), 2)
         assert attn.indexer.q_b_proj.kernel.get_value().block == (128, 2, 64)  # one block spans both heads
         assert isinstance(model.mtp.e_proj.kernel.get_value(), quant.BlockQuantized)
         assert not isinstance(attn.compressor.kv_proj.kernel.get_value(), quant.BlockQuantized)

@@ -72,7 +72,7 @@ def test_other_scales_are_dequantized_on_the_host_with_the_same_bits(fmt, outsid
 
 
 @pytest.mark.parametrize("shape, block, pack_axis, fmt", [
-    ((24, 10, 16), (1, 32, 1), 1, quant.FP4),   # an expert stack, packed along its input axis
+    ((24, 16, 10), (1, 1, 32), 2, quant.FP4),   # an expert stack [e, out, in], packed along its input axis
     ((96, 40), (32, 1), 0, quant.FP4),           # a linear packed along its first (input) axis
     ((50, 30), (16, 16), None, quant.FP8),       # partial blocks at both edges
 ])

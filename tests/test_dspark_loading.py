@@ -97,7 +97,7 @@ def test_drafter_parameters_are_the_dequantized_tensors(released):
         "mtp.1.attn.wq_a.weight": ds.stages[1].self_attn.q_a_proj.kernel[...].T,
         "mtp.1.attn.attn_sink": ds.stages[1].self_attn.sinks[...],
         "mtp.2.ffn.gate.bias": ds.stages[2].mlp.gate.e_score_correction_bias[...],
-        "mtp.0.ffn.experts.3.w2.weight": ds.stages[0].mlp.experts.down_proj[...][3].T,
+        "mtp.0.ffn.experts.3.w2.weight": ds.stages[0].mlp.experts.down_proj[...][3],
     }
     for name, got in checks.items():
         np.testing.assert_array_equal(np.asarray(got), dense[name], err_msg=name)

@@ -97,8 +97,8 @@ EXPECTED = {  # path suffix → PartitionSpec, per preset, for the meshes above 
         "mlp/gate/e_score_correction_bias": P(), "self_attn/q_b_proj/kernel": P(),
         "self_attn/sinks": P(), "shared_experts/gate_proj/kernel": P(), "embed_tokens/embedding": P()},
     "tensor_parallel": {
-        "experts/gate_proj": P("expert", None, "tensor"), "experts/up_proj": P("expert", None, "tensor"),
-        "experts/down_proj": P("expert", "tensor", None), "mlp/gate/kernel": P(),
+        "experts/gate_proj": P("expert", "tensor", None), "experts/up_proj": P("expert", "tensor", None),
+        "experts/down_proj": P("expert", None, "tensor"), "mlp/gate/kernel": P(),
         "self_attn/q_b_proj/kernel": P(None, "tensor", None), "self_attn/sinks": P("tensor"),
         "self_attn/o_a_proj/kernel": P("tensor"), "self_attn/o_b_proj/kernel": P("tensor"),
         "self_attn/kv_proj/kernel": P(), "indexer/q_b_proj/kernel": P(None, "tensor"),
@@ -106,7 +106,7 @@ EXPECTED = {  # path suffix → PartitionSpec, per preset, for the meshes above 
         "shared_experts/down_proj/kernel": P("tensor"), "mlp/gate/tid2eid": P("tensor"),
         "embed_tokens/embedding": P("tensor"), "lm_head/kernel": P(None, "tensor"), "attn_hc/fn": P()},
     "fsdp": {
-        "experts/gate_proj": P("expert", "data", "tensor"), "experts/down_proj": P("expert", "tensor", "data"),
+        "experts/gate_proj": P("expert", "tensor", "data"), "experts/down_proj": P("expert", "data", "tensor"),
         "self_attn/q_a_proj/kernel": P("data"), "self_attn/q_b_proj/kernel": P(None, "tensor"),
         "self_attn/o_b_proj/kernel": P("tensor", None, "data"), "embed_tokens/embedding": P("tensor", "data"),
         "attn_hc/fn": P(None, "data"), "mtp/e_proj/kernel": P("data")},
@@ -168,7 +168,7 @@ def test_create_initialises_directly_sharded():
         value = getattr(experts, name).get_value()
         assert value.sharding.spec == EXPECTED["tensor_parallel"][f"experts/{name}"], name
         assert {s.data.shape for s in value.addressable_shards} == {
-            (4, 64, 12) if name != "down_proj" else (4, 12, 64)}
+            (4, 12, 64) if name != "down_proj" else (4, 64, 12)}
         np.testing.assert_array_equal(np.asarray(value), np.asarray(want[name].get_value()), err_msg=name)
     hlo = sh.initializer(make, layout)[1].lower().compile().as_text()
     assert not re.search(r"all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute", hlo)
@@ -280,17 +280,18 @@ def test_activation_constraint_keeps_axes_that_divide():
 # -- expert parallelism: capacity and padding ------------------------------------------------------
 
 def capacity_reference(x, experts, weights, gate, up, down, limit, capacity):
-    """Each expert takes its first `capacity` assignments in token order; float64 loops."""
+    """Each expert takes its first `capacity` assignments in token order; float64 loops. Weights as the model
+    stores them: gate, up [e, f, d], down [e, d, f]."""
     x, gate, up, down = (np.asarray(a, np.float64) for a in (x, gate, up, down))
     taken = np.zeros(gate.shape[0], int)
-    y = np.zeros((x.shape[0], down.shape[-1]))
+    y = np.zeros((x.shape[0], down.shape[1]))
     for t in range(x.shape[0]):
         for e, w in zip(np.asarray(experts[t]), np.asarray(weights[t])):
             if taken[e] >= capacity:
                 continue
             taken[e] += 1
-            g, u = np.minimum(x[t] @ gate[e], limit), np.clip(x[t] @ up[e], -limit, limit)
-            y[t] += w * ((g / (1 + np.exp(-g)) * u) @ down[e])
+            g, u = np.minimum(gate[e] @ x[t], limit), np.clip(up[e] @ x[t], -limit, limit)
+            y[t] += w * (down[e] @ (g / (1 + np.exp(-g)) * u))
     return y
 
 
@@ -385,7 +386,7 @@ def fp4_experts(layer, down_block: int):
     """The layer's routed experts as FP4 (e2m1 codes, UE8M0 scales per 32 inputs, as released)."""
     for name, block in (("gate_proj", 32), ("up_proj", 32), ("down_proj", down_block)):
         var = getattr(layer.experts, name)
-        q = quant.quantize(np.asarray(var.get_value()), quant.FP4, (1, block, 1), pack_axis=1)
+        q = quant.quantize(np.asarray(var.get_value()), quant.FP4, (1, 1, block), pack_axis=2)
         var.set_value(jax.tree.map(jnp.asarray, q))
     return layer
 
@@ -399,14 +400,14 @@ def test_expert_parallel_runs_on_quantized_experts():
     layout = layout_of("1x2x4-tensor_parallel")
     sharded = sh.shard(nnx.merge(graphdef, state), layout)
     down = sharded.experts.down_proj.get_value()
-    assert down.values.sharding.spec == down.scales.sharding.spec == P("expert", "tensor", None)
-    assert {s.data.shape for s in down.values.addressable_shards} == {(4, 6, 64)}  # 12 of f, two per byte
+    assert down.values.sharding.spec == down.scales.sharding.spec == P("expert", None, "tensor")
+    assert {s.data.shape for s in down.values.addressable_shards} == {(4, 64, 6)}  # 12 of f, two per byte
     got = np.asarray(jax.jit(lambda m, x: m(x))(sharded, x))
     assert max_rel_err(got, want) < TOL
 
 
 def test_quantized_scales_that_do_not_split_are_a_clear_error():
     layer = fp4_experts(random_model(CFG).layers[1].mlp, down_block=32)  # 2 scales along f=48
-    with pytest.raises(ValueError, match=r"experts/down_proj \(scales\): dimension 1 \('expert_mlp', size 2\) is "
+    with pytest.raises(ValueError, match=r"experts/down_proj \(scales\): dimension 2 \('expert_mlp', size 2\) is "
                                          r"not divisible by mesh axes tensor \(4 devices\)"):
         sh.shard(layer, layout_of("1x2x4-tensor_parallel"))

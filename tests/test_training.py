@@ -165,7 +165,7 @@ def test_optimizer_groups_and_matrix_views(config):
     assert dims[(*attn, "q_b_proj", "kernel")] == MuonDimensionNumbers((0,), (1, 2))            # q → n·h
     assert dims[(*attn, "o_a_proj", "kernel")] == MuonDimensionNumbers((1, 2), (3,))            # per group g
     assert dims[(*attn, "compressor", "kv_proj", "kernel")] == MuonDimensionNumbers((0,), (1, 2))
-    assert dims[("layers", 2, "mlp", "experts", "down_proj")] == MuonDimensionNumbers(1, 2)   # per expert
+    assert dims[("layers", 2, "mlp", "experts", "down_proj")] == MuonDimensionNumbers(2, 1)   # per expert
     assert einsum_dims("btcd,de->btce") == MuonDimensionNumbers((0,), (1,))
 
 

@@ -89,12 +89,12 @@ def scale_owner(name: str) -> str | None:
 class Slot:
     """Where (part of) a checkpoint tensor lands in the model.
 
-    kind:  copy      same layout
+    kind:  copy      same layout (also the routed experts' [out, in] matrices, which the model keeps as
+                     stored: one expert's slice of [e, out, in], or HF's stacked [e, out, in] whole)
            linear    [out, in] → transpose, then reshape to the parameter (first `n_in` axes = in)
            grouped   o_a_proj [g·o, m·h] → [g, m, h, o]
            reshape   [m, p·c] → [m, p, c] (position biases)
-           experts   [e, out, in] → [e, in, out]
-           gate/up   half of HF's merged gate_up_proj [e, 2f, d] → [e, d, f]
+           gate/up   half of HF's merged gate_up_proj [e, 2f, d]: its first / last f rows, [e, f, d]
            index     integer table, cast to int32
     """
 
@@ -131,7 +131,7 @@ _LAYER_RULES: tuple[tuple[str, tuple, str, int], ...] = (
     (r"mlp\.gate\.weight", ("mlp", "gate", "kernel"), "linear", 1),
     (r"mlp\.gate\.e_score_correction_bias", ("mlp", "gate", "e_score_correction_bias"), "copy", 1),
     (r"mlp\.gate\.tid2eid", ("mlp", "gate", "tid2eid"), "index", 1),
-    (r"mlp\.experts\.down_proj", ("mlp", "experts", "down_proj"), "experts", 1),
+    (r"mlp\.experts\.down_proj", ("mlp", "experts", "down_proj"), "copy", 1),
     (r"mlp\.shared_experts\.(gate_proj|up_proj|down_proj)\.weight", ("mlp", "shared_experts", "{0}", "kernel"),
      "linear", 1),
 )
@@ -180,7 +180,7 @@ def _layer_slots(prefix: tuple, rest: str) -> list[Slot]:
                 Slot((*prefix, "mlp", "experts", "up_proj"), "up")]
     m = _EXPERT_RE.match(rest)
     if m:
-        return [Slot((*prefix, "mlp", "experts", _EXPERT_PARAM[m.group(2)]), "linear", 1, int(m.group(1)))]
+        return [Slot((*prefix, "mlp", "experts", _EXPERT_PARAM[m.group(2)]), "copy", 1, int(m.group(1)))]
     for pattern, template, kind, n_in in _LAYER_RULES_RE:
         m = pattern.match(rest)
         if m:
@@ -225,11 +225,8 @@ def source_shape(slot: Slot, target_shape: tuple[int, ...]) -> tuple[int, ...]:
         return (g * o, m * h)
     if slot.kind == "reshape":
         return (shape[0], math.prod(shape[1:]))
-    if slot.kind == "experts":
-        e, f, d = shape
-        return (e, d, f)
     if slot.kind in ("gate", "up"):
-        e, d, f = shape
+        e, f, d = shape
         return (e, 2 * f, d)
     raise ValueError(f"unknown slot kind {slot.kind!r}")
 
@@ -246,12 +243,9 @@ def to_model_arrangement(slot: Slot, array: np.ndarray, target_shape: tuple[int,
         return array.reshape(g, o, m, h).transpose(0, 2, 3, 1)
     if slot.kind == "reshape":
         return array.reshape(shape)
-    if slot.kind == "experts":
-        return array.transpose(0, 2, 1)
     if slot.kind in ("gate", "up"):
-        f = shape[2]
-        half = array[:, :f] if slot.kind == "gate" else array[:, f:]
-        return half.transpose(0, 2, 1)
+        f = shape[1]
+        return array[:, :f] if slot.kind == "gate" else array[:, f:]
     raise ValueError(f"unknown slot kind {slot.kind!r}")
 
 
@@ -299,14 +293,14 @@ def quant_arrangement(slot: Slot, target_shape: tuple[int, ...], hf_block: tuple
         g, m, h, o = shape
         (bg, bo2), (bm, bh) = _split_block(bo, (g, o)), _split_block(bi, (m, h))
         block, pack_axis = (bg, bm, bh, bo2), 2
-    elif slot.kind in ("experts", "gate", "up"):
-        be, bo, bi = hf_block
-        if be != 1:
-            raise ValueError(f"blocks span {be} experts (expected one scale grid per expert)")
-        if slot.kind != "experts" and shape[2] % bo:
-            raise ValueError(f"the merged gate_up_proj cannot be split in halves of {shape[2]} rows with "
-                             f"blocks of {bo} rows")
-        block, pack_axis = (1, bi, bo), 1
+    elif slot.kind in ("copy", "gate", "up") and len(hf_block) in (2, 3) and len(hf_block) == len(shape):
+        # kept as stored (routed experts): the checkpoint's blocks, FP4 packed along the last (input) axis
+        if len(hf_block) == 3 and hf_block[0] != 1:
+            raise ValueError(f"blocks span {hf_block[0]} experts (expected one scale grid per expert)")
+        if slot.kind != "copy" and shape[1] % hf_block[1]:
+            raise ValueError(f"the merged gate_up_proj cannot be split in halves of {shape[1]} rows with "
+                             f"blocks of {hf_block[1]} rows")
+        block, pack_axis = tuple(hf_block), len(shape) - 1
     else:
         raise ValueError(f"{'.'.join(map(str, slot.path))} ({slot.kind}) is never stored block-quantized")
     if slot.expert is not None:

@@ -51,7 +51,9 @@ from model1_jax.io.hf import CheckpointError
 from model1_jax.model import quant
 from model1_jax.model.transformer import Model1, abstract_model
 
-FORMAT, FORMAT_VERSION = "model1-jax", 1
+# Version 2 keeps the routed experts output axis first ([e, f, d] gate/up, [e, d, f] down), as the released
+# checkpoints store them; version 1 (input axis first) is refused with the way out (`read_manifest`).
+FORMAT, FORMAT_VERSION = "model1-jax", 2
 MANIFEST = "model1.json"
 _VERSION_RE = re.compile(r"^checkpoint-(\d{6,})$")
 QUANT_ARRAYS = ("values", "scales")
@@ -422,6 +424,12 @@ def read_config(directory: str | os.PathLike) -> Config:
 def read_manifest(root: str) -> dict:
     with open(os.path.join(root, MANIFEST)) as f:
         manifest = json.load(f)
+    if manifest.get("format") == FORMAT and manifest.get("format_version") == 1:
+        raise CheckpointError(root, [f"{MANIFEST}: format version 1 keeps the routed experts input axis first "
+                                     f"([e, d, f] gate/up), this version output axis first (version "
+                                     f"{FORMAT_VERSION}); convert the released checkpoint again "
+                                     "(scripts/convert_checkpoint.py), or load this one with the model1-jax "
+                                     "that wrote it and move the experts' last two axes"])
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(root, [f"{MANIFEST}: format {manifest.get('format')!r} version "
                                      f"{manifest.get('format_version')!r}, expected {FORMAT!r} {FORMAT_VERSION}"])

@@ -46,9 +46,9 @@ def parameter_buffer(path: tuple, assignment: Assignment, target: jax.ShapeDtype
 
 def _virtual(slot: Slot, stored_rows: int) -> tuple[Slot, tuple, tuple[int, int]]:
     """(arrangement used by `relayout.place`, index of the destination in the buffer, stored rows it takes)."""
-    if slot.kind in ("gate", "up"):  # a half of [e, 2f, d]: as an [e, f, d] tensor of kind `experts`
+    if slot.kind in ("gate", "up"):  # a half of [e, 2f, d]: its rows, copied as an [e, f, d] tensor
         f = stored_rows // 2
-        return Slot(slot.path, "experts"), (), (0, f) if slot.kind == "gate" else (f, 2 * f)
+        return Slot(slot.path, "copy"), (), (0, f) if slot.kind == "gate" else (f, 2 * f)
     if slot.expert is not None:
         return Slot(slot.path, slot.kind, slot.n_in), (slot.expert,), (0, stored_rows)
     return slot, (), (0, stored_rows)
@@ -135,7 +135,7 @@ def _flat_range(box: Sequence[slice], dims: Sequence[int]) -> tuple[int, int] | 
 def _groups(slot: Slot, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     """Model axes whose flattening is each stored axis: [matrices?, rows, columns] of the stored tensor."""
     n = len(shape)
-    if slot.kind in ("copy", "index"):
+    if slot.kind in ("copy", "index", "gate", "up"):
         return [(i,) for i in range(n)] if n >= 2 else [(), tuple(range(n))]  # 0-/1-D: one row
     if slot.kind == "reshape":
         return [(0,), tuple(range(1, n))]
@@ -143,8 +143,6 @@ def _groups(slot: Slot, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
         return [tuple(range(slot.n_in, n)), tuple(range(slot.n_in))]
     if slot.kind == "grouped":
         return [(0, 3), (1, 2)]
-    if slot.kind in ("experts", "gate", "up"):
-        return [(0,), (2,), (1,)]
     raise ValueError(f"unknown slot kind {slot.kind!r}")
 
 
@@ -207,7 +205,7 @@ def _piece(a: Assignment, part: str, buffer: Buffer, index: tuple, slot: Slot, s
     if slot.kind in ("gate", "up"):  # the gate / up half of the stored [e, 2f, d] rows
         base = 0 if slot.kind == "gate" else matrix_shape(info.shape)[1] // 2
         rows = (rows[0] + base, rows[1] + base)
-        slot = Slot(slot.path, "experts")
+        slot = Slot(slot.path, "copy")
     dequant = (a.fmt, a.scale, tuple(a.hf_block[-2:])) if part == "dense" and a.fmt else None
     return Piece(info, buffer, part, index, slot, leads, rows, cols, dequant)
 

@@ -132,8 +132,6 @@ def row_segments(slot: Slot, shape: tuple[int, ...], lead: int, rows: int, r0: i
             lo, hi = max(r0, gi * o), min(r1, (gi + 1) * o)
             out.append((lo, hi, (gi, slice(None), slice(lo - gi * o, hi - gi * o)), True))
         return out
-    if kind == "experts":  # [e, d, f] → [e, f, d] (also each half of HF's gate_up_proj, `io.regions`)
-        return [(r0, r1, (lead, slice(None), slice(r0, r1)), True)]
     raise ValueError(f"slot kind {kind!r} is not placed by rows")
 
 
@@ -156,7 +154,7 @@ def view2d(slot: Slot, buffer: np.ndarray, source_cols: int) -> np.ndarray:
     if slot.kind == "grouped":
         g, m, h, o = shape
         return reshaped_view(buffer, (g, m * h, o))
-    return buffer  # experts: [e, in, out] already
+    raise ValueError(f"slot kind {slot.kind!r} is not placed by rows")
 
 
 def place(slot: Slot, buffer: np.ndarray, chunk: np.ndarray, lead: int, rows: int, r0: int) -> None:

@@ -6,9 +6,12 @@ of the token id from the frozen table `tid2eid`. Either way the weights are the 
 renormalised (+1e-20) and multiplied by routed_scaling_factor. Experts are SwiGLU with
 gate ≤ L and up ∈ [−L, L] (L = swiglu_limit), the same clamp for the shared expert.
 
-Routed experts run as a grouped matmul: assignments sorted by expert, then `lax.ragged_dot`
+Routed experts run as a grouped matmul: assignments sorted by expert, then `lax.ragged_dot_general`
 (a grouped GEMM on GPU), then scattered back. No token is ever dropped. With a sharding layout
 attached, the same function runs per device on its shard of the experts (`expert_parallel`).
+Their weights keep the checkpoint's arrangement, output axis first ([e, out, in]): both operands of every
+expert matmul contract their last (contiguous) axis, the K-major operands GPU FP8/FP4 GEMMs take, and
+loading them moves the stored bytes without a transpose.
 
 Training reads each router's decisions: `record_routing(model)` switches the routers on, and they sow
 `RoutingDecision`s that `nnx.capture(..., RoutingDecision)` returns (see `train/balance.py`): per-expert
@@ -90,8 +93,17 @@ class Router(nnx.Module):
         return weights_tk * self.config.routed_scaling_factor, experts_tk.astype(jnp.int32), scores_te
 
 
-def routed_ffn(x_td: jax.Array, experts_tk: jax.Array, weights_tk: jax.Array, gate_edf: jax.Array,
-               up_edf: jax.Array, down_efd: jax.Array, limit: float, *, first_expert: jax.Array | int = 0,
+# x [a, in] by the weights [e, out, in] of each row's group: rows sorted by group, `group_sizes` rows each.
+_GROUPED = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
+                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+
+
+def _grouped_matmul(x_ai: jax.Array, w_eoi: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    return jax.lax.ragged_dot_general(x_ai, w_eoi, group_sizes, _GROUPED, preferred_element_type=F32)
+
+
+def routed_ffn(x_td: jax.Array, experts_tk: jax.Array, weights_tk: jax.Array, gate_efd: jax.Array,
+               up_efd: jax.Array, down_edf: jax.Array, limit: float, *, first_expert: jax.Array | int = 0,
                capacity: int | None = None) -> jax.Array:
     """Σ_k weight · expert(x) over the assignments to experts first_expert .. first_expert + e − 1 (the e
     experts of these weights); assignments to other experts contribute nothing. Float32 [t, d].
@@ -99,7 +111,7 @@ def routed_ffn(x_td: jax.Array, experts_tk: jax.Array, weights_tk: jax.Array, ga
     capacity=None: grouped matmul over every assignment (none dropped). Otherwise each expert takes at
     most `capacity` assignments, in token order, into a dense [e, capacity, d] buffer; the rest are dropped.
     """
-    e = gate_edf.shape[0]
+    e = gate_efd.shape[0]
     t, k = experts_tk.shape
     local_a = experts_tk.reshape(-1) - first_expert
     mine_a = (local_a >= 0) & (local_a < e)
@@ -110,10 +122,10 @@ def routed_ffn(x_td: jax.Array, experts_tk: jax.Array, weights_tk: jax.Array, ga
         token_of = order // k
         group_sizes = jnp.bincount(group_a, length=e + 1)[:e].astype(jnp.int32)
         x_ad = jnp.take(x_td, token_of, axis=0)  # one row per (token, pick), grouped by expert
-        gate_af = jax.lax.ragged_dot(x_ad, gate_edf, group_sizes, preferred_element_type=F32)
-        up_af = jax.lax.ragged_dot(x_ad, up_edf, group_sizes, preferred_element_type=F32)
+        gate_af = _grouped_matmul(x_ad, gate_efd, group_sizes)
+        up_af = _grouped_matmul(x_ad, up_efd, group_sizes)
         h_af = swiglu(gate_af, up_af, limit).astype(x_td.dtype)
-        y_ad = jax.lax.ragged_dot(h_af, down_efd, group_sizes, preferred_element_type=F32)
+        y_ad = _grouped_matmul(h_af, down_edf, group_sizes)
         y_ad = jnp.where(mine_a[order][:, None], y_ad * scale_a[order][:, None], 0.0)
         return jnp.zeros((t, y_ad.shape[-1]), F32).at[token_of].add(y_ad)
     # Rank of each assignment within its expert (token order), then a slot in the expert's buffer.
@@ -125,16 +137,16 @@ def routed_ffn(x_td: jax.Array, experts_tk: jax.Array, weights_tk: jax.Array, ga
     x_ad = jnp.take(x_td, jnp.arange(t * k) // k, axis=0)
     x_ecd = jnp.zeros((e * capacity, x_td.shape[-1]), x_td.dtype).at[slot_a].set(x_ad, mode="drop")
     x_ecd = x_ecd.reshape(e, capacity, -1)
-    gate_ecf = jnp.einsum("ecd,edf->ecf", x_ecd, gate_edf, preferred_element_type=F32)
-    up_ecf = jnp.einsum("ecd,edf->ecf", x_ecd, up_edf, preferred_element_type=F32)
+    gate_ecf = jnp.einsum("ecd,efd->ecf", x_ecd, gate_efd, preferred_element_type=F32)
+    up_ecf = jnp.einsum("ecd,efd->ecf", x_ecd, up_efd, preferred_element_type=F32)
     h_ecf = swiglu(gate_ecf, up_ecf, limit).astype(x_td.dtype)
-    y_ed = jnp.einsum("ecf,efd->ecd", h_ecf, down_efd, preferred_element_type=F32).reshape(e * capacity, -1)
+    y_ed = jnp.einsum("ecf,edf->ecd", h_ecf, down_edf, preferred_element_type=F32).reshape(e * capacity, -1)
     y_ad = jnp.take(y_ed, slot_a, axis=0, mode="fill", fill_value=0.0) * jnp.where(kept_a, scale_a, 0.0)[:, None]
     return jnp.sum(y_ad.reshape(t, k, -1), axis=1)
 
 
 class Experts(nnx.Module):
-    """Routed experts: gate_proj, up_proj [e, d, f], down_proj [e, f, d]."""
+    """Routed experts: gate_proj, up_proj [e, f, d], down_proj [e, d, f] (output axis first)."""
 
     def __init__(self, config: Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         e, d, f = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
@@ -143,9 +155,9 @@ class Experts(nnx.Module):
         self.num_experts = e
         self.limit = config.swiglu_limit
         self.layout: Layout | None = None  # set by `parallel.attach`: the experts then run expert-parallel
-        self.gate_proj = normal_param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, param_dtype)
-        self.up_proj = normal_param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, param_dtype)
-        self.down_proj = normal_param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), std, param_dtype)
+        self.gate_proj = normal_param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), std, param_dtype)
+        self.up_proj = normal_param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), std, param_dtype)
+        self.down_proj = normal_param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, param_dtype)
 
     def ffn(self, x_td: jax.Array, experts_tk: jax.Array, weights_tk: jax.Array, stored: tuple, *,
             first_expert: jax.Array | int = 0, capacity: int | None = None) -> jax.Array:

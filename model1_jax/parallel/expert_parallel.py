@@ -1,6 +1,6 @@
 """Expert parallelism: the routed experts split over mesh axes, run with `shard_map`.
 
-Routed weights [e, d, f] are split by expert id over the `experts` mesh axes and by FFN width over
+Routed weights [e, out, in] are split by expert id over the `experts` mesh axes and by FFN width over
 the `expert_mlp` axes; tokens (and their routing, computed outside by the replicated or
 batch-split router) are split like the batch. On each device:
 
@@ -34,7 +34,7 @@ def routed_experts(layout: Layout, ffn: Callable, x_td: jax.Array, experts_tk: j
     """Routed-expert output, float32 [t, d].
 
     `ffn(x, experts, weights, stored, first_expert=, capacity=)` computes one device's partial sum from
-    its local (possibly quantized) weight values `stored` = (gate [e, d, f], up [e, d, f], down [e, f, d]).
+    its local (possibly quantized) weight values `stored` = (gate [e, f, d], up [e, f, d], down [e, d, f]).
     """
     expert_axes, f_axes = layout.mesh_axes("experts"), layout.mesh_axes("expert_mlp")
     token_axes = layout.mesh_axes("batch")
@@ -70,8 +70,8 @@ def routed_experts(layout: Layout, ffn: Callable, x_td: jax.Array, experts_tk: j
         return y_td
 
     tokens = P(spec_entry(token_axes))
-    up_spec = P(spec_entry(expert_axes), None, spec_entry(f_axes))    # gate and up [e, d, f]
-    down_spec = P(spec_entry(expert_axes), spec_entry(f_axes), None)  # down [e, f, d]
+    up_spec = P(spec_entry(expert_axes), spec_entry(f_axes), None)    # gate and up [e, f, d]
+    down_spec = P(spec_entry(expert_axes), None, spec_entry(f_axes))  # down [e, d, f]
     y_td = jax.shard_map(local, mesh=layout.mesh, in_specs=(tokens, tokens, tokens, (up_spec, up_spec, down_spec)),
                          out_specs=tokens)(x_td, experts_tk, weights_tk, stored)
     return y_td[:t]

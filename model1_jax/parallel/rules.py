@@ -1,6 +1,6 @@
 """Sharding rules as data: one table from logical axis names to mesh axes, with presets.
 
-Every parameter names its dimensions (`logical_axes` metadata, e.g. ("experts", "embed", "expert_mlp"));
+Every parameter names its dimensions (`logical_axes` metadata, e.g. ("experts", "expert_mlp", "embed"));
 activations and decode state use the activation names below. `Rules` maps each name to a mesh axis, a
 tuple of mesh axes, or None (replicated); a name without a rule is an error, so a new parameter cannot
 silently fall back to replication.

@@ -4,7 +4,7 @@ Everything is optax's own: `optax.adamw`, `optax.contrib.muon`, `optax.partition
 `optax.clip_by_global_norm`, `optax.warmup_cosine_decay_schedule`.
 
 Muon orthogonalises the update of a matrix `[fan_in, fan_out]`. MODEL1 keeps many kernels shaped
-(q_b_proj [q, n, h], o_a_proj [g, m, h, o], experts [e, d, f], mHC fn [c, d, x]); each one's
+(q_b_proj [q, n, h], o_a_proj [g, m, h, o], experts [e, out, in], mHC fn [c, d, x]); each one's
 matrix view is read off its einsum: contracted axes are the fan-in, new axes the fan-out, axes
 shared by input, kernel and output (the output groups g, the experts e) are independent matrices.
 That is exactly the matrix the checkpoint stores (e.g. HF's q_b_proj [n·h, q]).
@@ -96,7 +96,7 @@ def matrix_dims(model: nnx.Module) -> dict[Path, MuonDimensionNumbers]:
             dims[(*path, "kernel")] = einsum_dims(module.eqn)
         elif isinstance(module, Experts):
             for name in ("gate_proj", "up_proj", "down_proj"):
-                dims[(*path, name)] = MuonDimensionNumbers(1, 2)  # [e, in, out]
+                dims[(*path, name)] = MuonDimensionNumbers(2, 1)  # [e, out, in]
         elif isinstance(module, Router):
             dims[(*path, "kernel")] = MuonDimensionNumbers(0, 1)
         elif isinstance(module, HyperConnection):
