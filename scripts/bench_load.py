@@ -15,7 +15,8 @@ memory is its own (Linux VmHWM, reset after start-up), `--repeat` times:
   convert_bf16 / _fp8   the converter (`io.convert.convert`, as scripts/convert_checkpoint.py --weights bf16 / fp8)
   load_bf16 / _fp8      `m1.load` of those outputs
 
-The converter and `copy` write into an empty directory: the previous run's output is deleted before the clock
+The converter and `copy` write into an empty directory (one per code under comparison, so that each code's `load`
+reads what its own converter wrote): the previous run's output is deleted before the clock
 starts (deleting a 4 GB checkpoint took 1.5-1.8 s here, and is not conversion). The converter drops each item
 from the page cache once it is on disk, so `load` stages first read the Orbax files once (before the clock)
 and, like `read`, measure loading from the page cache.
@@ -384,6 +385,8 @@ def main(argv=None) -> int:
               "checkout, in turns", flush=True)
     codes = {"baseline": ns.baseline} if ns.baseline is not None else {}
     codes["current"] = ROOT
+    for code in codes:  # each code's converter output, for its own `load` stages (the two formats may differ)
+        (work / code).mkdir(exist_ok=True)
     runs: dict[str, dict[str, list[dict]]] = {code: {s: [] for s in stages} for code in codes}
     for repeat in range(ns.repeat):
         for stage in stages:
@@ -391,7 +394,7 @@ def main(argv=None) -> int:
             # (a stage finds the memory its predecessor freed, which the host may not have taken back yet).
             order = list(codes.items())[::-1 if repeat % 2 else 1]
             for code, root in order:
-                row = spawn(stage, ckpt, work, ns.settle, root)
+                row = spawn(stage, ckpt, work / code, ns.settle, root)
                 runs[code][stage].append(row)
                 print(f"  {stage:<18} {code if len(codes) > 1 else '':<8} {row['gb_per_s']:7.3f} GB/s  "
                       f"{row['seconds']:7.2f} s  {row['gb_per_cpu_s']:7.3f} GB/CPU-s  "
