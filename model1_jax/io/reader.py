@@ -265,15 +265,21 @@ def run_chunk(files: Files, piece: Piece, lead: int, r0: int, r1: int) -> int:
     band = relayout.band_rows(step, (b1 - b0) * dtype.itemsize)
     index = scratch("index", (step * width,), np.uint16)
     wide = scratch("wide", (step * width,), np.intp)
-    dense = scratch("dense", (band, b1 - b0), dtype)
+    in_place = (b0, b1) == (c0, c1)  # rows kept as stored (routed experts) are looked up straight into the buffer
+    dense = None if in_place and piece.slot.kind == "copy" else scratch("dense", (band, b1 - b0), dtype)
     row_scale = np.arange(r0, r1) // bo - r0 // bo
     for s in range(0, r1 - r0, band):  # dequantize a band that stays in the cache, then place it
         n = min(band, r1 - r0 - s)
+        out = dense
+        if dense is None:
+            out = relayout.rows_in_place(piece.slot, destination, c1 - c0, lead - piece.leads.start, rows,
+                                         r0 + s - piece.rows[0], n)
         for t in range(0, n, step):  # lookups small enough for their index to stay in the L1/L2 cache
             m = min(step, n - t)
             relayout.dequantize_rows(fmt, values[s + t:s + t + m], scales, row_scale[s + t:s + t + m], bi,
-                                     dense[t:t + m], index, wide)
-        put(dense[:n, c0 - b0:c1 - b0], r0 + s)
+                                     out[t:t + m], index, wide)
+        if dense is not None:
+            put(dense[:n, c0 - b0:c1 - b0], r0 + s)
     return values.nbytes + scales.nbytes
 
 
