@@ -99,23 +99,14 @@ def checkpoint(tmp_path_factory):
                                 quantization_config=syn.QUANTIZATION_CONFIG)
 
 
-@pytest.mark.parametrize("host_on_cpu", [True, False], ids=["cpu-policy", "accelerator-policy"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_dense_load_equals_the_host_read_path(dtype, host_on_cpu, checkpoint, device_calls, monkeypatch):
-    """On the CPU the routed experts (kept as stored) take the host lookup, every other FP8/FP4 weight the device;
-    an accelerator takes every one on the device (the policy applied here to the CPU device). Same bits."""
-    if not host_on_cpu:
-        monkeypatch.setattr(device_dequant, "HOST_ON_CPU", ())
+def test_dense_load_equals_the_host_read_path(dtype, checkpoint, device_calls):
     plan = hf.plan_checkpoint(checkpoint, dtype=dtype)
     quantized = {a.slot.path for u in plan.units for a in u.assignments if a.fmt}
-    experts = {p for p in quantized if p[-2:-1] == ("experts",)}
-    assert experts and experts < quantized
-    assert device_dequant.dequantized_on_device(plan, "gpu") == quantized  # every FP8/FP4 weight of the release
-    want = quantized - experts if host_on_cpu else quantized
-    assert device_dequant.dequantized_on_device(plan) == want
+    assert device_dequant.dequantized_on_device(plan) == quantized  # every FP8/FP4 weight of the released storage
     host = regions.read_units(plan.units, plan.targets, keep_quantized=False, workers=2)
     model = m1.from_pretrained(checkpoint, dtype=dtype, workers=2)
-    assert len(device_calls) == len(want)
+    assert len(device_calls) == len(quantized)
     for path, var in nnx.to_flat_state(nnx.state(model)):
         got = np.asarray(var.get_value())
         assert got.dtype == host[path].dtype, path

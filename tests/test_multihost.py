@@ -25,7 +25,7 @@ import pytest
 from flax import nnx
 
 import model1_jax as m1
-from model1_jax.io import device_dequant, hf, placement, regions
+from model1_jax.io import hf, placement, regions
 from tests import synthetic as syn
 from tests.multihost_worker import LOAD_LAYOUT, PROMPTS, inputs
 from tests.test_sharding import CFG
@@ -75,7 +75,7 @@ def test_two_processes_equal_one(tmp_path):
     assert jax.process_count() == 1  # the test process itself stayed single-host
 
 
-def test_two_processes_load_their_shards_and_agree_on_device_dequantization(tmp_path, monkeypatch):
+def test_two_processes_load_their_shards_and_agree_on_device_dequantization(tmp_path):
     """Direct placement across processes: each reads its own shards; dense and quantized loads equal the
     single-process read bit for bit. One scale byte out of the device's exact range, in an expert only process 1
     holds, sends that weight to the host path in both processes (process 0 alone would have taken the device)."""
@@ -90,7 +90,6 @@ def test_two_processes_load_their_shards_and_agree_on_device_dequantization(tmp_
 
     plan = hf.plan_checkpoint(checkpoint, dtype=jnp.bfloat16)
     corrupted = next(a.slot.path for u in plan.units for a in u.assignments if a.info.name == f"{name}.weight")
-    monkeypatch.setattr(device_dequant, "HOST_ON_CPU", ())  # as the workers do
     candidates = placement._candidates(plan, m1.Layout.build(*LOAD_LAYOUT))  # the same mesh shape, in one process
     assert corrupted in candidates and len(candidates) > 1
     want = {"dense": {p: [v] for p, v in regions.read_units(plan.units, plan.targets, keep_quantized=False,

@@ -5,7 +5,7 @@ byte, then a transpose of the dense result (two to four bytes per stored byte) i
 Reading the weights kept quantized transposes the stored bytes instead, and `BlockQuantized.dequantize` — the
 model's own function, jitted — then runs where the weight will live: on a GPU after moving a half (FP8 into bf16)
 or a quarter (FP4) of the bytes; on the CPU in XLA's vectorised loops on all cores (docs/checkpoints.md §7.3 gives
-the rates measured there) — except the routed experts, which the host lookup writes in place faster (`HOST_ON_CPU`).
+the rates measured there).
 
 Exactness. Every product value · 2^(s − 127) is exact in float32 and its cast to bfloat16 exact or correctly
 rounded — as long as it is a normal number. XLA's CPU backend flushes subnormal inputs and results to zero,
@@ -38,24 +38,17 @@ MIN_SCALE = {quant.FP8: 10, quant.FP4: 2}
 MAX_SCALE = 254  # 255 is NaN
 DTYPES = (np.dtype(jnp.bfloat16), np.dtype(np.float32))
 HOST_SLICE_BYTES = 64 << 20  # float32 bytes of one slice on the host path
-# Slot kinds read dense by the host lookup when the devices are the CPU, which is then the host itself. These
-# weights (the routed experts) keep the checkpoint's arrangement, so the lookup writes their dense rows in place,
-# with no transpose: 0.28 GB of packed FP4 per CPU-second here, where XLA:CPU dequantizes FP4 packed along the
-# contiguous axis at 0.13. The transposed weights stay on the device path, whose transposes move stored bytes.
-HOST_ON_CPU = ("copy", "gate", "up")
 
 
-def dequantized_on_device(plan: CheckpointPlan, platform: str | None = None) -> frozenset[tuple]:
+def dequantized_on_device(plan: CheckpointPlan) -> frozenset[tuple]:
     """Paths of the block-quantized parameters a dense load reads kept quantized (to dequantize on the device):
     those whose target dtype is bfloat16 or float32 and whose blocks map onto the model's arrangement (every
-    block of the released checkpoints does; `hf.plan` explains the others, which stay on the host path), except,
-    when `platform` (default: JAX's default backend) is "cpu", those of the kinds `HOST_ON_CPU`."""
-    host_kinds = HOST_ON_CPU if (platform or jax.default_backend()) == "cpu" else ()
+    block of the released checkpoints does; `hf.plan` explains the others, which stay on the host path)."""
     paths, other = set(), set()
     for unit in plan.units:
         for a in unit.assignments:
             path, target = a.slot.path, plan.targets[a.slot.path]
-            ok = a.fmt is not None and np.dtype(target.dtype) in DTYPES and a.slot.kind not in host_kinds
+            ok = a.fmt is not None and np.dtype(target.dtype) in DTYPES
             if ok:
                 try:
                     quant_arrangement(a.slot, tuple(target.shape), a.hf_block)  # raises where blocks do not map

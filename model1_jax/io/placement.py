@@ -79,7 +79,7 @@ def _axes(plan: CheckpointPlan) -> dict[tuple, tuple]:
 def _candidates(plan: CheckpointPlan, layout: Layout) -> frozenset[tuple]:
     """The weights a dense load may dequantize on their devices (`device_dequant.dequantized_on_device`) whose
     values and scales the layout also splits evenly; each still needs every scale byte accepted (`_agreed`)."""
-    candidates = device_dequant.dequantized_on_device(plan, layout.mesh.devices.flat[0].platform)
+    candidates = device_dequant.dequantized_on_device(plan)
     arrays, axes = _arrays(plan, candidates), _axes(plan)
     kept = set()
     for path in candidates:
