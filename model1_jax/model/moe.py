@@ -93,13 +93,14 @@ class Router(nnx.Module):
         return weights_tk * self.config.routed_scaling_factor, experts_tk.astype(jnp.int32), scores_te
 
 
-# x [a, in] by the weights [e, out, in] of each row's group: rows sorted by group, `group_sizes` rows each.
+# Each row of x [a, d] by the [f, d] weights of its expert (rows sorted by expert, `group_sizes` rows each),
+# contracting the last axis of both: x_ad · gate_efd → [a, f], and h_af · down_edf → [a, d] alike.
 _GROUPED = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
                                              lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
 
 
-def _grouped_matmul(x_ai: jax.Array, w_eoi: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    return jax.lax.ragged_dot_general(x_ai, w_eoi, group_sizes, _GROUPED, preferred_element_type=F32)
+def _grouped_matmul(x_ad: jax.Array, w_efd: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    return jax.lax.ragged_dot_general(x_ad, w_efd, group_sizes, _GROUPED, preferred_element_type=F32)
 
 
 def routed_ffn(x_td: jax.Array, experts_tk: jax.Array, weights_tk: jax.Array, gate_efd: jax.Array,
