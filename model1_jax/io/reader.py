@@ -265,20 +265,19 @@ def run_chunk(files: Files, piece: Piece, lead: int, r0: int, r1: int) -> int:
     band = relayout.band_rows(step, (b1 - b0) * dtype.itemsize)
     index = scratch("index", (step * width,), np.uint16)
     wide = scratch("wide", (step * width,), np.intp)
-    in_place = (b0, b1) == (c0, c1)  # rows kept as stored (routed experts) are looked up straight into the buffer
-    dense = None if in_place and piece.slot.kind == "copy" else scratch("dense", (band, b1 - b0), dtype)
+    # rows kept as stored (the routed experts) are looked up straight into the buffer, without the scratch band
+    in_place = piece.slot.kind == "copy" and (b0, b1) == (c0, c1)
+    dense = None if in_place else scratch("dense", (band, b1 - b0), dtype)
     row_scale = np.arange(r0, r1) // bo - r0 // bo
     for s in range(0, r1 - r0, band):  # dequantize a band that stays in the cache, then place it
         n = min(band, r1 - r0 - s)
-        out = dense
-        if dense is None:
-            out = relayout.rows_in_place(piece.slot, destination, c1 - c0, lead - piece.leads.start, rows,
-                                         r0 + s - piece.rows[0], n)
+        out = dense if not in_place else relayout.rows_in_place(
+            piece.slot, destination, c1 - c0, lead - piece.leads.start, rows, r0 + s - piece.rows[0], n)
         for t in range(0, n, step):  # lookups small enough for their index to stay in the L1/L2 cache
             m = min(step, n - t)
             relayout.dequantize_rows(fmt, values[s + t:s + t + m], scales, row_scale[s + t:s + t + m], bi,
                                      out[t:t + m], index, wide)
-        if dense is not None:
+        if not in_place:
             put(dense[:n, c0 - b0:c1 - b0], r0 + s)
     return values.nbytes + scales.nbytes
 

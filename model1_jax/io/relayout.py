@@ -157,14 +157,11 @@ def view2d(slot: Slot, buffer: np.ndarray, source_cols: int) -> np.ndarray:
     raise ValueError(f"slot kind {slot.kind!r} is not placed by rows")
 
 
-def rows_in_place(slot: Slot, buffer: np.ndarray, cols: int, lead: int, rows: int, r0: int, n: int
-                  ) -> np.ndarray | None:
-    """The buffer's rows that source rows [r0, r0 + n) of matrix `lead` become unchanged (kind `copy`: the routed
-    experts), as a contiguous [n, cols] view to dequantize straight into; None for the other kinds."""
-    if slot.kind != "copy":
-        return None
-    base = lead * rows + r0
-    return view2d(slot, buffer, cols)[base:base + n]
+def rows_in_place(slot: Slot, buffer: np.ndarray, cols: int, lead: int, rows: int, r0: int, n: int) -> np.ndarray:
+    """For a `copy` slot (the routed experts), the buffer's rows that source rows [r0, r0 + n) of matrix `lead`
+    become unchanged: a contiguous [n, cols] view to dequantize straight into (`row_segments`' one segment)."""
+    [(_, _, index, _)] = row_segments(slot, buffer.shape, lead, rows, r0, r0 + n)
+    return view2d(slot, buffer, cols)[index]
 
 
 def place(slot: Slot, buffer: np.ndarray, chunk: np.ndarray, lead: int, rows: int, r0: int) -> None:
