@@ -1,5 +1,6 @@
-"""Suite-wide JAX settings (exact fp32 matmuls, 8 simulated CPU devices for the sharding tests) and the
---no-oracle option that leaves out the tests marked `oracle` (they need PyTorch and transformers)."""
+"""Suite-wide JAX settings (exact fp32 matmuls, 8 simulated CPU devices for the sharding tests, XLA:CPU's cheap
+backend mode) and the --no-oracle option that leaves out the tests marked `oracle` (they need PyTorch and
+transformers)."""
 
 import gc
 import importlib.abc
@@ -12,6 +13,12 @@ import sys
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+
+# XLA:CPU's backend at its cheapest (LLVM -O0, no expensive passes): the suite is bound by compiling hundreds of
+# small programs that it then runs a few times. XLA's HLO passes (fusion, layouts, rematerialisation) still run,
+# and LLVM's levels keep IEEE results, so a test compares the values users get. An environment variable, so the
+# scripts that tests start as subprocesses compile the same way; JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it off.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -33,17 +40,11 @@ def _release_compiled_programs():
 
 @pytest.fixture(scope="module")
 def eight_devices():
-    """8 devices, and XLA's cheap compilation mode, for a module (`pytestmark = usefixtures("eight_devices")`):
-    the sharding tests compile many small multi-device programs and run each a few times (LLVM's expensive
-    passes only change speed, not IEEE results)."""
+    """8 devices for a module (`pytestmark = usefixtures("eight_devices")`), or a failure that says how."""
     if jax.device_count() < 8:
         pytest.fail(f"these tests need 8 devices, found {jax.device_count()}: run with "
                     "XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py sets it unless XLA_FLAGS "
                     "is already set)")
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def pytest_addoption(parser):
