@@ -264,7 +264,9 @@ def test_generation_agrees_on_both_attention_backends():
     seqs = [p + g for p, g in zip(prompts, runs["xla"].tokens)]
     logits = {backend: _teacher_forced_logits(model, seqs, backend, jnp.bfloat16) for backend in ("xla", "interpret")}
     # The same bf16 weights computed in float32 (the cache still FP8): the bf16 rounding noise of the reference.
-    model_f32 = m1.Model1(KERNEL_CFG, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.bfloat16)
+    model_f32 = nnx.eval_shape(lambda: m1.Model1(KERNEL_CFG, rngs=nnx.Rngs(0), dtype=jnp.float32,
+                                                 param_dtype=jnp.bfloat16))
+    nnx.update(model_f32, nnx.state(model))
     exact = _teacher_forced_logits(model_f32, seqs, "xla", jnp.float32)
     fed = np.arange(exact.shape[1])[None, :] < np.array([len(s) for s in seqs])[:, None]
     noise = np.abs(logits["xla"] - exact)[fed].max()
