@@ -33,7 +33,7 @@ _HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 _POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if _NOHUGEPAGE is not None else None)  # Linux ≥ 5.14
 
 
-def empty(shape, dtype, *, reused: bool = False) -> np.ndarray:
+def empty(shape, dtype, *, reused: bool = False, populate: bool = True) -> np.ndarray:
     """An uninitialised C-contiguous array, 64-byte aligned; from 4 MiB up in its own anonymous map (freed, like
     any array, when the last reference goes). A buffer written once (the default) is advised against huge pages
     and faulted in at once. A `reused` one — long-lived, refilled over and over, like the converter's ring — is
@@ -49,7 +49,7 @@ def empty(shape, dtype, *, reused: bool = False) -> np.ndarray:
         return raw[start:start + nbytes].view(dtype).reshape(shape)
     # private (Python's default for an anonymous map is shared: tmpfs pages), page-aligned, zero-filled
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    for advice in (_HUGEPAGE,) if reused else (_NOHUGEPAGE, _POPULATE_WRITE):
+    for advice in (_HUGEPAGE,) if reused else (_NOHUGEPAGE, _POPULATE_WRITE) if populate else (_NOHUGEPAGE,):
         # Populating faults every page in one call, the kernel's loop instead of one trap per page as the
         # copies first write it (half the kernel time here). Older kernels refuse it: pages then come lazily.
         if advice is not None:
@@ -58,6 +58,20 @@ def empty(shape, dtype, *, reused: bool = False) -> np.ndarray:
             except OSError:
                 pass
     return np.frombuffer(region, dtype, math.prod(shape)).reshape(shape)
+
+
+def populate(array: np.ndarray) -> None:
+    """Faults in the pages of an `empty(..., populate=False)` array in one call (see `empty`). Safe while other
+    threads write to it: pages already present are left as they are, contents are never touched."""
+    region = array
+    while isinstance(region, np.ndarray | memoryview):
+        region = region.base if isinstance(region, np.ndarray) else region.obj
+    if _POPULATE_WRITE is None or not isinstance(region, mmap.mmap):
+        return
+    try:
+        region.madvise(_POPULATE_WRITE)
+    except (OSError, AttributeError):
+        pass
 
 
 _numpy_lock = threading.Lock()

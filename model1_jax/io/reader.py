@@ -2,13 +2,14 @@
 
 A `Piece` is one stored tensor's contribution to one buffer: a box of the tensor (matrices × rows × columns of
 its `[e, out, in]` storage) and the slot arrangement that puts it in the buffer (docs/checkpoints.md §6).
-Every piece is split into chunks of whole rows of about `CHUNK_BYTES`; a worker reads a chunk with `preadv`
-into a buffer it reuses, dequantizes it (`relayout.dequantize_rows`) or casts it when needed, and writes it
-in place in the target buffer (`relayout.place`). NumPy releases the GIL in its copy and lookup loops, so
+Every piece is split into chunks of whole rows of about `CHUNK_BYTES`. Rows that the buffer keeps as stored (the
+routed experts, embeddings, norms: whole rows, no cast) are read with `preadv` straight into the buffer; any other
+chunk is read into a buffer the worker reuses, dequantized (`relayout.dequantize_rows`) or cast when needed, and
+written in place in the target buffer (`relayout.place`). NumPy releases the GIL in its copy and lookup loops, so
 the workers run in parallel; nothing is copied twice and nothing goes through float32 unless it is the
 target. Buffers are allocated when their first chunk starts (64-byte aligned, so that JAX's CPU backend
-adopts them) and handed to `on_complete` when their last chunk is done, so host memory holds the buffers in
-flight rather than the model.
+adopts them; the first worker there faults their pages in while the others already write) and handed to
+`on_complete` when their last chunk is done, so host memory holds the buffers in flight rather than the model.
 
 Errors are deterministic: tasks are consumed in order, and the first failing one (in that order) is raised
 once every earlier task has finished, so any number of workers raises what one worker would.
@@ -163,10 +164,15 @@ class Buffer:
         return sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in self.parts.values())
 
     def allocate(self) -> None:
-        """Allocates the arrays once (the first of the workers reaching the buffer does; the others wait)."""
+        """Allocates the arrays once: the first of the workers reaching the buffer maps them (the others wait for
+        that only), then faults their pages in while the others already write to them (`hostmem.populate`)."""
         with self.lock:
-            if self.arrays is None:
-                self.arrays = {part: hostmem.empty(shape, dtype) for part, (shape, dtype) in self.parts.items()}
+            if self.arrays is not None:
+                return
+            self.arrays = {part: hostmem.empty(shape, dtype, populate=False)
+                           for part, (shape, dtype) in self.parts.items()}
+        for array in self.arrays.values():
+            hostmem.populate(array)
 
     def value(self):
         """The finished array, or a `BlockQuantized` when `quant` is set."""
@@ -236,6 +242,15 @@ def _read_box(files: Files, info: TensorInfo, lead: int, r0: int, r1: int, c0: i
     return out
 
 
+def _direct(piece: Piece, destination: np.ndarray) -> bool:
+    """Whether a piece's rows land unchanged and contiguous in its buffer: a copy-like slot, whole stored rows, and
+    no cast (the same dtype, or bit patterns of the same width)."""
+    stored = DTYPES[piece.info.dtype]
+    same = stored == destination.dtype if piece.part == "dense" else stored.itemsize == destination.dtype.itemsize
+    return (same and piece.slot.kind in ("copy", "index", "reshape") and piece.cols == (0, matrix_shape(
+        piece.info.shape)[2]) and destination.flags.c_contiguous)
+
+
 def run_chunk(files: Files, piece: Piece, lead: int, r0: int, r1: int) -> int:
     """Reads one chunk of a piece and writes it into its buffer; returns the bytes read."""
     buffer = piece.buffer
@@ -246,6 +261,12 @@ def run_chunk(files: Files, piece: Piece, lead: int, r0: int, r1: int) -> int:
         relayout.place(piece.slot, destination, chunk, lead - piece.leads.start, rows, start - piece.rows[0])
 
     if piece.dequant is None:
+        if _direct(piece, destination):  # rows kept as stored, bit for bit: read straight into the buffer
+            out = relayout.rows_in_place(piece.slot, destination, c1 - c0, lead - piece.leads.start, rows,
+                                         r0 - piece.rows[0], r1 - r0)
+            _, stored_rows, cols = matrix_shape(piece.info.shape)
+            files.read(piece.info, (lead * stored_rows + r0) * cols * out.itemsize, out)
+            return out.nbytes
         chunk = _read_box(files, piece.info, lead, r0, r1, c0, c1, "raw")
         if piece.part == "dense" and chunk.dtype != dtype:
             converted = scratch("dense", chunk.shape, dtype)
