@@ -294,3 +294,29 @@ def test_other_format_versions_are_refused_by_name(version, needle, dense, tmp_p
         json.dump(manifest, f)
     with pytest.raises(m1.CheckpointError, match=needle):
         m1.load(tmp_path / "ckpt", dtype=jnp.float32)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_restore_reads_shards_into_host_buffers_the_cpu_backend_adopts(tmp_path):
+    """`m1.load`'s Orbax handler reads each distinct shard once, into an `io.hostmem` map (small pages, `nh`) that
+    the CPU backend adopts: replicas share the buffer, and no array is copied into memory of XLA's own (Orbax's
+    reads, 16-byte aligned, were). Values are exact, cast where the target dtype differs."""
+    from model1_jax.io import orbax_load
+    from tests.test_hostmem import _mapping
+
+    x = np.arange(2048 * 2048, dtype=np.float32).reshape(2048, 2048) / 7  # 16 MiB: mapped by io.hostmem
+    ocp.PyTreeCheckpointer().save(tmp_path / "item", {"w": jnp.asarray(x), "b": jnp.asarray(x[0])})
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("rows", "copies"))
+    sharding = NamedSharding(mesh, P("rows"))
+    restored = orbax_load._restore_item(str(tmp_path / "item"), {
+        ("w",): jax.ShapeDtypeStruct(x.shape, np.float32, sharding=sharding),
+        ("b",): jax.ShapeDtypeStruct(x[0].shape, jnp.bfloat16, sharding=sharding)})
+    w, b = restored[("w",)], restored[("b",)]
+    np.testing.assert_array_equal(np.asarray(w), x)
+    np.testing.assert_array_equal(np.asarray(b), x[0].astype(jnp.bfloat16))
+    pointers = {}
+    for shard in w.addressable_shards:
+        pointers.setdefault(shard.index[0].start, set()).add(shard.data.unsafe_buffer_pointer())
+    assert sorted(pointers) == [0, 1024] and all(len(p) == 1 for p in pointers.values())  # one buffer per box
+    for (pointer,) in pointers.values():
+        assert "nh" in _mapping(pointer)["VmFlags"]

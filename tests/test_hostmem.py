@@ -1,10 +1,9 @@
 """Host buffers of the loaders (io/hostmem.py): aligned, writable, private small-page maps that are faulted in at
-allocation and unmapped with their last reference; `small_pages` switches NumPy's huge-page advice off and back."""
+allocation (or later, `populate`) and unmapped with their last reference."""
 
 import gc
 import mmap
 import sys
-import threading
 
 import jax
 import numpy as np
@@ -112,48 +111,3 @@ def test_host_backend_adopts_the_buffer(shape):
     placed = jax.device_put(array, jax.devices("cpu")[0])
     assert placed.unsafe_buffer_pointer() == array.ctypes.data
     assert float(placed.sum()) == 1.5 * array.size
-
-
-def _numpy_switch():
-    return np._core.multiarray._set_madvise_hugepage
-
-
-def test_small_pages_switches_numpy_advice_off_and_restores_it():
-    switch = _numpy_switch()
-    for before in (True, False):
-        switch(before)
-        try:
-            with hostmem.small_pages():
-                assert switch(False) is False  # off inside (reading the switch sets it; it stays off)
-            assert switch(before) is before  # restored
-            with pytest.raises(RuntimeError), hostmem.small_pages():
-                raise RuntimeError("boom")
-            assert switch(before) is before  # restored after an exception too
-        finally:
-            switch(True)
-
-
-def test_small_pages_concurrent_users_restore_once_the_last_leaves():
-    switch = _numpy_switch()
-    switch(True)
-    first_in, second_out = threading.Event(), threading.Event()
-    seen = []
-
-    def first():
-        with hostmem.small_pages():
-            first_in.set()
-            second_out.wait(10)
-            seen.append(("first, after the second left", switch(False)))
-
-    thread = threading.Thread(target=first)
-    thread.start()
-    first_in.wait(10)
-    with hostmem.small_pages():
-        pass
-    second_out.set()
-    thread.join()
-    try:
-        assert seen == [("first, after the second left", False)]  # the second user's exit left it off
-        assert switch(True) is True  # the last one out restored it
-    finally:
-        switch(True)

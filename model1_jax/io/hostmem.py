@@ -10,17 +10,14 @@ machines), clearing such a 2 MiB page costs far more than small pages do (the ho
 from private anonymous maps advised `MADV_NOHUGEPAGE` and populated in one call (`MADV_POPULATE_WRITE`): at
 worst about 0.1 s per GiB more than huge pages, at best 2 s per GiB less.
 
-`empty` is the loaders' allocator (`reused=True` for a long-lived buffer refilled many times, the converter's
-ring, which keeps huge pages); `small_pages` covers arrays that other libraries allocate with NumPy (TensorStore's
-reads in `m1.load`).
+`empty` is the allocator of every loader buffer, `m1.load`'s included (`reused=True` for a long-lived buffer refilled
+many times, the converter's ring, which keeps huge pages).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import mmap
-import threading
 
 import numpy as np
 
@@ -72,29 +69,3 @@ def populate(array: np.ndarray) -> None:
         region.madvise(_POPULATE_WRITE)
     except (OSError, AttributeError):
         pass
-
-
-_numpy_lock = threading.Lock()
-_numpy_state = {"users": 0, "previous": True}
-
-
-@contextlib.contextmanager
-def small_pages():
-    """Within the block, NumPy's own large arrays are not advised to use huge pages (NumPy's process-wide
-    switch, restored when the last concurrent user leaves). Arrays allocated meanwhile by other threads are
-    affected too; that changes their page size, never their contents."""
-    switch = getattr(np._core.multiarray, "_set_madvise_hugepage", None)
-    if switch is None:  # a NumPy without the switch (or without the advice): nothing to do
-        yield
-        return
-    with _numpy_lock:
-        if _numpy_state["users"] == 0:
-            _numpy_state["previous"] = switch(False)
-        _numpy_state["users"] += 1
-    try:
-        yield
-    finally:
-        with _numpy_lock:
-            _numpy_state["users"] -= 1
-            if _numpy_state["users"] == 0:
-                switch(_numpy_state["previous"])

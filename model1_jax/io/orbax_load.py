@@ -212,9 +212,7 @@ def load(directory: str | os.PathLike, *, dtype, mesh: jax.sharding.Mesh | None 
     # Under jax.distributed one at a time, as every process must restore the same item together.
     threads = 1 if jax.process_count() > 1 else min(len(items), default_workers() if workers is None else workers)
     restored: dict[tuple, jax.Array] = {}
-    # TensorStore's reads are NumPy arrays: in small pages, like the converter's buffers (io.hostmem)
-    with (hostmem.small_pages(), progress_bar(total, "loading", progress) as bar,
-          ThreadPoolExecutor(max(1, threads)) as pool):
+    with progress_bar(total, "loading", progress) as bar, ThreadPoolExecutor(max(1, threads)) as pool:
         futures = [pool.submit(_restore_item, os.path.join(root, item), targets) for item, targets in items.items()]
         try:
             for future, targets in zip(futures, items.values()):
