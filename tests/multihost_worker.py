@@ -1,7 +1,7 @@
 """One process of tests/test_multihost.py: joins the run, then either shards the model over the global mesh
 (data over the two processes, tensor inside each), runs a forward and greedy `m1.generate` and writes JSON, or
-(`load CHECKPOINT OUT`) loads a checkpoint straight into a layout whose expert axis crosses the processes and writes
-every parameter's full value."""
+(`load CHECKPOINT ORBAX OUT`) loads a checkpoint — HF-format dense and quantized, and its Orbax conversion — straight
+into a layout whose expert axis crosses the processes and writes every parameter's full value."""
 
 from __future__ import annotations
 
@@ -51,10 +51,10 @@ def main(out_path: str) -> None:
 LOAD_LAYOUT = ("expert=2,tensor=4", "expert_parallel", "expert_mlp=")
 
 
-def load(checkpoint: str, out_path: str) -> None:
-    """`from_pretrained(layout=...)` dense, then quantized; writes (npz) every parameter's leaves as all-gathered
-    bytes, the number of weights dequantized on the devices, and how many scale shards this process found out of
-    the device's exact range."""
+def load(checkpoint: str, orbax_dir: str, out_path: str) -> None:
+    """`from_pretrained(layout=...)` dense, then quantized, then `m1.load(orbax_dir, layout=...)`; writes (npz) every
+    parameter's leaves as all-gathered bytes, the number of weights dequantized on the devices, and how many scale
+    shards this process found out of the device's exact range."""
     import jax
 
     from model1_jax.parallel import distributed
@@ -83,11 +83,15 @@ def load(checkpoint: str, out_path: str) -> None:
         out[f"{name}/device_calls"] = np.array(len(calls))
         calls.clear()
     out["rejected_scale_shards"] = np.array(len(rejected))
+    for path, var in nnx.to_flat_state(nnx.state(m1.load(orbax_dir, dtype=jnp.bfloat16, layout=layout))):
+        for i, leaf in enumerate(jax.tree.leaves(var.get_value())):
+            out[f"orbax/{'/'.join(map(str, path))}/{i}"] = np.ascontiguousarray(
+                distributed.to_host(leaf)).reshape(-1).view(np.uint8)
     np.savez(out_path, **out)
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "load":
-        load(sys.argv[2], sys.argv[3])
+        load(sys.argv[2], sys.argv[3], sys.argv[4])
     else:
         main(sys.argv[1])

@@ -25,7 +25,7 @@ import pytest
 from flax import nnx
 
 import model1_jax as m1
-from model1_jax.io import hf, placement, regions
+from model1_jax.io import convert, hf, placement, regions
 from tests import synthetic as syn
 from tests.multihost_worker import LOAD_LAYOUT, PROMPTS, inputs
 from tests.test_sharding import CFG
@@ -76,9 +76,10 @@ def test_two_processes_equal_one(tmp_path):
 
 
 def test_two_processes_load_their_shards_and_agree_on_device_dequantization(tmp_path):
-    """Direct placement across processes: each reads its own shards; dense and quantized loads equal the
-    single-process read bit for bit. One scale byte out of the device's exact range, in an expert only process 1
-    holds, sends that weight to the host path in both processes (process 0 alone would have taken the device)."""
+    """Direct placement across processes: each reads its own shards; dense and quantized loads, and `m1.load` of the
+    checkpoint's fp8 conversion, equal the single-process read bit for bit. One scale byte out of the device's exact
+    range, in an expert only process 1 holds, sends that weight to the host path in both processes (process 0 alone
+    would have taken the device)."""
     stored = syn.quantize_tensors(syn.original_tensors(syn.CONFIG, seed=5))
     name = f"layers.0.ffn.experts.{syn.CONFIG.n_routed_experts - 1}.w1"
     scale = np.array(stored[f"{name}.scale"])
@@ -86,7 +87,9 @@ def test_two_processes_load_their_shards_and_agree_on_device_dequantization(tmp_
     stored[f"{name}.scale"] = scale
     checkpoint = syn.write_checkpoint(tmp_path / "ckpt", syn.CONFIG, stored, shards=2,
                                       quantization_config=syn.QUANTIZATION_CONFIG)
-    run_workers(lambda pid: ["load", str(checkpoint), str(tmp_path / f"{pid}.npz")])
+    orbax_dir = tmp_path / "orbax"
+    convert.convert(checkpoint, orbax_dir, dtype=jnp.bfloat16, quantized=True, progress=False)
+    run_workers(lambda pid: ["load", str(checkpoint), str(orbax_dir), str(tmp_path / f"{pid}.npz")])
 
     plan = hf.plan_checkpoint(checkpoint, dtype=jnp.bfloat16)
     corrupted = next(a.slot.path for u in plan.units for a in u.assignments if a.info.name == f"{name}.weight")
@@ -97,6 +100,7 @@ def test_two_processes_load_their_shards_and_agree_on_device_dequantization(tmp_
             "quantized": {p: jax.tree.leaves(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(
                 m1.from_pretrained(checkpoint, dtype=jnp.bfloat16, quantized=True)))}}
     results = [np.load(tmp_path / f"{pid}.npz") for pid in range(2)]
+    want["orbax"] = want["quantized"]  # the fp8 conversion keeps the stored values and scales
     for pid, got in enumerate(results):
         assert int(got["dense/device_calls"]) == len(candidates) - 1, pid  # the same weights in both processes
         assert int(got["quantized/device_calls"]) == 0, pid
