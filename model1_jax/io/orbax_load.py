@@ -1,8 +1,8 @@
 """Restoring the Orbax checkpoints of `io.orbax` (`m1.save`, the converter) as a `Model1`.
 
 The model is built abstractly (`nnx.eval_shape`), the manifest is checked against it, and every array is
-restored straight into its target sharding (Orbax / TensorStore read each device's slice), never through a
-full host copy. FP8/FP4 parameters, stored as their bit patterns, are bit-cast back on the device.
+restored straight into its target sharding (TensorStore reads each device's slice, with Orbax's specs), never
+through a full host copy. FP8/FP4 parameters, stored as their bit patterns, are bit-cast back on the device.
 TensorStore reads the files through memory maps where it can (`file_io_mode`), copying from the page cache
 straight into each array instead of through a read buffer of its own, and the arrays are 64-byte-aligned host
 buffers that JAX's CPU backend adopts without a copy: one fresh allocation per array (fresh pages are dear in a
@@ -78,7 +78,8 @@ def _memmap_spec() -> ts.Context.Spec | None:
 class _HostArrayHandler(ocp.type_handlers.ArrayHandler):
     """Orbax's jax.Array handler with the reads done here. Orbax reads each shard into an `np.zeros` array, which
     NumPy aligns to 16 bytes only, so JAX's CPU backend copies every array once more into memory of its own (a
-    second fresh allocation and copy: `m1.load` of the benchmark's fp8 output ran 0.87 → 1.3 GB/s without it).
+    second fresh allocation and copy: `m1.load` of the benchmark's fp8 output took 0.43 → 0.89 GB per CPU-second
+    without it, docs/checkpoints.md §8.4).
     Here each distinct shard of this process's devices is read by TensorStore — through memory maps where it can
     (`file_io_mode`), a child of the restore's context — into an `io.hostmem` buffer (64-byte aligned: adopted, not
     copied, by the CPU backend) in the target dtype, and put on its devices. The TensorStore spec is Orbax's
@@ -86,8 +87,8 @@ class _HostArrayHandler(ocp.type_handlers.ArrayHandler):
     involved, and a stored shape that still differs is an error."""
 
     async def deserialize(self, infos, args=None):
-        if args is None or len(args) != len(infos):
-            return await super().deserialize(infos, args)
+        if args is None or len(args) != len(infos) or any(getattr(a, "sharding", None) is None for a in args):
+            return await super().deserialize(infos, args)  # not `load`'s restore: Orbax's own reads
         await asyncio.gather(*[info.await_path_creation() for info in infos])
         children: dict[int, ts.Context] = {}  # by id of the parent, which the infos keep alive meanwhile
         for info in infos:
@@ -99,9 +100,11 @@ class _HostArrayHandler(ocp.type_handlers.ArrayHandler):
 
 
 async def _read_array(info, arg, context: ts.Context) -> jax.Array:
+    """One array (`arg`: its global shape, dtype and sharding) read shard by shard into `io.hostmem` buffers."""
     spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=info.is_ocdbt_checkpoint)
     store = await ts.open(ts.Spec(spec), open=True, context=context)
-    shape, sharding = tuple(arg.global_shape), arg.sharding
+    shape = tuple(store.shape) if arg.global_shape is None else tuple(arg.global_shape)
+    sharding = arg.sharding
     if tuple(store.shape) != shape:
         raise CheckpointError(str(info.parent_dir), [f"{info.name}: stored shape {list(store.shape)}, the model "
                                                      f"needs {list(shape)}"])
