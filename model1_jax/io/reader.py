@@ -224,13 +224,19 @@ def _chunks(piece: Piece) -> list[tuple[int, int, int]]:
     return [(lead, r, min(r + step, r1)) for lead in piece.leads for r in range(r0, r1, step)]
 
 
+def _row_offset(info: TensorInfo, lead: int, row: int) -> int:
+    """Byte offset (within the tensor) of row `row` of matrix `lead` of its [matrices, rows, columns] storage."""
+    _, rows, cols = matrix_shape(info.shape)
+    return (lead * rows + row) * cols * DTYPES[info.dtype].itemsize
+
+
 def _read_box(files: Files, info: TensorInfo, lead: int, r0: int, r1: int, c0: int, c1: int, name: str
               ) -> np.ndarray:
     """Rows [r0, r1) × columns [c0, c1) of matrix `lead` (storage units), into the thread's scratch `name`."""
-    _, rows, cols = matrix_shape(info.shape)
+    _, _, cols = matrix_shape(info.shape)
     dtype = DTYPES[info.dtype]
     row_bytes = cols * dtype.itemsize
-    base = (lead * rows + r0) * row_bytes
+    base = _row_offset(info, lead, r0)
     n = r1 - r0
     if c0 == 0 and c1 == cols:  # whole rows: one contiguous read
         out = scratch(name, (n, cols), dtype)
@@ -264,8 +270,7 @@ def run_chunk(files: Files, piece: Piece, lead: int, r0: int, r1: int) -> int:
         if _direct(piece, destination):  # rows kept as stored, bit for bit: read straight into the buffer
             out = relayout.rows_in_place(piece.slot, destination, c1 - c0, lead - piece.leads.start, rows,
                                          r0 - piece.rows[0], r1 - r0)
-            _, stored_rows, cols = matrix_shape(piece.info.shape)
-            files.read(piece.info, (lead * stored_rows + r0) * cols * out.itemsize, out)
+            files.read(piece.info, _row_offset(piece.info, lead, r0), out)
             return out.nbytes
         chunk = _read_box(files, piece.info, lead, r0, r1, c0, c1, "raw")
         if piece.part == "dense" and chunk.dtype != dtype:
