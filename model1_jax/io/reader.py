@@ -8,7 +8,7 @@ chunk is read into a buffer the worker reuses, dequantized (`relayout.dequantize
 written in place in the target buffer (`relayout.place`). NumPy releases the GIL in its copy and lookup loops, so
 the workers run in parallel; nothing is copied twice and nothing goes through float32 unless it is the
 target. Buffers are allocated when their first chunk starts (64-byte aligned, so that JAX's CPU backend
-adopts them; the first worker there faults their pages in while the others already write) and handed to
+adopts them; their pages are faulted in by the workers' writes) and handed to
 `on_complete` when their last chunk is done, so host memory holds the buffers in flight rather than the model.
 
 Errors are deterministic: tasks are consumed in order, and the first failing one (in that order) is raised
@@ -164,15 +164,11 @@ class Buffer:
         return sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in self.parts.values())
 
     def allocate(self) -> None:
-        """Allocates the arrays once: the first of the workers reaching the buffer maps them (the others wait for
-        that only), then faults their pages in while the others already write to them (`hostmem.populate`)."""
+        """Allocates the arrays once, by the first of the workers reaching the buffer (the others wait for the map
+        only); every worker faults in the pages it writes (`io.hostmem`)."""
         with self.lock:
-            if self.arrays is not None:
-                return
-            self.arrays = {part: hostmem.empty(shape, dtype, populate=False)
-                           for part, (shape, dtype) in self.parts.items()}
-        for array in self.arrays.values():
-            hostmem.populate(array)
+            if self.arrays is None:
+                self.arrays = {part: hostmem.empty(shape, dtype) for part, (shape, dtype) in self.parts.items()}
 
     def value(self):
         """The finished array, or a `BlockQuantized` when `quant` is set."""
@@ -325,7 +321,7 @@ def read_pieces(pieces: Iterable[Piece], *, workers: int | None = None, bar: tqd
                 on_complete(buffer)
     with Files() as files:
         def task(piece: Piece, lead: int, r0: int, r1: int) -> int:
-            piece.buffer.allocate()  # outside `lock`: the pages are faulted in meanwhile (io.hostmem)
+            piece.buffer.allocate()
             n = run_chunk(files, piece, lead, r0, r1)
             with lock:
                 piece.buffer.pending -= 1
