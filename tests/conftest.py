@@ -1,12 +1,14 @@
 """Suite-wide JAX settings (exact fp32 matmuls, 8 simulated CPU devices for the sharding tests, XLA:CPU's cheap
-backend mode) and the --no-oracle option that leaves out the tests marked `oracle` (they need PyTorch and
-transformers)."""
+backend mode, a compilation cache for the run) and the --no-oracle option that leaves out the tests marked `oracle`
+(they need PyTorch and transformers)."""
 
 import gc
 import importlib.abc
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 # Must be set before JAX initialises its CPU backend; harmless for single-device tests. Appended, so
 # XLA_FLAGS the caller already set are kept.
@@ -19,6 +21,17 @@ if "xla_force_host_platform_device_count" not in _flags:
 # and LLVM's levels keep IEEE results, so a test compares the values users get. An environment variable, so the
 # scripts that tests start as subprocesses compile the same way; JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it off.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+# A compilation cache on disk for this run only, shared by pytest-xdist's workers (they inherit the controller's
+# environment) and the scripts tests start: every module drops its compiled programs when it ends (below), and later
+# modules, the other worker and the subprocesses compile many of the same programs (the demo model's steps) again.
+# 231 -> 200 s for the generation, decode and scheduler modules. A hit still reports JAX's backend-compile event,
+# so the tests that check that nothing recompiles (inference.clock) see it. A directory set by the caller is kept.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="model1-jax-test-cache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the suite's programs compile in under 1 s
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -67,6 +80,11 @@ def pytest_configure(config):
     config.oracle_left_out = {"modules": set(), "tests": 0}
     if config.getoption("--no-oracle"):
         sys.meta_path.insert(0, _BlockOracleImports())
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE and not hasattr(config, "workerinput"):  # the process that made the cache directory: the controller
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_ignore_collect(collection_path, config):
