@@ -114,6 +114,30 @@ def test_one_compiled_step_and_donated_caches(tiny):
     assert [f for f in clock.compiled if "_chunk_step" in f] == [], "decode steps must not recompile"
 
 
+def test_compile_clock_counts_programs_served_from_the_compilation_cache():
+    """The suite runs with a compilation cache on disk (tests/conftest.py). A program served from it must still
+    count as compiled, or the tests that check that nothing recompiles could not fail."""
+    if not jax.config.jax_compilation_cache_dir:
+        pytest.skip("the compilation cache is off (JAX_COMPILATION_CACHE_DIR set empty by the caller)")
+    hits = []
+
+    def listen(event, **kwargs):
+        if event == "/jax/compilation_cache/cache_hits":
+            hits.append(event)
+
+    step = jax.jit(lambda x: jnp.cumsum(x * 3.0 + 1.0))  # a program of this test only
+    step(jnp.arange(7.0)).block_until_ready()
+    jax.clear_caches()  # what the suite does between modules: only the cache on disk still holds the program
+    jax.monitoring.register_event_listener(listen)
+    try:
+        with CompileClock() as clock:
+            step(jnp.arange(7.0)).block_until_ready()
+    finally:
+        jax.monitoring.unregister_event_listener(listen)
+    assert hits, "not served from the compilation cache: is JAX_COMPILATION_CACHE_DIR set (tests/conftest.py)?"
+    assert any("lambda" in f for f in clock.compiled), clock.compiled
+
+
 # ------------------------------------------------------------------------------------------------------
 # Quantized caches
 
