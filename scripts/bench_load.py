@@ -192,15 +192,20 @@ def _status(field: str) -> int:
     return value
 
 
+def _files(path: pathlib.Path, suffix: str = "") -> list[pathlib.Path]:
+    """The files under `path` whose names end in `suffix`, sorted."""
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(suffix))
+
+
 def _files_bytes(path: pathlib.Path, suffix: str = "") -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.name.endswith(suffix))
+    return sum(p.stat().st_size for p in _files(path, suffix))
 
 
 def plain_read(path: pathlib.Path, suffix: str = ".safetensors") -> int:
     """Reads every file under `path` ending in `suffix` once, sequentially, into one reused 64 MiB buffer."""
     buffer = bytearray(64 << 20)
     view, total = memoryview(buffer), 0
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(suffix)):
+    for file in _files(path, suffix):
         fd = os.open(file, os.O_RDONLY)
         try:
             while (n := os.readv(fd, [view])) > 0:
@@ -220,9 +225,10 @@ def read_into_new_memory(path: pathlib.Path, suffix: str = ".safetensors") -> li
     import mmap
     from concurrent.futures import ThreadPoolExecutor
 
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(suffix))
-    pieces = [(file, offset, min(NEW_PIECE_BYTES, size - offset))
-              for file in files for size in [file.stat().st_size] for offset in range(0, size, NEW_PIECE_BYTES)]
+    pieces = []
+    for file in _files(path, suffix):
+        size = file.stat().st_size
+        pieces += [(file, offset, min(NEW_PIECE_BYTES, size - offset)) for offset in range(0, size, NEW_PIECE_BYTES)]
 
     def read(piece):
         file, offset, n = piece
