@@ -70,8 +70,9 @@ def main() -> int:
             print("dry run: checkpoint is valid; nothing written")
             return 0
         _fixed_mmap_threshold()
-        rss_start = process_memory("VmRSS")
         exact_peak = reset_peak_memory(trim=False)
+        # read after the reset (VmHWM := VmRSS then): read before it, a page freed in between left the peak under it
+        rss_start = process_memory("VmRSS")
         stats = convert.convert(args.source, args.output, dtype=dtype, quantized=quantized, overwrite=args.overwrite,
                                 budget_bytes=budget, progress=not args.no_progress, workers=args.workers)
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
