@@ -11,14 +11,16 @@ memory is its own (Linux VmHWM, reset after start-up), `--repeat` times:
   read_new              the files read into new memory of the process, kept to the end (a thread per CPU, 32 MiB
                         pieces, each in its own anonymous map with the kernel's defaults): the ceiling of any loader
                         that holds the checkpoint's bytes in host memory, which must create that much new memory
-  copy                  the files copied into new files and fsynced (a thread per file, up to the CPUs): the
-                        ceiling of a conversion whose output is as large as its source (fp8), in its conditions
+  copy                  the files copied into new files through the page cache and fsynced (a thread per file, up
+                        to the CPUs): what writing costs a converter that writes the ordinary way
+  copy_direct           the same copy with direct I/O writes (from an aligned buffer to the disk): the ceiling of a
+                        conversion whose output is as large as its source (fp8), written as the converter writes
   from_pretrained       dense bf16 (FP8/FP4 dequantized exactly)
   from_pretrained_q     `quantized=True` (FP8/FP4 kept block-quantized)
   convert_bf16 / _fp8   the converter (`io.convert.convert`, as scripts/convert_checkpoint.py --weights bf16 / fp8)
   load_bf16 / _fp8      `m1.load` of those outputs
 
-The converter and `copy` write into an empty directory (one per code under comparison, so that each code's `load`
+The converter and the copies write into an empty directory (one per code under comparison, so that each code's `load`
 reads what its own converter wrote): the previous run's output is deleted before the clock
 starts (deleting a 4 GB checkpoint took 1.5-1.8 s here, and is not conversion). The converter drops each item
 from the page cache once it is on disk, so `load` stages first read the Orbax files once (before the clock)
@@ -67,8 +69,8 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-STAGES = ("read", "read_new", "copy", "from_pretrained", "from_pretrained_q", "convert_bf16", "convert_fp8",
-          "load_bf16", "load_fp8")
+STAGES = ("read", "read_new", "copy", "copy_direct", "from_pretrained", "from_pretrained_q", "convert_bf16",
+          "convert_fp8", "load_bf16", "load_fp8")
 GENERATOR_VERSION = 1
 
 
@@ -277,16 +279,50 @@ def _copy_file(file: pathlib.Path, out: pathlib.Path) -> int:
     return total
 
 
-def plain_copy(path: pathlib.Path, out: pathlib.Path) -> int:
+DIRECT_BLOCK = 4096  # direct writes in whole blocks from block-aligned memory (model1_jax.io.direct_write.BLOCK)
+
+
+def _copy_file_direct(file: pathlib.Path, out: pathlib.Path) -> int:
+    import fcntl
+    import mmap
+
+    buffer = mmap.mmap(-1, 64 << 20)  # page-aligned, reused
+    view, total = memoryview(buffer), 0
+    src = os.open(file, os.O_RDONLY)
+    dst = os.open(out / file.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
+    try:
+        while (n := os.readv(src, [view])) > 0:
+            whole = n // DIRECT_BLOCK * DIRECT_BLOCK
+            written = 0
+            while written < whole:
+                written += os.pwrite(dst, view[written:whole], total + written)
+            if whole < n:  # the file's last piece: its tail is not a whole block
+                fcntl.fcntl(dst, fcntl.F_SETFL, fcntl.fcntl(dst, fcntl.F_GETFL) & ~os.O_DIRECT)
+                while written < n:
+                    written += os.pwrite(dst, view[written:n], total + written)
+            total += n
+        os.fsync(dst)  # the file's size and blocks, and the device's cache
+    finally:
+        os.close(src)
+        os.close(dst)
+        view.release()
+        buffer.close()
+    return total
+
+
+def plain_copy(path: pathlib.Path, out: pathlib.Path, direct: bool = False) -> int:
     """Copies every safetensors file into `out`, a thread per file (as many at once as CPUs) through a 64 MiB
     buffer each, fsyncing (and dropping from the page cache) every 256 MiB written, then the directory — as the
-    converter does with each Orbax item and at its commit."""
+    converter did with each Orbax item and at its commit. `direct`: written with direct I/O instead, from the
+    page-aligned buffer to the disk, as the converter writes its arrays now (`io.direct_write`), and fsynced at
+    the end of each file."""
     from concurrent.futures import ThreadPoolExecutor
 
     out.mkdir(parents=True)
     files = sorted(path.glob("*.safetensors"))
+    copy = _copy_file_direct if direct else _copy_file
     with ThreadPoolExecutor(min(len(files), os.cpu_count() or 1)) as pool:
-        total = sum(pool.map(lambda f: _copy_file(f, out), files))
+        total = sum(pool.map(lambda f: copy(f, out), files))
     fd = os.open(out, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -331,8 +367,8 @@ def run_stage(stage: str, ckpt: pathlib.Path, work: pathlib.Path, settle: float 
     elif stage == "read_new":
         kept = read_into_new_memory(ckpt)
         nbytes = sum(len(region) for region in kept)
-    elif stage == "copy":
-        nbytes = plain_copy(ckpt, out)
+    elif stage in ("copy", "copy_direct"):
+        nbytes = plain_copy(ckpt, out, direct=stage == "copy_direct")
     elif stage in ("from_pretrained", "from_pretrained_q"):
         kept = m1.from_pretrained(ckpt, dtype=jnp.bfloat16, quantized=stage.endswith("_q"))
         ready(kept)

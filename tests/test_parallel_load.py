@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import model1_jax as m1
-from model1_jax.io import convert, hf, reader, regions, relayout
+from model1_jax.io import convert, direct_write, hf, reader, regions, relayout
 from model1_jax.io import orbax as checkpoint
 from model1_jax.io.names import Slot, to_model_arrangement
 from model1_jax.model import quant
@@ -246,15 +246,20 @@ def test_interrupted_conversion_leaves_nothing_half_written(where, checkpoints, 
     assert threading.active_count() < 20  # no reader or writer threads left behind
 
 
-def test_ring_reuse_keeps_every_byte(checkpoints, tmp_path):
+def test_ring_reuse_keeps_every_byte(checkpoints, tmp_path, monkeypatch):
     """With a tiny item budget the converter's ring is reused many times over; what it wrote equals what
     `from_pretrained` (fresh buffers, no Orbax) reads from the same files."""
-    plan = hf.plan_checkpoint(checkpoints["hf"], dtype=jnp.bfloat16, keep_quantized=True)
-    mem = convert.memory_plan(plan, quantized=True, budget_bytes=100_000)
-    assert mem.ring * 4 < mem.output_bytes
+    carved, capacity, take = [], [], convert.Ring._take
+
+    def counting_take(ring, n, writer):
+        carved.append(n)
+        capacity.append(ring.capacity)
+        return take(ring, n, writer)
+
+    monkeypatch.setattr(convert.Ring, "_take", counting_take)
     stats = convert.convert(checkpoints["hf"], tmp_path / "out", dtype=jnp.bfloat16, quantized=True,
                             progress=False, workers=3, budget_bytes=100_000)
-    assert stats.items > 8
+    assert stats.items > 8 and sum(carved) > 4 * capacity[0]  # every byte of the ring reused about four times
     want = bits(m1.from_pretrained(checkpoints["hf"], dtype=jnp.bfloat16, quantized=True, workers=1))
     assert bits(m1.load(tmp_path / "out", dtype=jnp.bfloat16)) == want
 
@@ -295,6 +300,39 @@ def test_converted_bytes_do_not_depend_on_workers(checkpoints, tmp_path):
                         progress=False, workers=workers, budget_bytes=300_000)
         runs.append(bits(m1.load(tmp_path / str(workers), dtype=jnp.bfloat16)))
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+def test_the_converter_writes_every_array_from_the_ring_to_the_disk_directly(quantized, checkpoints, tmp_path,
+                                                                              monkeypatch):
+    """Every array of every item is one zarr chunk written by `direct_write` (not by TensorStore through the page
+    cache), straight from its block-aligned place in the ring; the whole blocks of each went direct wherever the
+    file system takes O_DIRECT. What was written loads as what `from_pretrained` reads."""
+    written, write = [], direct_write.write_new_file
+
+    def recording_write(path, array):
+        direct = write(path, array)
+        written.append((array.nbytes, array.ctypes.data % direct_write.BLOCK, direct))
+        return direct
+
+    monkeypatch.setattr(direct_write, "write_new_file", recording_write)
+    stats = convert.convert(checkpoints["hf"], tmp_path / "out", dtype=jnp.bfloat16, quantized=quantized,
+                            progress=False, budget_bytes=300_000)
+    manifest = checkpoint.read_manifest(stats.path)["params"]
+    arrays = sum(2 if "format" in entry else 1 for entry in manifest.values())
+    assert stats.items > 2 and len(written) == arrays
+    assert all(offset == 0 for _, offset, _ in written)
+    assert sum(n for n, _, _ in written) == stats.output_bytes
+    probe = tmp_path / "probe"
+    try:  # does this file system take O_DIRECT at all?
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o644))
+        takes_direct = hasattr(os, "O_DIRECT")
+    except OSError:
+        takes_direct = False
+    if takes_direct:
+        assert all(direct == n // direct_write.BLOCK * direct_write.BLOCK for n, _, direct in written)
+    want = bits(m1.from_pretrained(checkpoints["hf"], dtype=jnp.bfloat16, quantized=quantized, workers=1))
+    assert bits(m1.load(stats.path, dtype=jnp.bfloat16)) == want
 
 
 def test_progress_bar_reports_a_rate(checkpoints, capsys):

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model1_jax.common import human_bytes
-from model1_jax.io import hostmem
+from model1_jax.io import direct_write, hostmem
 from model1_jax.io import orbax as checkpoint
 from model1_jax.io.hf import CheckpointPlan, Unit, plan_checkpoint, unit_output_bytes
 from model1_jax.io.reader import CHUNK_BYTES, Buffer, default_workers, new_pool, progress_bar
@@ -40,7 +40,9 @@ from model1_jax.io.regions import read_units
 # indices and dense band of a dequantization and the words of a transpose band (under 3 MiB:
 # `relayout.LOOKUP_BYTES`, `relayout.PLACE_BYTES`, `relayout.WORDS_BYTES`).
 SCRATCH_BYTES = 3 * CHUNK_BYTES + (3 << 20)
-ALIGN = 64  # every array in the ring starts on a 64-byte boundary: at most this much padding per array
+# Every array in the ring starts on a block boundary, so that the writer sends it to the disk with direct I/O
+# (`io.direct_write`): at most this much padding per array.
+ALIGN = direct_write.BLOCK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +116,11 @@ class Ring:
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        # In huge pages, faulted in by the readers as they first fill it (io.hostmem: a reused buffer)
-        self.memory = hostmem.empty((capacity,), np.uint8, reused=True)
+        # In huge pages, faulted in by the readers as they first fill it (io.hostmem: a reused buffer); starting
+        # on a block (a map is page-aligned, a small ring only 64-byte aligned by hostmem)
+        raw = hostmem.empty((capacity + ALIGN,), np.uint8, reused=True)
+        start = -raw.ctypes.data % ALIGN
+        self.memory = raw[start:start + capacity]
         # [start, end, item] of each buffer in order; item: the Orbax item holding it (None until handed over)
         self.regions: collections.deque[list] = collections.deque()
 

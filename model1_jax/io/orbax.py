@@ -28,12 +28,15 @@ which float8 types a given Orbax/TensorStore version supports); the manifest rec
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gc
 import json
+import logging
 import os
 import re
 import shutil
+import sys
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,6 +50,7 @@ import tensorstore as ts
 from flax import nnx
 
 from model1_jax.config import Config, DSparkConfig, RopeScaling
+from model1_jax.io import direct_write
 from model1_jax.io.hf import CheckpointError
 from model1_jax.model import quant
 from model1_jax.model.transformer import Model1, abstract_model
@@ -146,10 +150,13 @@ def nest(flat: dict[tuple, Any]) -> dict:
 
 # -- Orbax items ------------------------------------------------------------------------------------
 
-class _UnsyncedNumpyHandler(ocp.type_handlers.NumpyHandler):
-    """Writes NumPy leaves through a TensorStore context without per-file fsync (the Writer fsyncs the item
-    afterwards). One child context per Orbax context (Orbax makes one per save), so that an item's leaves still
-    share one OCDBT writer."""
+class _DirectNumpyHandler(ocp.type_handlers.NumpyHandler):
+    """The streaming converter's NumPy leaves. The item is written without OCDBT, so that every array is a zarr
+    array of its own whose single chunk file holds exactly the array's bytes (uncompressed, C order). TensorStore
+    creates the array (its `.zarray`), and the chunk file is written here with `direct_write`, from the array's
+    memory to the disk rather than through the page cache. Where the array is not such a chunk (another Orbax
+    layout), TensorStore writes it. No per-file fsync: the Writer fsyncs the item afterwards, through a child
+    context per Orbax context (Orbax makes one per save)."""
 
     def __init__(self):
         super().__init__(deepcopy_host_arrays=False)
@@ -163,16 +170,53 @@ class _UnsyncedNumpyHandler(ocp.type_handlers.NumpyHandler):
             info.ts_context = children[id(parent)]
         return await super().serialize(values, infos, args)
 
+    async def _open_and_write(self, value, tspec, ts_context):  # NumpyHandler's step for one array
+        store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+        chunk = raw_chunk_file(store, value)
+        if chunk is None:
+            await store.write(value, can_reference_source_data_indefinitely=True)  # as NumpyHandler does
+        else:
+            await asyncio.to_thread(direct_write.write_new_file, chunk, value)
+
+
+def raw_chunk_file(store: ts.TensorStore, value: np.ndarray) -> str | None:
+    """The path of the file holding `store`'s data if that is a single uncompressed chunk whose bytes are
+    `value`'s own (zarr v2 on the local file system, one chunk of the whole shape, C order, no filters, the
+    same element width, little-endian), else None."""
+    spec = store.spec().to_json()
+    meta, kvstore = spec.get("metadata", {}), spec.get("kvstore", {})
+    raw = (spec.get("driver") == "zarr" and kvstore.get("driver") == "file" and meta.get("compressor") is None
+           and not meta.get("filters") and meta.get("order") == "C" and list(meta.get("chunks", ())) ==
+           list(value.shape) and list(meta.get("shape", ())) == list(value.shape) and value.flags.c_contiguous
+           and store.dtype.numpy_dtype.itemsize == value.dtype.itemsize and sys.byteorder == "little"
+           and not str(meta.get("dtype", "")).startswith(">"))
+    if not raw:
+        return None
+    key = meta.get("dimension_separator", ".").join("0" * value.ndim) or "0"
+    return os.path.join(kvstore["path"], key)
+
+
+class _NoOcdbtMergeWarning(logging.Filter):
+    """Drops the warning Orbax logs after saving every item written without OCDBT, that it found no OCDBT files
+    to merge (it tries unconditionally): the converter's items are written so on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Skipping merge of OCDBT checkpoints" not in str(record.msg)
+
+
+_NO_OCDBT_MERGE_WARNING = _NoOcdbtMergeWarning()
+
 
 def _handler(sync: bool = True) -> ocp.PyTreeCheckpointHandler:
-    """PyTree handler whose NumPy leaves are written without the defensive host copy (the copy would
-    double the converter's buffer while it is written), and without fsync unless `sync`."""
-    numpy_handler = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False) if sync else _UnsyncedNumpyHandler()
+    """PyTree handler whose NumPy leaves are written without the defensive host copy (the copy would double the
+    converter's buffer while it is written). `sync`: TensorStore writes and fsyncs every file, into OCDBT (`save`);
+    else `_DirectNumpyHandler` writes the arrays, one zarr array each, and the Writer fsyncs them."""
+    numpy_handler = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False) if sync else _DirectNumpyHandler()
     registry = ocp.type_handlers.create_type_handler_registry(
         (np.ndarray, numpy_handler), (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
     # Uncompressed: zstd costs more time than it saves on FP8/FP4 codes and bf16 mantissas, and its
     # output buffers would add a copy of each item to the converter's peak memory.
-    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False, use_ocdbt=sync)
 
 
 _bitcast = jax.jit(jax.lax.bitcast_convert_type, static_argnums=1)  # keeps the input's sharding
@@ -242,6 +286,8 @@ class Writer:
         self.saved = 0  # items whose Orbax save has returned: their arrays are no longer used
         self.defer_sync = defer_sync
         self._checkpointer = ocp.Checkpointer(_handler(sync=not defer_sync))
+        if defer_sync:
+            logging.getLogger("absl").addFilter(_NO_OCDBT_MERGE_WARNING)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="model1-write") if background else None
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="model1-fsync") if defer_sync else None
         self._writing: Future | None = None
@@ -376,6 +422,7 @@ class Writer:
             if pool is not None:
                 pool.shutdown()
         self._checkpointer.close()
+        logging.getLogger("absl").removeFilter(_NO_OCDBT_MERGE_WARNING)
 
 
 # -- save / load ------------------------------------------------------------------------------------
