@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from model1_jax.io import direct_write, hostmem
-from model1_jax.io import orbax as checkpoint
+from model1_jax.io import direct_write, hostmem, orbax_handlers
 
 BLOCK = direct_write.BLOCK
 
@@ -100,7 +99,7 @@ def test_a_raw_chunk_written_directly_reads_back_through_tensorstore(shape, dtyp
             "metadata": {"shape": list(shape), "chunks": list(shape), "compressor": None},
             "dtype": np.dtype(dtype).name}
     store = ts.open(spec, create=True, open=True).result()
-    chunk = checkpoint.raw_chunk_file(store, value)
+    chunk = orbax_handlers.raw_chunk_file(store, value)
     assert chunk is not None
     direct_write.write_new_file(chunk, value)
     got = ts.open({**spec, "metadata": {}}, open=True).result().read().result()
@@ -121,4 +120,4 @@ def test_other_layouts_are_left_to_tensorstore(change, tmp_path):
     spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / "a")}, "metadata": meta,
             "dtype": dtype}
     store = ts.open(spec, create=True, open=True).result()
-    assert checkpoint.raw_chunk_file(store, value) is None
+    assert orbax_handlers.raw_chunk_file(store, value) is None

@@ -14,13 +14,16 @@ Layout of a checkpoint directory DIR:
 A save writes the new version beside the old one, commits it with one atomic `rename`, and only
 then deletes older versions, so a save interrupted at any point — exception or killed process —
 leaves the previous checkpoint loadable (Orbax's own commit is per item, which is not enough here).
-Every file of the version is on disk (fsync) before the rename. TensorStore fsyncs each file as it
-writes it, which serialises an item's write on the disk (about 0.8 GB/s here against 3 GB/s into the
-page cache); the streaming converter's `Writer(defer_sync=True)` instead writes host arrays without it
-and fsyncs each finished item from a second thread while the next ones are read and written. Once on
-disk, an item's pages are dropped from the page cache: the next items' writes reuse that memory rather than
-take pages the kernel has not touched yet — which a virtual machine may first have to obtain from its host,
-at several times the cost of the copy (the fp8 conversion ran 0.39 → 0.65 GB/s here with it).
+Every file of the version is on disk (fsync) before the rename. `save` leaves that to TensorStore, which
+fsyncs each file as it writes it (OCDBT items). The streaming converter's `Writer(defer_sync=True)`
+writes host arrays differently: its items are written without OCDBT, one zarr array per parameter array
+holding a single uncompressed chunk, and that chunk file is written with direct I/O from the array's
+memory to the disk (`io.direct_write`), not copied through the page cache — whose new pages a virtual
+machine may first have to obtain from its host, at several times the cost of the copy. A second thread
+fsyncs each finished item (file sizes, metadata, the device's cache) while the next ones are read and
+written, and drops what the page cache holds of it (the small metadata files). On the benchmark this took
+the fp8 conversion from 0.60 to 1.11 GB/s and the bf16 one from 0.20 to 0.32 (docs/checkpoints.md §8.3).
+Both layouts are Orbax's own, and `load` reads either.
 FP8 values and UE8M0 scales are stored as their uint8 bit patterns (bit-exact, and independent of
 which float8 types a given Orbax/TensorStore version supports); the manifest records their dtype.
 
@@ -28,7 +31,6 @@ which float8 types a given Orbax/TensorStore version supports); the manifest rec
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import gc
 import json
@@ -36,7 +38,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,11 +47,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-import tensorstore as ts
 from flax import nnx
 
 from model1_jax.config import Config, DSparkConfig, RopeScaling
-from model1_jax.io import direct_write
+from model1_jax.io import orbax_handlers
 from model1_jax.io.hf import CheckpointError
 from model1_jax.model import quant
 from model1_jax.model.transformer import Model1, abstract_model
@@ -150,75 +150,6 @@ def nest(flat: dict[tuple, Any]) -> dict:
 
 # -- Orbax items ------------------------------------------------------------------------------------
 
-class _DirectNumpyHandler(ocp.type_handlers.NumpyHandler):
-    """The streaming converter's NumPy leaves. The item is written without OCDBT, so that every array is a zarr
-    array of its own whose single chunk file holds exactly the array's bytes (uncompressed, C order). TensorStore
-    creates the array (its `.zarray`), and the chunk file is written here with `direct_write`, from the array's
-    memory to the disk rather than through the page cache. Where the array is not such a chunk (another Orbax
-    layout), TensorStore writes it. No per-file fsync: the Writer fsyncs the item afterwards, through a child
-    context per Orbax context (Orbax makes one per save)."""
-
-    def __init__(self):
-        super().__init__(deepcopy_host_arrays=False)
-
-    async def serialize(self, values, infos, args=None):
-        children: dict[int, ts.Context] = {}  # by id of the parent, which the infos keep alive meanwhile
-        for info in infos:
-            parent = info.ts_context
-            if id(parent) not in children:
-                children[id(parent)] = ts.Context(ts.Context.Spec({"file_io_sync": False}), parent)
-            info.ts_context = children[id(parent)]
-        return await super().serialize(values, infos, args)
-
-    async def _open_and_write(self, value, tspec, ts_context):  # NumpyHandler's step for one array
-        store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
-        chunk = raw_chunk_file(store, value)
-        if chunk is None:
-            await store.write(value, can_reference_source_data_indefinitely=True)  # as NumpyHandler does
-        else:
-            await asyncio.to_thread(direct_write.write_new_file, chunk, value)
-
-
-def raw_chunk_file(store: ts.TensorStore, value: np.ndarray) -> str | None:
-    """The path of the file holding `store`'s data if that is a single uncompressed chunk whose bytes are
-    `value`'s own (zarr v2 on the local file system, one chunk of the whole shape, C order, no filters, the
-    same element width, little-endian), else None."""
-    spec = store.spec().to_json()
-    meta, kvstore = spec.get("metadata", {}), spec.get("kvstore", {})
-    raw = (spec.get("driver") == "zarr" and kvstore.get("driver") == "file" and meta.get("compressor") is None
-           and not meta.get("filters") and meta.get("order") == "C" and list(meta.get("chunks", ())) ==
-           list(value.shape) and list(meta.get("shape", ())) == list(value.shape) and value.flags.c_contiguous
-           and store.dtype.numpy_dtype.itemsize == value.dtype.itemsize and sys.byteorder == "little"
-           and not str(meta.get("dtype", "")).startswith(">"))
-    if not raw:
-        return None
-    key = meta.get("dimension_separator", ".").join("0" * value.ndim) or "0"
-    return os.path.join(kvstore["path"], key)
-
-
-class _NoOcdbtMergeWarning(logging.Filter):
-    """Drops the warning Orbax logs after saving every item written without OCDBT, that it found no OCDBT files
-    to merge (it tries unconditionally): the converter's items are written so on purpose."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Skipping merge of OCDBT checkpoints" not in str(record.msg)
-
-
-_NO_OCDBT_MERGE_WARNING = _NoOcdbtMergeWarning()
-
-
-def _handler(sync: bool = True) -> ocp.PyTreeCheckpointHandler:
-    """PyTree handler whose NumPy leaves are written without the defensive host copy (the copy would double the
-    converter's buffer while it is written). `sync`: TensorStore writes and fsyncs every file, into OCDBT (`save`);
-    else `_DirectNumpyHandler` writes the arrays, one zarr array each, and the Writer fsyncs them."""
-    numpy_handler = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False) if sync else _DirectNumpyHandler()
-    registry = ocp.type_handlers.create_type_handler_registry(
-        (np.ndarray, numpy_handler), (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
-    # Uncompressed: zstd costs more time than it saves on FP8/FP4 codes and bf16 mantissas, and its
-    # output buffers would add a copy of each item to the converter's peak memory.
-    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False, use_ocdbt=sync)
-
-
 _bitcast = jax.jit(jax.lax.bitcast_convert_type, static_argnums=1)  # keeps the input's sharding
 
 
@@ -256,10 +187,12 @@ class Writer:
     `add` parameters one at a time; they are buffered and written as Orbax items, a new item
     whenever the buffer would exceed `budget_bytes` (None: one item). With `background`, an item is written
     by a thread while the next one is filled (at most one at a time; `writing_bytes` says how much it
-    holds). With `defer_sync` (host arrays only), items are written without TensorStore's per-file fsync
-    and a third thread fsyncs each finished item (then drops its pages from the page cache) while the next
-    ones are written; the commit waits for it, so the guarantee is the same. Use as a context manager: the
-    version is committed on normal exit and discarded if an exception escapes.
+    holds). With `defer_sync` (host arrays only), items are written without OCDBT and without per-file fsync,
+    each array's bytes with direct I/O (`orbax_handlers.DirectNumpyHandler`: an array starting on a block goes
+    direct in whole blocks), and a third thread fsyncs each finished item (then drops its pages
+    from the page cache) while the next ones are written; the commit waits for it, so the guarantee is the
+    same. Use as a context manager: the version is committed on normal exit and discarded if an exception
+    escapes.
     """
 
     def __init__(self, directory: str | os.PathLike, config: Config, *, overwrite: bool = False,
@@ -285,9 +218,9 @@ class Writer:
         self.buffer_bytes = self.writing_bytes = 0
         self.saved = 0  # items whose Orbax save has returned: their arrays are no longer used
         self.defer_sync = defer_sync
-        self._checkpointer = ocp.Checkpointer(_handler(sync=not defer_sync))
+        self._checkpointer = ocp.Checkpointer(orbax_handlers.handler(sync=not defer_sync))
         if defer_sync:
-            logging.getLogger("absl").addFilter(_NO_OCDBT_MERGE_WARNING)
+            logging.getLogger("absl").addFilter(orbax_handlers.NO_OCDBT_MERGE_WARNING)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="model1-write") if background else None
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="model1-fsync") if defer_sync else None
         self._writing: Future | None = None
@@ -422,7 +355,7 @@ class Writer:
             if pool is not None:
                 pool.shutdown()
         self._checkpointer.close()
-        logging.getLogger("absl").removeFilter(_NO_OCDBT_MERGE_WARNING)
+        logging.getLogger("absl").removeFilter(orbax_handlers.NO_OCDBT_MERGE_WARNING)
 
 
 # -- save / load ------------------------------------------------------------------------------------
