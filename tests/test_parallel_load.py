@@ -10,6 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -333,6 +334,31 @@ def test_the_converter_writes_every_array_from_the_ring_to_the_disk_directly(qua
         assert all(direct == n // direct_write.BLOCK * direct_write.BLOCK for n, _, direct in written)
     want = bits(m1.from_pretrained(checkpoints["hf"], dtype=jnp.bfloat16, quantized=quantized, workers=1))
     assert bits(m1.load(stats.path, dtype=jnp.bfloat16)) == want
+
+
+def test_plain_orbax_restores_the_converters_items(checkpoints, tmp_path):
+    """The items written without OCDBT are ordinary Orbax checkpoints: Orbax's own PyTreeCheckpointer, with none of
+    this library's handlers, restores every array with the bytes `from_pretrained` reads."""
+    stats = convert.convert(checkpoints["hf"], tmp_path / "out", dtype=jnp.bfloat16, quantized=True,
+                            progress=False, budget_bytes=300_000)
+    manifest = checkpoint.read_manifest(stats.path)
+    restored = {}
+    for item in manifest["items"]:
+        tree = ocp.PyTreeCheckpointer().restore(os.path.join(stats.path, item))
+        restored.update({tuple(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
+                         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]})
+    want = m1.from_pretrained(checkpoints["hf"], dtype=jnp.bfloat16, quantized=True, workers=1)
+    compared = 0
+    for path, var in nnx.to_flat_state(nnx.state(want)):
+        value = var.get_value()
+        key = tuple(map(str, path))
+        arrays = {key + (k,): getattr(value, k) for k in checkpoint.QUANT_ARRAYS} if isinstance(
+            value, quant.BlockQuantized) else {key: value}
+        for k, array in arrays.items():
+            array = np.asarray(array)
+            assert restored[k].tobytes() == array.view(restored[k].dtype).tobytes(), k
+            compared += 1
+    assert compared == len(restored)
 
 
 def test_progress_bar_reports_a_rate(checkpoints, capsys):
