@@ -33,14 +33,20 @@ def _mapping(address: int) -> dict | None:
 
 @pytest.mark.parametrize("shape,dtype", [((3, 5), np.float32), ((0,), np.uint8), ((1024, 2048), np.uint16),
                                          ((4, 1 << 20), np.float32)])
-def test_empty_is_an_aligned_writable_array(shape, dtype):
-    array = hostmem.empty(shape, dtype)
+@pytest.mark.parametrize("align", [hostmem.ALIGN, 4096])
+def test_empty_is_an_aligned_writable_array(shape, dtype, align):
+    array = hostmem.empty(shape, dtype, align=align)
     assert array.shape == shape and array.dtype == dtype
     assert array.flags.c_contiguous and array.flags.writeable
-    assert array.size == 0 or array.ctypes.data % hostmem.ALIGN == 0  # (an empty array has no data to align)
+    assert array.size == 0 or array.ctypes.data % align == 0  # (an empty array has no data to align)
     values = np.arange(array.size, dtype=np.int64).astype(dtype).reshape(shape)
     array[...] = values
     np.testing.assert_array_equal(array, values)
+
+
+def test_alignment_over_a_page_is_refused():
+    with pytest.raises(ValueError, match="over a page"):
+        hostmem.empty((8,), np.uint8, align=2 * mmap.PAGESIZE)
 
 
 @linux

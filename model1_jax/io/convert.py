@@ -116,11 +116,8 @@ class Ring:
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        # In huge pages, faulted in by the readers as they first fill it (io.hostmem: a reused buffer); starting
-        # on a block (a map is page-aligned, a small ring only 64-byte aligned by hostmem)
-        raw = hostmem.empty((capacity + ALIGN,), np.uint8, reused=True)
-        start = -raw.ctypes.data % ALIGN
-        self.memory = raw[start:start + capacity]
+        # In huge pages, faulted in by the readers as they first fill it (io.hostmem: a reused buffer)
+        self.memory = hostmem.empty((capacity,), np.uint8, reused=True, align=ALIGN)
         # [start, end, item] of each buffer in order; item: the Orbax item holding it (None until handed over)
         self.regions: collections.deque[list] = collections.deque()
 

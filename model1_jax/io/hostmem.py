@@ -33,19 +33,21 @@ _NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", None)  # Linux only; elsewhere a 
 _HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 
 
-def empty(shape, dtype, *, reused: bool = False) -> np.ndarray:
-    """An uninitialised C-contiguous array, 64-byte aligned; from 4 MiB up in its own anonymous map (freed, like
-    any array, when the last reference goes). A buffer written once (the default) is advised against huge pages;
-    its writers fault its pages in. A `reused` one — long-lived, refilled over and over, like the converter's ring
-    — is advised to use huge pages: their first touch is paid once, and the transposes writing into it again and
-    again gain from the TLB's reach (the bf16 conversion ran 0.141 / 0.115 GB/s against 0.123 / 0.086 in small
-    pages, two interleaved pairs)."""
+def empty(shape, dtype, *, reused: bool = False, align: int = ALIGN) -> np.ndarray:
+    """An uninitialised C-contiguous array starting on an `align`-byte boundary (64 by default; at most a page);
+    from 4 MiB up in its own anonymous map (page-aligned; freed, like any array, when the last reference goes). A
+    buffer written once (the default) is advised against huge pages; its writers fault its pages in. A `reused`
+    one — long-lived, refilled over and over, like the converter's ring — is advised to use huge pages: their first
+    touch is paid once, and the transposes writing into it again and again gain from the TLB's reach (the bf16
+    conversion ran 0.141 / 0.115 GB/s against 0.123 / 0.086 in small pages, two interleaved pairs)."""
     dtype = np.dtype(dtype)
     shape = tuple(shape)
     nbytes = math.prod(shape) * dtype.itemsize
+    if align > mmap.PAGESIZE:
+        raise ValueError(f"hostmem.empty: alignment {align} is over a page ({mmap.PAGESIZE} bytes)")
     if nbytes < MAP_BYTES:
-        raw = np.empty(nbytes + ALIGN, np.uint8)
-        start = -raw.ctypes.data % ALIGN
+        raw = np.empty(nbytes + align, np.uint8)
+        start = -raw.ctypes.data % align
         return raw[start:start + nbytes].view(dtype).reshape(shape)
     # private (Python's default for an anonymous map is shared: tmpfs pages), page-aligned, zero-filled
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
