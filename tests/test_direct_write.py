@@ -10,19 +10,9 @@ import pytest
 import tensorstore as ts
 
 from model1_jax.io import direct_write, hostmem, orbax_handlers
+from tests.util import takes_direct_io
 
 BLOCK = direct_write.BLOCK
-
-
-def _direct_supported(directory) -> bool:
-    """Whether this file system takes O_DIRECT at all (tmpfs before Linux 6.6 does not)."""
-    if not getattr(os, "O_DIRECT", 0):
-        return False
-    try:
-        os.close(os.open(os.path.join(directory, "probe"), os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644))
-        return True
-    except OSError:
-        return False
 
 
 def _aligned(nbytes: int, seed: int = 0) -> np.ndarray:
@@ -40,7 +30,7 @@ def test_bytes_are_the_arrays_and_whole_blocks_go_direct(nbytes, tmp_path, monke
     path.write_bytes(b"x" * (nbytes + 10_000))  # a longer file is truncated
     direct = direct_write.write_new_file(path, array)
     assert path.read_bytes() == array.tobytes()
-    assert direct == (nbytes // BLOCK * BLOCK if _direct_supported(tmp_path) else 0)
+    assert direct == (nbytes // BLOCK * BLOCK if takes_direct_io(tmp_path) else 0)
 
 
 def test_unaligned_memory_is_written_buffered(tmp_path):
@@ -64,7 +54,7 @@ def test_file_systems_without_direct_io_get_the_same_bytes(tmp_path, monkeypatch
 
 
 def test_a_device_refusing_the_alignment_midway_gets_a_buffered_rest(tmp_path, monkeypatch):
-    if not _direct_supported(tmp_path):
+    if not takes_direct_io(tmp_path):
         pytest.skip("this file system does not take O_DIRECT")
     monkeypatch.setattr(direct_write, "PIECE", 2 * BLOCK)
     real_pwrite, calls = os.pwrite, []

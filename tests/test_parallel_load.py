@@ -20,6 +20,7 @@ from model1_jax.io import orbax as checkpoint
 from model1_jax.io.names import Slot, to_model_arrangement
 from model1_jax.model import quant
 from tests import synthetic as syn
+from tests.util import takes_direct_io
 
 # Wide enough that every split of the presets below divides the FP8/FP4 scale grids too (heads of 128 with
 # 128-row blocks, 4 indexer heads of 64, expert width 256), still a few MiB.
@@ -324,13 +325,7 @@ def test_the_converter_writes_every_array_from_the_ring_to_the_disk_directly(qua
     assert stats.items > 2 and len(written) == arrays
     assert all(offset == 0 for _, offset, _ in written)
     assert sum(n for n, _, _ in written) == stats.output_bytes
-    probe = tmp_path / "probe"
-    try:  # does this file system take O_DIRECT at all?
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o644))
-        takes_direct = hasattr(os, "O_DIRECT")
-    except OSError:
-        takes_direct = False
-    if takes_direct:
+    if takes_direct_io(tmp_path):
         assert all(direct == n // direct_write.BLOCK * direct_write.BLOCK for n, _, direct in written)
     want = bits(m1.from_pretrained(checkpoints["hf"], dtype=jnp.bfloat16, quantized=quantized, workers=1))
     assert bits(m1.load(stats.path, dtype=jnp.bfloat16)) == want

@@ -1,5 +1,7 @@
 """Test utilities: fast random models and jitted forwards."""
 
+import os
+
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -36,3 +38,14 @@ def random_model(cfg: m1.Config, seed: int = 0, std: float = 0.2, dtype=jnp.floa
 forward = nnx.jit(lambda model, ids: model(ids))
 forward_with_mtp = nnx.jit(lambda model, ids: model.forward_with_mtp(ids))
 streams = nnx.jit(lambda model, ids: model.streams(ids))
+
+
+def takes_direct_io(directory) -> bool:
+    """Whether the file system of `directory` takes O_DIRECT at all (tmpfs before Linux 6.6 does not)."""
+    if not getattr(os, "O_DIRECT", 0):
+        return False
+    try:
+        os.close(os.open(os.path.join(directory, ".direct-io-probe"), os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644))
+        return True
+    except OSError:
+        return False
