@@ -266,6 +266,17 @@ def test_ring_reuse_keeps_every_byte(checkpoints, tmp_path, monkeypatch):
     assert bits(m1.load(tmp_path / "out", dtype=jnp.bfloat16)) == want
 
 
+def test_default_budget_keeps_the_ring_a_small_part_of_the_checkpoint(checkpoints):
+    """The ring (new memory, the dearest bytes on a VM) is at most an eighth of the source, or the largest unit; it
+    never exceeds one largest file; an explicit budget is taken as given."""
+    plan = hf.plan_checkpoint(checkpoints["original"], dtype=jnp.bfloat16, keep_quantized=True)
+    mem = convert.memory_plan(plan, quantized=True)
+    assert mem.budget <= mem.largest_file // 2 and mem.budget <= mem.source_bytes // convert.BUDGET_SHARE
+    assert mem.in_flight <= max(mem.source_bytes // 8, mem.largest_unit)
+    assert mem.in_flight <= max(mem.largest_file, mem.largest_unit)
+    assert convert.memory_plan(plan, quantized=True, budget_bytes=12345).budget == 12345
+
+
 def test_deferred_sync_puts_every_file_on_disk_before_the_commit(checkpoints, tmp_path, monkeypatch):
     synced, dropped, unsynced_at_commit = set(), set(), []
     fsync, rename = checkpoint._fsync, os.rename
