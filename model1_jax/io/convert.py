@@ -120,12 +120,14 @@ class Ring:
     """The host memory of the parameters in flight: one allocation, carved into the buffers of each batch in order
     and reused once the Orbax item holding them is written — so the conversion touches `capacity` bytes of fresh
     memory once, instead of the kernel zeroing new pages for every parameter (a fifth of the CPU time). Each
-    buffer is contiguous; a batch may wrap around the end between two buffers."""
+    buffer is contiguous; a batch may wrap around the end between two buffers. Faulted in by the readers as they
+    first fill it: in huge pages when most of its bytes are transposed into it (`huge_pages`, the dense conversions:
+    the TLB's reach speeds them, io.hostmem), in small pages otherwise — kept quantized, most bytes (the experts)
+    arrive as stored, and small pages are cheaper to create where the host has taken back free memory."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, huge_pages: bool = True):
         self.capacity = capacity
-        # In huge pages, faulted in by the readers as they first fill it (io.hostmem: a reused buffer)
-        self.memory = hostmem.empty((capacity,), np.uint8, reused=True, align=ALIGN)
+        self.memory = hostmem.empty((capacity,), np.uint8, reused=huge_pages, align=ALIGN)
         # [start, end, item] of each buffer in order; item: the Orbax item holding it (None until handed over)
         self.regions: collections.deque[list] = collections.deque()
 
@@ -218,7 +220,7 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, *, dtype=jnp.b
     mem = memory_plan(plan, quantized=quantized, budget_bytes=budget_bytes, workers=workers)
     start = time.perf_counter()
     sizes = [unit_output_bytes(u, plan.targets, quantized) for u in plan.units]
-    ring = Ring(mem.ring)
+    ring = Ring(mem.ring, huge_pages=not quantized)
     with progress_bar(mem.source_bytes, "converting", progress) as bar, new_pool(mem.workers) as pool, \
             checkpoint.Writer(output, plan.config, overwrite=overwrite, budget_bytes=mem.budget,
                               background=True, defer_sync=True) as writer:
