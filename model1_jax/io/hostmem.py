@@ -15,7 +15,7 @@ into lazily faulted memory took half the time of one (1.35-1.45 s against 2.2-2.
 checkpoint read into new memory by two threads, populated first or not).
 
 `empty` is the allocator of every loader buffer, `m1.load`'s included (`reused=True` for a long-lived buffer refilled
-many times, the converter's ring, which keeps huge pages).
+many times, like the dense conversions' ring, which keeps huge pages).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def empty(shape, dtype, *, reused: bool = False, align: int = ALIGN) -> np.ndarr
     """An uninitialised C-contiguous array starting on an `align`-byte boundary (64 by default; at most a page);
     from 4 MiB up in its own anonymous map (page-aligned; freed, like any array, when the last reference goes). A
     buffer written once (the default) is advised against huge pages; its writers fault its pages in. A `reused`
-    one — long-lived, refilled over and over, like the converter's ring — is advised to use huge pages: their first
+    one — long-lived, refilled over and over, like a dense conversion's ring — is advised to use huge pages: their first
     touch is paid once, and the transposes writing into it again and again gain from the TLB's reach (the bf16
     conversion ran 0.141 / 0.115 GB/s against 0.123 / 0.086 in small pages, two interleaved pairs)."""
     dtype = np.dtype(dtype)
