@@ -42,12 +42,13 @@ machine the wall-clock rate depends on how much of the cores the stage got, the 
 minimum, median and maximum over the repeats are reported (the user and system times: their medians). JSON
 goes to benchmarks/results/load_<label>_<date>.json.
 
-Ceiling. Beside each loader's rate stands the rate it would reach were it as fast, at each thing it must do, as
-the plain stages of the same repeat: read its source from the page cache (`read`), create the host memory it keeps
-(`read_new`, which reads into new memory), write its output (`copy_direct`, which reads and writes with direct I/O)
-— the slowest of the three bounding it. A dense load keeps its weights dequantized, 2.8 times the bytes of the
-released storage, so it must create that much new memory; the fp8 conversion writes as many bytes as it reads.
-Rates and ceilings vary together with the machine's memory conditions, their ratio much less.
+Ceiling. Beside each loader's median rate stands the rate it would reach were it as fast, at each thing it must
+do, as the plain stages were in the same run (their medians): read its source from the page cache (`read`), create
+the host memory it keeps (`read_new`, which reads into new memory), write its output (`copy_direct`, which reads
+and writes with direct I/O) — the slowest of the three bounding it. A dense load keeps its weights dequantized, 2.8
+times the bytes of the released storage, so it must create that much new memory; the fp8 conversion writes as many
+bytes as it reads. It is an estimate, not a bound: the cost of new memory changes from minute to minute here
+(`read_new` spans 0.7-4.4 GB/s across runs), so a stage may meet cheaper memory than the plain one did.
 
 To compare code, give `--baseline` a checkout of the other version (`git worktree add /tmp/base COMMIT`): each
 stage then runs with the baseline's library and with this checkout's, one right after the other, the first of
@@ -405,8 +406,8 @@ PLAIN = ("read", "read_new", "copy", "copy_direct")
 
 
 def ceiling(row: dict, plain: dict[str, dict]) -> float | None:
-    """GB/s of `row`'s stage at the rates of the plain stages of its repeat (`plain`: stage -> row; docstring), or
-    None for a plain stage, or without them."""
+    """GB/s of `row`'s stage at the plain stages' rates (`plain`: stage -> a row of it, or its median; docstring),
+    or None for a plain stage, or without them."""
     if row["stage"] in PLAIN or not {"read", "read_new", "copy_direct"} <= set(plain):
         return None
     seconds = [row["bytes"] / plain["read"]["gb_per_s"], row.get("kept_bytes", 0) / plain["read_new"]["gb_per_s"],
@@ -429,11 +430,7 @@ def spawn(stage: str, ckpt: pathlib.Path, work: pathlib.Path, settle: float, cod
 
 def summarize(rows: list[dict]) -> dict:
     rates, cpu = [r["gb_per_s"] for r in rows], [r["gb_per_cpu_s"] for r in rows]
-    ceilings = [r["ceiling_gb_per_s"] for r in rows if r.get("ceiling_gb_per_s")]
     return dict(stage=rows[0]["stage"], bytes=rows[0]["bytes"], runs=len(rows), gb_per_s_min=min(rates),
-                ceiling_gb_per_s_median=statistics.median(ceilings) if ceilings else None,
-                of_ceiling_median=statistics.median(r["gb_per_s"] / r["ceiling_gb_per_s"] for r in rows
-                                                    if r.get("ceiling_gb_per_s")) if ceilings else None,
                 gb_per_s_median=statistics.median(rates), gb_per_s_max=max(rates),
                 gb_per_cpu_s_median=statistics.median(cpu),
                 user_seconds_median=statistics.median(r["user_seconds"] for r in rows),
@@ -511,19 +508,19 @@ def main(argv=None) -> int:
                       f"{row['seconds']:7.2f} s  {row['gb_per_cpu_s']:7.3f} GB/CPU-s  "
                       f"peak +{row['peak_growth'] / 2**20:6.0f} MiB  (load average {row['load_average']:.1f})",
                       flush=True)
-    for by_stage in runs.values():  # each row's ceiling, from the plain stages of its own repeat
-        for repeat in range(ns.repeat):
-            plain = {s: by_stage[s][repeat] for s in PLAIN if s in by_stage}
-            for rows in by_stage.values():
-                rows[repeat]["ceiling_gb_per_s"] = ceiling(rows[repeat], plain)
     summaries = {code: [summarize(rows) for rows in by_stage.values()] for code, by_stage in runs.items()}
+    for code, by_stage in runs.items():  # each stage's ceiling, from the median rates of the plain stages
+        plain = {s["stage"]: {"gb_per_s": s["gb_per_s_median"]} for s in summaries[code] if s["stage"] in PLAIN}
+        for s, rows in zip(summaries[code], by_stage.values()):
+            s["ceiling_gb_per_s"] = ceiling(rows[0], plain)
+            s["of_ceiling"] = s["gb_per_s_median"] / s["ceiling_gb_per_s"] if s["ceiling_gb_per_s"] else None
     print(f"\n{'stage':<18} {'':<8} {'GB/s min':>9} {'median':>8} {'max':>8} {'ceiling':>8} {'of it':>6} "
           f"{'GB/CPU-s':>9} {'user s':>7} {'sys s':>6} {'peak +MiB':>10}")
     for i, stage in enumerate(stages):
         for code in codes:
             s = summaries[code][i]
-            limit = (f"{s['ceiling_gb_per_s_median']:8.3f} {s['of_ceiling_median']:6.0%}"
-                     if s["ceiling_gb_per_s_median"] else f"{'':8} {'':6}")
+            limit = (f"{s['ceiling_gb_per_s']:8.3f} {s['of_ceiling']:6.0%}" if s["ceiling_gb_per_s"]
+                     else f"{'':8} {'':6}")
             print(f"{stage:<18} {code if len(codes) > 1 else '':<8} {s['gb_per_s_min']:9.3f} "
                   f"{s['gb_per_s_median']:8.3f} {s['gb_per_s_max']:8.3f} {limit} {s['gb_per_cpu_s_median']:9.3f} "
                   f"{s['user_seconds_median']:7.2f} {s['system_seconds_median']:6.2f} "
