@@ -46,8 +46,7 @@ def main() -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing checkpoint in OUTPUT (atomically)")
     parser.add_argument("--budget-gb", type=float,
-                        help="parameters per Orbax item (default: half the largest source file, at most 1/16 of the "
-                             "checkpoint); peak host memory "
+                        help="parameters per Orbax item (default: half the largest source file); peak host memory "
                              "is about twice this plus the workers' scratch (--dry-run prints the bound)")
     parser.add_argument("--workers", type=int, help="reading threads (default: the CPUs this process may use)")
     parser.add_argument("--no-progress", action="store_true")

@@ -13,13 +13,9 @@ of max(2 × budget, largest unit) bytes, reused batch after batch:
 
 where a unit is one parameter (two for HF's merged gate_up_proj) in the output format and the scratch is
 a worker's reused buffers (`SCRATCH_BYTES`: three chunks of `reader.CHUNK_BYTES` and 3 MiB). With the default budget
-(half the largest source file, and at most a sixteenth of the checkpoint unless the largest unit is larger) this
-is the runtime plus at most one largest file plus a few MiB per worker, as long as no single output parameter is
-larger. The sixteenth matters for small checkpoints only (the released ones have 3.5-4.3 GB files among 40-170 GB):
-the ring is new memory, whose first touch is the dearest byte of a conversion on a virtual machine whose host has
-taken back free guest memory (docs/checkpoints.md §9), so it is kept to an eighth of the bytes converted — but
-never below two units, or writing a unit and reading the next could not overlap. `memory_plan` computes the
-bound for a given checkpoint; `describe` prints it (`--dry-run` reads only headers).
+(half the largest source file) this is the runtime plus about one largest file plus a few MiB per
+worker, as long as no single output parameter is larger. `memory_plan` computes the bound for a given
+checkpoint; `describe` prints it (`--dry-run` reads only headers).
 """
 
 from __future__ import annotations
@@ -47,9 +43,6 @@ SCRATCH_BYTES = 3 * CHUNK_BYTES + (3 << 20)
 # Every array in the ring starts on a block boundary, so that the writer sends it to the disk with direct I/O
 # (`io.direct_write`): at most this much padding per array.
 ALIGN = direct_write.BLOCK
-# The default item budget is at most this fraction of the checkpoint, or the largest unit (module docstring): the
-# ring, two budgets, is then at most an eighth of it, or two units — the one being written and the next one read.
-BUDGET_SHARE = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,13 +79,12 @@ def memory_plan(plan: CheckpointPlan, *, quantized: bool, budget_bytes: int | No
                 workers: int | None = None) -> MemoryPlan:
     """Bytes read and written, and the bound on host memory the conversion will need."""
     largest_file = max(os.path.getsize(f) for f in plan.files)
-    source = sum(u.source_bytes for u in plan.units)
-    outputs = [unit_output_bytes(u, plan.targets, quantized) for u in plan.units]
-    budget = budget_bytes if budget_bytes is not None else max(
-        1, min(largest_file // 2, max(source // BUDGET_SHARE, max(outputs))))
+    budget = max(1, largest_file // 2) if budget_bytes is None else budget_bytes
     workers = default_workers() if workers is None else workers
+    outputs = [unit_output_bytes(u, plan.targets, quantized) for u in plan.units]
     in_flight = max(2 * budget, max(outputs))
     ring = in_flight + 2 * ALIGN * len(plan.targets)  # values + scales per parameter at most
+    source = sum(u.source_bytes for u in plan.units)
     return MemoryPlan(source, sum(outputs), largest_file, budget, max(outputs), in_flight, ring, workers,
                       SCRATCH_BYTES, ring + workers * SCRATCH_BYTES)
 
@@ -209,9 +201,8 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, *, dtype=jnp.b
                `quantized`); the parameters the reference keeps in float32 stay float32.
     quantized: keep FP8 linears as float8_e4m3fn values + UE8M0 scales and FP4 experts as packed
                e2m1 codes + scales, in the model layout (the model dequantizes them on the fly).
-    budget_bytes: parameters per Orbax item (default: half the largest source file, at most 1/16 of the
-               checkpoint or the largest unit); `workers`: reading threads (default: the CPUs); `progress`: a
-               bar with the rate (None: when stderr is a terminal).
+    budget_bytes: parameters per Orbax item (default: half the largest source file); `workers`: reading
+               threads (default: the CPUs); `progress`: a bar with the rate (None: when stderr is a terminal).
     Raises `CheckpointError` (every problem listed) or FileExistsError before anything is written; an
     error or interruption while converting leaves no new checkpoint (nor anything half-written) behind.
     """
