@@ -74,8 +74,8 @@ def test_large_buffers_are_private_small_page_maps_faulted_by_their_writers_and_
 
 
 @linux
-def test_reused_buffers_are_advised_huge_pages_and_faulted_lazily():
-    array = hostmem.empty((2 * hostmem.MAP_BYTES,), np.uint8, reused=True)
+def test_buffers_asking_for_huge_pages_are_advised_so_and_faulted_lazily():
+    array = hostmem.empty((2 * hostmem.MAP_BYTES,), np.uint8, huge_pages=True)
     entry = _mapping(array.ctypes.data)
     assert entry["perms"] == "rw-p" and "hg" in entry["VmFlags"], entry  # MADV_HUGEPAGE
     assert entry["Rss"] == 0  # nothing faulted yet: the writers fault it as they go

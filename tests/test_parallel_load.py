@@ -272,15 +272,15 @@ def test_only_a_dense_conversions_ring_asks_for_huge_pages(quantized, checkpoint
     pages are cheaper to create (docs/checkpoints.md §9)."""
     asked, empty = [], convert.hostmem.empty
 
-    def recording_empty(shape, dtype, *, reused=False, align=64):
-        asked.append((shape, reused, align))
-        return empty(shape, dtype, reused=reused, align=align)
+    def recording_empty(shape, dtype, *, huge_pages=False, align=64):
+        asked.append((shape, huge_pages, align))
+        return empty(shape, dtype, huge_pages=huge_pages, align=align)
 
     monkeypatch.setattr(convert.hostmem, "empty", recording_empty)
     stats = convert.convert(checkpoints["original"], tmp_path / "out", dtype=jnp.bfloat16, quantized=quantized,
                             progress=False, workers=2)
-    [(shape, reused)] = [(shape, reused) for shape, reused, align in asked if align == convert.ALIGN]  # the ring
-    assert reused == (not quantized) and shape[0] >= stats.output_bytes // 8
+    [(shape, huge)] = [(shape, huge) for shape, huge, align in asked if align == convert.ALIGN]  # the ring
+    assert huge == (not quantized) and shape[0] >= stats.output_bytes // 8
 
 
 def test_deferred_sync_puts_every_file_on_disk_before_the_commit(checkpoints, tmp_path, monkeypatch):

@@ -119,7 +119,7 @@ class Ring:
 
     def __init__(self, capacity: int, huge_pages: bool = True):
         self.capacity = capacity
-        self.memory = hostmem.empty((capacity,), np.uint8, reused=huge_pages, align=ALIGN)
+        self.memory = hostmem.empty((capacity,), np.uint8, huge_pages=huge_pages, align=ALIGN)
         # [start, end, item] of each buffer in order; item: the Orbax item holding it (None until handed over)
         self.regions: collections.deque[list] = collections.deque()
 

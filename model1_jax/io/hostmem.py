@@ -14,8 +14,8 @@ parallel: two threads populating 650 MB each took as long as one thread populati
 into lazily faulted memory took half the time of one (1.35-1.45 s against 2.2-2.5 s for the 1.4 GB benchmark
 checkpoint read into new memory by two threads, populated first or not).
 
-`empty` is the allocator of every loader buffer, `m1.load`'s included (`reused=True` for a long-lived buffer refilled
-many times, like the dense conversions' ring, which keeps huge pages).
+`empty` is the allocator of every loader buffer, `m1.load`'s included (`huge_pages=True` for a long-lived buffer
+refilled many times: the readers' scratch, the dense conversions' ring).
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ _NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", None)  # Linux only; elsewhere a 
 _HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 
 
-def empty(shape, dtype, *, reused: bool = False, align: int = ALIGN) -> np.ndarray:
+def empty(shape, dtype, *, huge_pages: bool = False, align: int = ALIGN) -> np.ndarray:
     """An uninitialised C-contiguous array starting on an `align`-byte boundary (64 by default; at most a page);
     from 4 MiB up in its own anonymous map (page-aligned; freed, like any array, when the last reference goes). A
-    buffer written once (the default) is advised against huge pages; its writers fault its pages in. A `reused`
-    one — long-lived, refilled over and over, like a dense conversion's ring — is advised to use huge pages: their first
-    touch is paid once, and the transposes writing into it again and again gain from the TLB's reach (the bf16
+    buffer written once (the default) is advised against huge pages; its writers fault its pages in. One that is
+    long-lived and refilled over and over, like a dense conversion's ring, may ask for them (`huge_pages`): their
+    first touch is paid once, and the transposes writing into it again and again gain from the TLB's reach (the bf16
     conversion ran 0.141 / 0.115 GB/s against 0.123 / 0.086 in small pages, two interleaved pairs)."""
     dtype = np.dtype(dtype)
     shape = tuple(shape)
@@ -51,7 +51,7 @@ def empty(shape, dtype, *, reused: bool = False, align: int = ALIGN) -> np.ndarr
         return raw[start:start + nbytes].view(dtype).reshape(shape)
     # private (Python's default for an anonymous map is shared: tmpfs pages), page-aligned, zero-filled
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    advice = _HUGEPAGE if reused else _NOHUGEPAGE
+    advice = _HUGEPAGE if huge_pages else _NOHUGEPAGE
     if advice is not None:
         try:
             region.madvise(advice)

@@ -140,7 +140,7 @@ def scratch(name: str, shape, dtype) -> np.ndarray:
     buffers = _scratch.__dict__.setdefault("buffers", {})
     buf = buffers.get(name)
     if buf is None or buf.nbytes < nbytes:
-        buf = buffers[name] = hostmem.empty((max(nbytes, 4096),), np.uint8, reused=True)
+        buf = buffers[name] = hostmem.empty((max(nbytes, 4096),), np.uint8, huge_pages=True)
     return buf[:nbytes].view(dtype).reshape(shape)
 
 

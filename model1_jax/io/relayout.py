@@ -100,7 +100,7 @@ def _transpose_narrow(src: np.ndarray, dst: np.ndarray) -> None:
     need = cols // width * min(band, rows)
     buf = getattr(_words, "buf", None)
     if buf is None or buf.size < need:
-        buf = _words.buf = hostmem.empty((need,), np.uint64, reused=True)
+        buf = _words.buf = hostmem.empty((need,), np.uint64, huge_pages=True)
     # dst[w·c + k, r] as [c, k, r]: the same memory, strides from dst's own
     planes = np.lib.stride_tricks.as_strided(dst, (cols // width, width, rows),
                                              (width * dst.strides[0], dst.strides[0], dst.strides[1]))
