@@ -34,6 +34,15 @@ user's fresh process meets. Each stage therefore waits `--settle` seconds (defau
 then starts the clock: it gets its memory, and the page cache its pages, as a process started on an idle
 machine does.
 
+Page cache. The stages read their source from the page cache, as `read` does: the targets are set against it. On
+this project's machines that does not happen by itself: the kernel runs DAMON's proactive reclaim, which pages out
+file pages that no process maps and nobody has read for a few seconds (of a 1.4 GB checkpoint just read, 22 % was
+gone 15 s later, 64 % after 60 s, 95 % after 90 s). So the benchmark holds the checkpoint's files, and for a `load`
+stage the converter output it reads, mapped in its own process while the stages run (`held_in_page_cache`; the
+kernel keeps mapped pages), and each row records the share of its source cached when the clock started
+(`cached_at_start`, from `mincore`). Runs before the hold (JSON without `held_in_page_cache`; `--no-hold` repeats
+them) read an unknown part of their sources from the disk.
+
 Throughput is bytes of the checkpoint a stage reads (the safetensors files; for `load` the Orbax
 directory) per second of the call (process start-up and imports excluded), GB = 1e9 bytes. Beside it, the
 CPU time of the call (all threads) as GB per CPU-second, split into user time (the loader's own work) and
@@ -61,6 +70,7 @@ both (`baseline`: its commit, summary and runs). The script itself, and the chec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -225,6 +235,55 @@ def plain_read(path: pathlib.Path, suffix: str = ".safetensors") -> int:
     return total
 
 
+def resident_fraction(files: list[pathlib.Path]) -> float:
+    """The share of the files' pages in the page cache now (`mincore` on a fresh map of each, which reads nothing)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    pages = resident = 0
+    for file in files:
+        size = file.stat().st_size
+        if not size:
+            continue
+        with open(file, "rb") as f:
+            region = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        try:
+            view = np.frombuffer(region, np.uint8)
+            vector = np.zeros(-(-size // mmap.PAGESIZE), np.uint8)
+            if libc.mincore(view.ctypes.data, size, vector.ctypes.data):
+                raise OSError(ctypes.get_errno(), f"mincore {file}")
+            del view  # before the map closes
+            pages, resident = pages + vector.size, resident + int(np.count_nonzero(vector & 1))
+        finally:
+            region.close()
+    return resident / pages if pages else 1.0
+
+
+@contextlib.contextmanager
+def held_in_page_cache(files: list[pathlib.Path]):
+    """Keeps the files in the page cache while open: each is mapped (read-only, shared) and a byte of every page read.
+    This project's kernel pages out file pages that no process maps and nobody has read for some seconds (DAMON's
+    proactive reclaim, docstring), so a stage would otherwise read part of its source from the disk."""
+    import mmap
+
+    regions = []
+    try:
+        for file in files:
+            if not file.stat().st_size:
+                continue
+            with open(file, "rb") as f:
+                regions.append(mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ))
+            view = np.frombuffer(regions[-1], np.uint8)
+            int(view[::mmap.PAGESIZE].max())  # faults every page in (reading it from the disk where it is not cached)
+            del view
+        yield
+    finally:
+        for region in regions:
+            region.close()
+
+
 NEW_PIECE_BYTES = 32 << 20
 
 
@@ -366,6 +425,7 @@ def run_stage(stage: str, ckpt: pathlib.Path, work: pathlib.Path, settle: float 
     if stage.startswith("load_"):
         plain_read(out, "")  # the converter leaves its output out of the page cache: load it from there, as `read`
     time.sleep(settle)  # memory freed by the preparation (and earlier stages) goes back to the host (docstring)
+    cached = resident_fraction(_files(out) if stage.startswith("load_") else _files(ckpt, ".safetensors"))
     reset_peak_memory(trim=False)  # VmHWM := VmRSS: the peak measured from here is the stage's own
     rss_start = _status("VmRSS")
     start, cpu, times = time.perf_counter(), time.process_time(), os.times()
@@ -394,7 +454,7 @@ def run_stage(stage: str, ckpt: pathlib.Path, work: pathlib.Path, settle: float 
                gb_per_s=nbytes / seconds / 1e9, cpu_seconds=cpu, user_seconds=end.user - times.user,
                system_seconds=end.system - times.system,
                gb_per_cpu_s=nbytes / cpu / 1e9, rss_start=rss_start, peak_rss=_status("VmHWM"),
-               peak_growth=_status("VmHWM") - rss_start)
+               peak_growth=_status("VmHWM") - rss_start, cached_at_start=cached)
     if stage.startswith(("convert_", "copy")):
         row["output_bytes"] = _files_bytes(out)
     if stage.startswith(("from_pretrained", "load_")):
@@ -436,6 +496,7 @@ def summarize(rows: list[dict]) -> dict:
                 user_seconds_median=statistics.median(r["user_seconds"] for r in rows),
                 system_seconds_median=statistics.median(r["system_seconds"] for r in rows),
                 peak_growth_max=max(r["peak_growth"] for r in rows),
+                cached_at_start_min=min(r["cached_at_start"] for r in rows),
                 output_bytes=rows[0].get("output_bytes"), load_average=[r["load_average"] for r in rows])
 
 
@@ -461,6 +522,8 @@ def main(argv=None) -> int:
     p.add_argument("--label", default="", help="recorded in the JSON (e.g. before / after)")
     p.add_argument("--settle", type=float, default=5.0,
                    help="seconds each stage waits before its clock starts (memory conditions, docstring)")
+    p.add_argument("--no-hold", dest="hold", action="store_false",
+                   help="do not keep the sources in the page cache (the runs before it did; docstring)")
     p.add_argument("--baseline", type=pathlib.Path,
                    help="a checkout of other code (e.g. `git worktree add /tmp/base COMMIT`): every stage runs with "
                         "it, then with this checkout, in turns, and both go in the JSON")
@@ -496,18 +559,22 @@ def main(argv=None) -> int:
     for code in codes:  # each code's converter output, for its own `load` stages (the two formats may differ)
         (work / code).mkdir(exist_ok=True)
     runs: dict[str, dict[str, list[dict]]] = {code: {s: [] for s in stages} for code in codes}
-    for repeat in range(ns.repeat):
-        for stage in stages:
-            # In turns, so that both meet the same moments of a shared machine; which one goes first alternates
-            # (a stage finds the memory its predecessor freed, which the host may not have taken back yet).
-            order = list(codes.items())[::-1 if repeat % 2 else 1]
-            for code, root in order:
-                row = spawn(stage, ckpt, work / code, ns.settle, root)
-                runs[code][stage].append(row)
-                print(f"  {stage:<18} {code if len(codes) > 1 else '':<8} {row['gb_per_s']:7.3f} GB/s  "
-                      f"{row['seconds']:7.2f} s  {row['gb_per_cpu_s']:7.3f} GB/CPU-s  "
-                      f"peak +{row['peak_growth'] / 2**20:6.0f} MiB  (load average {row['load_average']:.1f})",
-                      flush=True)
+    hold = held_in_page_cache if ns.hold else lambda files: contextlib.nullcontext()
+    with hold(_files(ckpt, ".safetensors")):
+        for repeat in range(ns.repeat):
+            for stage in stages:
+                # In turns, so that both meet the same moments of a shared machine; which one goes first alternates
+                # (a stage finds the memory its predecessor freed, which the host may not have taken back yet).
+                order = list(codes.items())[::-1 if repeat % 2 else 1]
+                for code, root in order:
+                    output = work / code / stage.split("_")[-1]  # a load stage's source: its code's converter output
+                    with hold(_files(output) if stage.startswith("load_") else []):
+                        row = spawn(stage, ckpt, work / code, ns.settle, root)
+                    runs[code][stage].append(row)
+                    print(f"  {stage:<18} {code if len(codes) > 1 else '':<8} {row['gb_per_s']:7.3f} GB/s  "
+                          f"{row['seconds']:7.2f} s  {row['gb_per_cpu_s']:7.3f} GB/CPU-s  "
+                          f"peak +{row['peak_growth'] / 2**20:6.0f} MiB  cached {row['cached_at_start']:4.0%}  "
+                          f"(load average {row['load_average']:.1f})", flush=True)
     summaries = {code: [summarize(rows) for rows in by_stage.values()] for code, by_stage in runs.items()}
     for code, by_stage in runs.items():  # each stage's ceiling, from the median rates of the plain stages
         plain = {s["stage"]: {"gb_per_s": s["gb_per_s_median"]} for s in summaries[code] if s["stage"] in PLAIN}
@@ -525,7 +592,7 @@ def main(argv=None) -> int:
                   f"{s['gb_per_s_median']:8.3f} {s['gb_per_s_max']:8.3f} {limit} {s['gb_per_cpu_s_median']:9.3f} "
                   f"{s['user_seconds_median']:7.2f} {s['system_seconds_median']:6.2f} "
                   f"{s['peak_growth_max'] / 2**20:10.0f}")
-    header = dict(label=ns.label, commit=_git_commit(), settle_seconds=ns.settle,
+    header = dict(label=ns.label, commit=_git_commit(), settle_seconds=ns.settle, held_in_page_cache=ns.hold,
                   date=datetime.datetime.now().isoformat(timespec="seconds"),
                   machine=dict(cpus=os.cpu_count(), platform=platform.platform(),
                                memory_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),

@@ -1,9 +1,11 @@
-"""scripts/bench_load.py's ceiling: the rate a loader would reach at the plain stages' rates (its docstring). The
-benchmark itself is run by hand (it writes gigabytes); this keeps its arithmetic honest."""
+"""scripts/bench_load.py's ceiling (the rate a loader would reach at the plain stages' rates, its docstring) and its
+hold on the page cache. The benchmark itself is run by hand (it writes gigabytes); this keeps its arithmetic and its
+conditions honest."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 import sys
 
@@ -41,3 +43,32 @@ def test_no_ceiling_for_the_plain_stages_or_without_them(bench):
     assert bench.ceiling({**PLAIN["read_new"], "bytes": GB, "kept_bytes": GB}, PLAIN) is None
     row = {"stage": "from_pretrained_q", "bytes": GB, "kept_bytes": GB}
     assert bench.ceiling(row, {k: v for k, v in PLAIN.items() if k != "copy_direct"}) is None
+
+
+def _drop(file: pathlib.Path) -> None:
+    """Asks the kernel to drop the file's clean pages from the page cache (it keeps pages some process maps)."""
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_held_files_stay_in_the_page_cache(bench, tmp_path):
+    files = [tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "empty"]
+    for i, file in enumerate(files[:2]):
+        file.write_bytes(os.urandom((3 + i) << 20))
+    files[2].touch()
+    for file in files:
+        _drop(file)
+    dropped = bench.resident_fraction(files)
+    with bench.held_in_page_cache(files):
+        assert bench.resident_fraction(files) == 1.0
+        for file in files:
+            _drop(file)
+        assert bench.resident_fraction(files) == 1.0  # mapped: the kernel keeps them
+    for file in files:
+        _drop(file)
+    assert bench.resident_fraction(files) == dropped  # released once the hold ends
+    assert bench.resident_fraction([files[2]]) == 1.0  # nothing to read: counts as cached
