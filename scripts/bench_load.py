@@ -11,6 +11,8 @@ memory is its own (Linux VmHWM, reset after start-up), `--repeat` times:
   read_new              the files read into new memory of the process, kept to the end (a thread per CPU, 32 MiB
                         pieces, each in its own anonymous map with the kernel's defaults): the ceiling of any loader
                         that holds the checkpoint's bytes in host memory, which must create that much new memory
+  fill_new              as much new memory as the dense bf16 model takes (2.8 times the checkpoint), written by a
+                        thread per CPU and read from nowhere: what creating a dense load's memory costs alone
   copy                  the files copied into new files through the page cache and fsynced (a thread per file, up
                         to the CPUs): what writing costs a converter that writes the ordinary way
   copy_direct           the same copy with direct I/O writes (from an aligned buffer to the disk): the ceiling of a
@@ -53,11 +55,13 @@ goes to benchmarks/results/load_<label>_<date>.json.
 
 Ceiling. Beside each loader's median rate stands the rate it would reach were it as fast, at each thing it must
 do, as the plain stages were in the same run (their medians): read its source from the page cache (`read`), create
-the host memory it keeps (`read_new`, which reads into new memory), write its output (`copy_direct`, which reads
-and writes with direct I/O) — the slowest of the three bounding it. A dense load keeps its weights dequantized, 2.8
-times the bytes of the released storage, so it must create that much new memory; the fp8 conversion writes as many
-bytes as it reads. It is an estimate, not a bound: the cost of new memory changes from minute to minute here
-(`read_new` spans 0.7-4.4 GB/s across runs), so a stage may meet cheaper memory than the plain one did.
+the host memory it keeps (at the rate of `read_new` or `fill_new`, whichever created the nearer amount: the first
+gigabyte or so of new memory often comes cheaper here than the next ones), write its output (`copy_direct`, which
+reads and writes with direct I/O) — the slowest of the three bounding it. A dense load keeps its weights
+dequantized, 2.8 times the bytes of the released storage, so it must create that much new memory; the fp8
+conversion writes as many bytes as it reads. It is an estimate, not a bound: the cost of new memory changes from
+minute to minute here (`read_new` spans 0.7-4.9 GB/s across runs), so a stage may meet cheaper memory than the
+plain one did.
 
 To compare code, give `--baseline` a checkout of the other version (`git worktree add /tmp/base COMMIT`): each
 stage then runs with the baseline's library and with this checkout's, one right after the other, the first of
@@ -73,6 +77,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import pathlib
 import platform
@@ -87,7 +92,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-STAGES = ("read", "read_new", "copy", "copy_direct", "from_pretrained", "from_pretrained_q", "convert_bf16",
+STAGES = ("read", "read_new", "fill_new", "copy", "copy_direct", "from_pretrained", "from_pretrained_q", "convert_bf16",
           "convert_fp8", "load_bf16", "load_fp8")
 GENERATOR_VERSION = 1
 
@@ -203,10 +208,21 @@ def ensure_checkpoint(directory: pathlib.Path, size_gb: float, layers: int, voca
 
 # -- one stage, in its own process -------------------------------------------------------------------
 
-def _status(field: str) -> int:
-    from model1_jax.common import process_memory
+def _harness():
+    """This checkout's host-memory helpers (model1_jax/common.py, loaded by its path): a stage measures with them
+    whatever the library under test, which may predate them (`--baseline`)."""
+    import importlib.util
 
-    value = process_memory(field)
+    if "bench_load_common" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_load_common", ROOT / "model1_jax" / "common.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["bench_load_common"] = module
+    return sys.modules["bench_load_common"]
+
+
+def _status(field: str) -> int:
+    value = _harness().process_memory(field)
     if value is None:
         raise RuntimeError(f"/proc/self/status has no {field}: the benchmark measures memory on Linux")
     return value
@@ -398,7 +414,7 @@ def plain_copy(path: pathlib.Path, out: pathlib.Path, direct: bool = False) -> i
     return total
 
 
-def run_stage(stage: str, ckpt: pathlib.Path, work: pathlib.Path, settle: float = 0.0) -> dict:
+def run_stage(stage: str, ckpt: pathlib.Path, work: pathlib.Path, settle: float = 0.0, fill_bytes: int = 0) -> dict:
     import ctypes
 
     import jax
@@ -406,7 +422,6 @@ def run_stage(stage: str, ckpt: pathlib.Path, work: pathlib.Path, settle: float 
     from flax import nnx
 
     import model1_jax as m1
-    from model1_jax.common import reset_peak_memory
     from model1_jax.io import convert
 
     def ready(model):
@@ -426,7 +441,7 @@ def run_stage(stage: str, ckpt: pathlib.Path, work: pathlib.Path, settle: float 
         plain_read(out, "")  # the converter leaves its output out of the page cache: load it from there, as `read`
     time.sleep(settle)  # memory freed by the preparation (and earlier stages) goes back to the host (docstring)
     cached = resident_fraction(_files(out) if stage.startswith("load_") else _files(ckpt, ".safetensors"))
-    reset_peak_memory(trim=False)  # VmHWM := VmRSS: the peak measured from here is the stage's own
+    _harness().reset_peak_memory(trim=False)  # VmHWM := VmRSS: the peak measured from here is the stage's own
     rss_start = _status("VmRSS")
     start, cpu, times = time.perf_counter(), time.process_time(), os.times()
     kept = None  # what a stage loaded lives past the clock (freeing it is not loading)
@@ -435,6 +450,9 @@ def run_stage(stage: str, ckpt: pathlib.Path, work: pathlib.Path, settle: float 
     elif stage == "read_new":
         kept = read_into_new_memory(ckpt)
         nbytes = sum(len(region) for region in kept)
+    elif stage == "fill_new":
+        kept = fill_new_memory(fill_bytes)
+        nbytes = fill_bytes
     elif stage in ("copy", "copy_direct"):
         nbytes = plain_copy(ckpt, out, direct=stage == "copy_direct")
     elif stage in ("from_pretrained", "from_pretrained_q"):
@@ -462,25 +480,60 @@ def run_stage(stage: str, ckpt: pathlib.Path, work: pathlib.Path, settle: float 
     return row
 
 
-PLAIN = ("read", "read_new", "copy", "copy_direct")
+PLAIN = ("read", "read_new", "fill_new", "copy", "copy_direct")
 
 
 def ceiling(row: dict, plain: dict[str, dict]) -> float | None:
-    """GB/s of `row`'s stage at the plain stages' rates (`plain`: stage -> a row of it, or its median; docstring),
-    or None for a plain stage, or without them."""
+    """GB/s of `row`'s stage at the plain stages' rates (`plain`: stage -> a row of it, or its median, with its
+    bytes; docstring), or None for a plain stage, or without them. The memory it keeps is created at the rate of the
+    plain stage that created the nearest amount (`read_new`: the checkpoint's size; `fill_new`: the dense model's):
+    here the first gigabyte or so of new memory often comes cheaper than the next ones."""
     if row["stage"] in PLAIN or not {"read", "read_new", "copy_direct"} <= set(plain):
         return None
-    seconds = [row["bytes"] / plain["read"]["gb_per_s"], row.get("kept_bytes", 0) / plain["read_new"]["gb_per_s"],
+    kept = row.get("kept_bytes", 0)
+    memory = min((plain[s] for s in ("read_new", "fill_new") if s in plain),
+                 key=lambda m: abs(math.log(max(kept, 1) / m["bytes"])))
+    seconds = [row["bytes"] / plain["read"]["gb_per_s"], kept / memory["gb_per_s"],
                row.get("output_bytes", 0) / plain["copy_direct"]["gb_per_s"]]
     return row["bytes"] / max(seconds)
 
 
-def spawn(stage: str, ckpt: pathlib.Path, work: pathlib.Path, settle: float, code: pathlib.Path = ROOT) -> dict:
+def fill_new_memory(nbytes: int) -> list:
+    """Writes `nbytes` of new memory and nothing else: pieces of NEW_PIECE_BYTES, each its own private anonymous map
+    (the kernel's defaults), filled by a thread per CPU. Returns the maps, kept past the clock like a loaded model."""
+    import mmap
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fill(n: int):
+        region = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        view = np.frombuffer(region, np.uint8)
+        view[:] = 1  # NumPy releases the GIL: the threads fault and write in parallel
+        del view
+        return region
+
+    sizes = [min(NEW_PIECE_BYTES, nbytes - offset) for offset in range(0, nbytes, NEW_PIECE_BYTES)]
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        return list(pool.map(fill, sizes))
+
+
+def dense_model_bytes(ckpt: pathlib.Path) -> int:
+    """Bytes of the model a dense bf16 `from_pretrained` of `ckpt` keeps (with the parameters kept in float32)."""
+    import jax.numpy as jnp
+
+    from model1_jax.io.pretrained import read_config
+    from model1_jax.model.transformer import abstract_model
+
+    _, flat = abstract_model(read_config(ckpt), jnp.bfloat16)
+    return sum(var.get_value().size * var.get_value().dtype.itemsize for _, var in flat)
+
+
+def spawn(stage: str, ckpt: pathlib.Path, work: pathlib.Path, settle: float, code: pathlib.Path = ROOT,
+          fill_bytes: int = 0) -> dict:
     """Runs one stage in a fresh process with the library of the checkout `code` (this one, or --baseline)."""
     env = {**os.environ, "PYTHONPATH": str(code)}  # JAX's default backend: a GPU where there is one
     load = os.getloadavg()[0]
     cmd = [sys.executable, __file__, "--stage", stage, "--checkpoint", str(ckpt), "--work", str(work),
-           "--settle", str(settle), "--code", str(code)]
+           "--settle", str(settle), "--code", str(code), "--fill-bytes", str(fill_bytes)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if result.returncode:
         raise RuntimeError(f"{stage} failed:\n{result.stderr[-3000:]}")
@@ -531,10 +584,11 @@ def main(argv=None) -> int:
     p.add_argument("--code", type=pathlib.Path, default=ROOT, help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", type=pathlib.Path, help=argparse.SUPPRESS)
     p.add_argument("--work", type=pathlib.Path, help=argparse.SUPPRESS)
+    p.add_argument("--fill-bytes", type=int, default=0, help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
     if ns.stage:
         sys.path.insert(0, str(ns.code))  # the library of the checkout under test, ahead of this one's
-        print(json.dumps(run_stage(ns.stage, ns.checkpoint, ns.work, ns.settle)))
+        print(json.dumps(run_stage(ns.stage, ns.checkpoint, ns.work, ns.settle, ns.fill_bytes)))
         return 0
     if ns.baseline is not None:
         ns.baseline = ns.baseline.resolve()
@@ -549,6 +603,7 @@ def main(argv=None) -> int:
     ckpt, stamp = ensure_checkpoint(ns.dir, ns.size_gb, ns.layers, ns.vocab, ns.shards)
     work = ns.dir / "converted"
     work.mkdir(parents=True, exist_ok=True)
+    fill_bytes = dense_model_bytes(ckpt) if "fill_new" in stages else 0  # fill_new creates the dense model's bytes
     print(f"checkpoint {ckpt}: {stamp['bytes'] / 1e9:.2f} GB, {ns.layers} layers, {stamp['experts']} experts, "
           f"{ns.shards} shards; commit {_git_commit()}", flush=True)
     if ns.baseline is not None:
@@ -569,7 +624,7 @@ def main(argv=None) -> int:
                 for code, root in order:
                     output = work / code / stage.split("_")[-1]  # a load stage's source: its code's converter output
                     with hold(_files(output) if stage.startswith("load_") else []):
-                        row = spawn(stage, ckpt, work / code, ns.settle, root)
+                        row = spawn(stage, ckpt, work / code, ns.settle, root, fill_bytes)
                     runs[code][stage].append(row)
                     print(f"  {stage:<18} {code if len(codes) > 1 else '':<8} {row['gb_per_s']:7.3f} GB/s  "
                           f"{row['seconds']:7.2f} s  {row['gb_per_cpu_s']:7.3f} GB/CPU-s  "
@@ -577,7 +632,8 @@ def main(argv=None) -> int:
                           f"(load average {row['load_average']:.1f})", flush=True)
     summaries = {code: [summarize(rows) for rows in by_stage.values()] for code, by_stage in runs.items()}
     for code, by_stage in runs.items():  # each stage's ceiling, from the median rates of the plain stages
-        plain = {s["stage"]: {"gb_per_s": s["gb_per_s_median"]} for s in summaries[code] if s["stage"] in PLAIN}
+        plain = {s["stage"]: {"gb_per_s": s["gb_per_s_median"], "bytes": s["bytes"]} for s in summaries[code]
+                 if s["stage"] in PLAIN}
         for s, rows in zip(summaries[code], by_stage.values()):
             s["ceiling_gb_per_s"] = ceiling(rows[0], plain)
             s["of_ceiling"] = s["gb_per_s_median"] / s["ceiling_gb_per_s"] if s["ceiling_gb_per_s"] else None

@@ -24,8 +24,9 @@ def bench():
     return module
 
 
-PLAIN = {"read": {"stage": "read", "gb_per_s": 5.0}, "read_new": {"stage": "read_new", "gb_per_s": 2.0},
-         "copy_direct": {"stage": "copy_direct", "gb_per_s": 1.5}}
+PLAIN = {"read": {"stage": "read", "gb_per_s": 5.0, "bytes": 1.4 * GB},
+         "read_new": {"stage": "read_new", "gb_per_s": 2.0, "bytes": 1.4 * GB},
+         "copy_direct": {"stage": "copy_direct", "gb_per_s": 1.5, "bytes": 1.4 * GB}}
 
 
 def test_the_slowest_thing_a_stage_must_do_bounds_it(bench):
@@ -37,6 +38,15 @@ def test_the_slowest_thing_a_stage_must_do_bounds_it(bench):
     assert bench.ceiling(bf16, PLAIN) == pytest.approx(1.4 * 1.5 / 4.0)
     quick = {"stage": "load_fp8", "bytes": 1.4 * GB, "kept_bytes": 0.1 * GB}  # then reading bounds it
     assert bench.ceiling(quick, PLAIN) == pytest.approx(5.0)
+
+
+def test_kept_memory_is_created_at_the_rate_measured_for_the_nearer_amount(bench):
+    plain = {**PLAIN, "fill_new": {"stage": "fill_new", "gb_per_s": 1.0, "bytes": 4.0 * GB}}
+    dense = {"stage": "from_pretrained", "bytes": 1.4 * GB, "kept_bytes": 4.0 * GB}  # fill_new's 4 GB: 4 s
+    assert bench.ceiling(dense, plain) == pytest.approx(1.4 / 4.0)
+    quantized = {"stage": "from_pretrained_q", "bytes": 1.4 * GB, "kept_bytes": 1.3 * GB}
+    assert bench.ceiling(quantized, plain) == pytest.approx(1.4 / 0.65)  # at read_new's rate: 0.65 s
+    assert bench.ceiling(dense, PLAIN) == pytest.approx(1.4 / 2.0)  # runs without fill_new: read_new's rate
 
 
 def test_no_ceiling_for_the_plain_stages_or_without_them(bench):
