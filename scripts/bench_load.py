@@ -335,6 +335,35 @@ def read_into_new_memory(path: pathlib.Path, suffix: str = ".safetensors") -> li
         return list(pool.map(read, pieces))
 
 
+def fill_new_memory(nbytes: int) -> list:
+    """Writes `nbytes` of new memory and nothing else: pieces of NEW_PIECE_BYTES, each its own private anonymous map
+    (the kernel's defaults), filled by a thread per CPU. Returns the maps, kept past the clock like a loaded model."""
+    import mmap
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fill(n: int):
+        region = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        view = np.frombuffer(region, np.uint8)
+        view[:] = 1  # NumPy releases the GIL: the threads fault and write in parallel
+        del view
+        return region
+
+    sizes = [min(NEW_PIECE_BYTES, nbytes - offset) for offset in range(0, nbytes, NEW_PIECE_BYTES)]
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        return list(pool.map(fill, sizes))
+
+
+def dense_model_bytes(ckpt: pathlib.Path) -> int:
+    """Bytes of the model a dense bf16 `from_pretrained` of `ckpt` keeps (with the parameters kept in float32)."""
+    import jax.numpy as jnp
+
+    from model1_jax.io.pretrained import read_config
+    from model1_jax.model.transformer import abstract_model
+
+    _, flat = abstract_model(read_config(ckpt), jnp.bfloat16)
+    return sum(var.get_value().size * var.get_value().dtype.itemsize for _, var in flat)
+
+
 COPY_SYNC_BYTES = 256 << 20  # the copy fsyncs and drops what it wrote this often (the converter: once per item)
 
 
@@ -496,35 +525,6 @@ def ceiling(row: dict, plain: dict[str, dict]) -> float | None:
     seconds = [row["bytes"] / plain["read"]["gb_per_s"], kept / memory["gb_per_s"],
                row.get("output_bytes", 0) / plain["copy_direct"]["gb_per_s"]]
     return row["bytes"] / max(seconds)
-
-
-def fill_new_memory(nbytes: int) -> list:
-    """Writes `nbytes` of new memory and nothing else: pieces of NEW_PIECE_BYTES, each its own private anonymous map
-    (the kernel's defaults), filled by a thread per CPU. Returns the maps, kept past the clock like a loaded model."""
-    import mmap
-    from concurrent.futures import ThreadPoolExecutor
-
-    def fill(n: int):
-        region = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        view = np.frombuffer(region, np.uint8)
-        view[:] = 1  # NumPy releases the GIL: the threads fault and write in parallel
-        del view
-        return region
-
-    sizes = [min(NEW_PIECE_BYTES, nbytes - offset) for offset in range(0, nbytes, NEW_PIECE_BYTES)]
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        return list(pool.map(fill, sizes))
-
-
-def dense_model_bytes(ckpt: pathlib.Path) -> int:
-    """Bytes of the model a dense bf16 `from_pretrained` of `ckpt` keeps (with the parameters kept in float32)."""
-    import jax.numpy as jnp
-
-    from model1_jax.io.pretrained import read_config
-    from model1_jax.model.transformer import abstract_model
-
-    _, flat = abstract_model(read_config(ckpt), jnp.bfloat16)
-    return sum(var.get_value().size * var.get_value().dtype.itemsize for _, var in flat)
 
 
 def spawn(stage: str, ckpt: pathlib.Path, work: pathlib.Path, settle: float, code: pathlib.Path = ROOT,
