@@ -358,10 +358,10 @@ def dense_model_bytes(ckpt: pathlib.Path) -> int:
     import jax.numpy as jnp
 
     from model1_jax.io.pretrained import read_config
-    from model1_jax.model.transformer import abstract_model
+    from model1_jax.model.summary import parameter_bytes
+    from model1_jax.model.transformer import abstract_module
 
-    _, flat = abstract_model(read_config(ckpt), jnp.bfloat16)
-    return sum(var.get_value().size * var.get_value().dtype.itemsize for _, var in flat)
+    return parameter_bytes(abstract_module(read_config(ckpt), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
 
 
 COPY_SYNC_BYTES = 256 << 20  # the copy fsyncs and drops what it wrote this often (the converter: once per item)
