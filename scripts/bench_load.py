@@ -251,6 +251,16 @@ def plain_read(path: pathlib.Path, suffix: str = ".safetensors") -> int:
     return total
 
 
+def _map(file: pathlib.Path):
+    """A read-only shared map of `file`, or None for an empty file (which cannot be mapped)."""
+    import mmap
+
+    if not file.stat().st_size:
+        return None
+    with open(file, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+
+
 def resident_fraction(files: list[pathlib.Path]) -> float:
     """The share of the files' pages in the page cache now (`mincore` on a fresh map of each, which reads nothing)."""
     import ctypes
@@ -260,20 +270,19 @@ def resident_fraction(files: list[pathlib.Path]) -> float:
     libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
     pages = resident = 0
     for file in files:
-        size = file.stat().st_size
-        if not size:
+        region = _map(file)
+        if region is None:
             continue
-        with open(file, "rb") as f:
-            region = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        vector = np.zeros(-(-len(region) // mmap.PAGESIZE), np.uint8)
+        view = np.frombuffer(region, np.uint8)
         try:
-            view = np.frombuffer(region, np.uint8)
-            vector = np.zeros(-(-size // mmap.PAGESIZE), np.uint8)
-            if libc.mincore(view.ctypes.data, size, vector.ctypes.data):
-                raise OSError(ctypes.get_errno(), f"mincore {file}")
-            del view  # before the map closes
-            pages, resident = pages + vector.size, resident + int(np.count_nonzero(vector & 1))
+            failed = libc.mincore(view.ctypes.data, len(region), vector.ctypes.data)
         finally:
+            del view  # before the map closes
             region.close()
+        if failed:
+            raise OSError(ctypes.get_errno(), f"mincore {file}")
+        pages, resident = pages + vector.size, resident + int(np.count_nonzero(vector & 1))
     return resident / pages if pages else 1.0
 
 
@@ -287,11 +296,11 @@ def held_in_page_cache(files: list[pathlib.Path]):
     regions = []
     try:
         for file in files:
-            if not file.stat().st_size:
+            region = _map(file)
+            if region is None:
                 continue
-            with open(file, "rb") as f:
-                regions.append(mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ))
-            view = np.frombuffer(regions[-1], np.uint8)
+            regions.append(region)
+            view = np.frombuffer(region, np.uint8)
             int(view[::mmap.PAGESIZE].max())  # faults every page in (reading it from the disk where it is not cached)
             del view
         yield
